@@ -1,0 +1,38 @@
+# Set-up and entry points. `make demo` and `make test` each install everything they need first.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+PIP   := $(PY) -m pip
+STAMP := $(VENV)/.installed
+RUNS  ?= runs/demo
+# On a machine without CUDA, pin the CPU build of torch (an unpinned torch pulls gigabytes of CUDA).
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH ?= $(if $(HAS_CUDA),torch,torch==2.13.0)
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel numpy
+	$(PIP) install --quiet "$(TORCH)"
+	# DeepSpeed's setup.py imports torch, so it builds against the torch installed above.
+	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation "deepspeed>=0.15"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m train demo --out $(RUNS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --timeout 900
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x -m "not slow and not distributed"
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Data: LightningDataModules over Hugging Face `datasets` (the embedded digits default, labelled images)."""

@@ -1,0 +1,72 @@
+"""The embedded default: scikit-learn's handwritten digits (1797 real 8x8 images, 10 classes)."""
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 8
+VAL_PER_CLASS = 30  # fixed validation split: 30 images of each digit (300 in all), chosen by a fixed seed
+
+
+def digits_dataset():
+    """The digits as a `datasets.DatasetDict` with 'train' (1497) and 'validation' (300) splits.
+
+    Columns: 'image' float32 [1, 8, 8] scaled from 0..16 to [-1, 1]; 'label' int64 in 0..9.
+    The split is stratified and fixed (seed 0), so every run and every metric sees the same images.
+    """
+    import datasets
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    images = (raw.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # [N, 1, 8, 8] in [-1, 1]
+    labels = raw.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    val_idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:VAL_PER_CLASS] for c in range(NUM_CLASSES)])
+    is_val = np.zeros(len(labels), bool)
+    is_val[val_idx] = True
+    features = datasets.Features({"image": datasets.Array3D((1, IMAGE_SIZE, IMAGE_SIZE), "float32"),
+                                  "label": datasets.ClassLabel(names=[str(c) for c in range(NUM_CLASSES)])})
+
+    def split(mask):
+        return datasets.Dataset.from_dict({"image": images[mask], "label": labels[mask]}, features=features)
+
+    return datasets.DatasetDict({"train": split(~is_val), "validation": split(is_val)})
+
+
+def digits_tensors(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [N, 1, 8, 8] float32 in [-1, 1], labels [N] int64) of one split ('train' or 'validation')."""
+    ds = digits_dataset()[split].with_format("torch")
+    return ds[:]["image"].float(), ds[:]["label"].long()
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """Batches of (image [B, 1, 8, 8] in [-1, 1], label [B]) from the embedded digits.
+
+    batch_size:  images per step (per process).
+    num_workers: DataLoader workers (the data is tiny; 0 is fastest).
+    """
+
+    num_classes = NUM_CLASSES
+    image_size = IMAGE_SIZE
+    channels = 1
+
+    def __init__(self, batch_size: int = 128, num_workers: int = 0):
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._sets: dict[str, TensorDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self._sets:
+            self._sets = {s: TensorDataset(*digits_tensors(s)) for s in ("train", "validation")}
+
+    def train_dataloader(self):
+        return DataLoader(self._sets["train"], batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self._sets["validation"], batch_size=self.batch_size, num_workers=self.num_workers)

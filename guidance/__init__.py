@@ -1,0 +1,1 @@
+"""Guidance core: schedules, parameterisations, guiders, the guided denoiser and samplers (torch only)."""
