@@ -91,10 +91,12 @@ class GuidedDenoiser(nn.Module):
         CFG convention). Returns (Prediction, new guider state)."""
         b = x_t.shape[0]
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(b) if torch.as_tensor(t).ndim == 0 else t
-        w = torch.as_tensor(w, dtype=torch.float32, device=x_t.device)
+        dtype = torch.promote_types(x_t.dtype, torch.float32)  # float64 stays float64
+        w = torch.as_tensor(w, dtype=dtype, device=x_t.device)
         w = w.expand(b) if w.ndim == 0 else w
-        preds = self.run_branches(self.guider.branches(state), x_t, t, cond, neg_cond)
-        a, s = self.schedule.alpha_sigma(_bcast(t, x_t.float()))
+        a, s = self.schedule.alpha_sigma(_bcast(t, x_t.to(dtype)))
+        # gates written in t or sigma (guidance interval, adaptive) may ask for fewer branches at this time
+        preds = self.run_branches(self.guider.branches_at(state, t, a, s), x_t, t, cond, neg_cond)
         ctx = GuideContext(x_t=x_t, t=t, alpha=a, sigma=s, w=w, cond=cond, state=state,
                            extras={"guided": self, "neg_cond": neg_cond})
         return self.guider.combine(preds, ctx)

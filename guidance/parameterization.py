@@ -107,3 +107,24 @@ class Prediction:
 
     def with_eps(self, eps: Tensor) -> "Prediction":
         return replace(self, eps=eps)
+
+
+def raw_target(kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """The raw output a perfect network of parameterisation `kind` gives for x_t = alpha x0 + sigma eps.
+
+    eps -> eps; x0 -> x0; v -> alpha eps - sigma x0 (Salimans & Ho 2022, sec. 4); flow -> eps - x0
+    (Liu et al. 2022); edm -> (x0 - c_skip x) / c_out (Karras et al. 2022, Eq. 8). Computed directly,
+    not through x_t, so it stays exact at small sigma.
+    """
+    if kind == "eps":
+        return eps
+    if kind == "x0":
+        return x0
+    if kind == "v":
+        return alpha * eps - sigma * x0
+    if kind == "flow":
+        return eps - x0
+    if kind == "edm":
+        x_t = alpha * x0 + sigma * eps
+        return from_x0(x0, x_t, alpha, sigma, kind, sigma_data)
+    raise ValueError(f"unknown parameterization {kind!r}; choose one of {', '.join(PARAMETERIZATIONS)}")

@@ -47,6 +47,7 @@ def euler_step(pred: Prediction, x: Tensor, t_next: Tensor, schedule: Schedule, 
     the Gaussian path; Lipman et al. 2023, arXiv 2210.02747, Eq. 20). For rectified flow this is
     x' = x + (t' - t) (eps - x0), the flow-matching Euler sampler (Liu et al. 2022). CFG++ re-noises
     with the unconditional eps (Chung et al. 2025, sec. 3.3 for flows)."""
+    x = pred.x_t.to(x.dtype)  # continue from the guider's x_t (FlowChef moves it)
     t = state["t"]
     da, ds = schedule.d_alpha_sigma(t)
     dt = torch.where(t_next < 0, torch.zeros_like(t_next), t_next) - t
@@ -60,6 +61,7 @@ def dpmpp_2m_step(pred: Prediction, x: Tensor, t_next: Tensor, schedule: Schedul
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2), data prediction, lambda = log(alpha/sigma):
     x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D,  D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},  r = h_prev / h.
     First step and the final step to clean data are first order (as diffusers' lower_order_final)."""
+    x = pred.x_t.to(x.dtype)  # continue from the guider's x_t (FlowChef moves it)
     a_n, s_n = _alpha_sigma(schedule, t_next, x)
     if bool((t_next < 0).all()):
         return pred.x0

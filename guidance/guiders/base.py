@@ -37,7 +37,8 @@ class GuideContext:
 
     x_t [B, C, H, W]; t [B]; sigma, alpha [B, 1, 1, 1]; w [B] (per-sample scale in this project's
     convention, see guidance.guiders.cfg); cond as given by the caller; state: the guider's
-    per-trajectory state (None outside a sampler loop).
+    per-trajectory state (None outside a sampler loop). extras: "guided" (the GuidedDenoiser, for
+    guiders that need a branch whose condition depends on other branches, e.g. GFCG) and "neg_cond".
     """
 
     x_t: Tensor
@@ -53,6 +54,14 @@ class GuideContext:
         """w reshaped to broadcast against `like` [B, ...]."""
         return bcast(self.w, like)
 
+    def point(self) -> Prediction:
+        """A placeholder Prediction at (x_t, alpha, sigma) with x0 = x_t, used as `like` when a guider
+        builds its output without any branch (e.g. CFG-Zero*'s zero-init steps). Float32 or wider."""
+        dtype = torch.promote_types(self.x_t.dtype, torch.float32)
+        x = self.x_t.to(dtype)
+        a, s = bcast(self.alpha.reshape(-1), x), bcast(self.sigma.reshape(-1), x)
+        return Prediction(x_t=x, alpha=a, sigma=s, x0=x, eps=x)
+
 
 def bcast(v: Tensor, like: Tensor) -> Tensor:
     """Per-sample values [B] (or a scalar) reshaped to [B, 1, ..., 1] in like's dtype."""
@@ -60,6 +69,11 @@ def bcast(v: Tensor, like: Tensor) -> Tensor:
     if v.ndim == 0:
         return v
     return v.reshape(v.shape[0], *([1] * (like.ndim - 1)))
+
+
+def flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product <a, b> over all non-batch dims: [B, ...] x [B, ...] -> [B, 1, ..., 1]."""
+    return (a * b).sum(dim=tuple(range(1, a.ndim)), keepdim=True)
 
 
 class Guider:
@@ -70,6 +84,7 @@ class Guider:
 
     name: ClassVar[str] = ""
     stateful: ClassVar[bool] = False
+    overrides_eps: ClassVar[bool] = False  # True when the returned Prediction's eps is not (x_t - alpha x0)/sigma
 
     def __init__(self, space: str = "x0"):
         if space not in SPACES:
@@ -78,6 +93,11 @@ class Guider:
 
     def branches(self, state: Any = None) -> list[Branch]:
         raise NotImplementedError
+
+    def branches_at(self, state: Any, t: Tensor, alpha: Tensor, sigma: Tensor) -> list[Branch]:
+        """Branches for a call at time t [B] (alpha, sigma [B, 1, ...]); gates written in t or sigma
+        override this to skip branches (guidance interval). Defaults to `branches(state)`."""
+        return self.branches(state)
 
     def combine(self, preds: dict[str, Prediction], ctx: GuideContext) -> tuple[Prediction, Any]:
         """Combine branch predictions into the guided Prediction; returns (prediction, new state)."""
@@ -96,4 +116,58 @@ class Guider:
         return Prediction.from_space(y, self.space, like)
 
     def describe(self) -> dict:
-        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+        """JSON-able description: parameters, nested guiders described, callables by name."""
+        out = {"name": self.name}
+        for k, v in vars(self).items():
+            if k.startswith("_"):
+                continue
+            if isinstance(v, Guider):
+                v = v.describe()
+            elif callable(v):
+                v = getattr(v, "__qualname__", type(v).__name__)
+            out[k] = v
+        return out
+
+
+class Wrapper(Guider):
+    """A guider that modifies the result of an `inner` guider (rescale, interval, FlowChef).
+
+    Branches, state and the eps override are the inner guider's; `combine` calls the inner guider
+    first. Wrappers with `needs_cond` (rescale, interval measure against or fall back to D_c) require
+    an inner guider with a "cond" branch and add it on calls where the inner one asks for none
+    (CFG-Zero*'s zero-init steps).
+    """
+
+    needs_cond: ClassVar[bool] = True
+
+    def __init__(self, inner: Guider, space: str = "x0"):
+        super().__init__(space)
+        if not isinstance(inner, Guider):
+            raise ValueError(f"{type(self).__name__}: inner must be a Guider (build nested ones with "
+                             f"build_guider(..., inner={{'name': 'cfg', ...}})), got {type(inner).__name__}")
+        if self.needs_cond and not any(b.name == "cond" for b in inner.branches(None)):
+            raise ValueError(f"{type(self).__name__}: inner guider {inner.name!r} has no 'cond' branch; "
+                             f"wrap a guider that evaluates the conditional prediction")
+        self.inner = inner
+
+    def _with_cond(self, branches: list[Branch]) -> list[Branch]:
+        if not self.needs_cond or any(b.name == "cond" for b in branches):
+            return branches
+        return [Branch("cond", "cond"), *branches]
+
+    @property
+    def stateful(self) -> bool:  # type: ignore[override]
+        return self.inner.stateful
+
+    @property
+    def overrides_eps(self) -> bool:  # type: ignore[override]
+        return self.inner.overrides_eps
+
+    def branches(self, state: Any = None) -> list[Branch]:
+        return self._with_cond(self.inner.branches(state))
+
+    def branches_at(self, state, t, alpha, sigma):
+        return self._with_cond(self.inner.branches_at(state, t, alpha, sigma))
+
+    def init_state(self, batch_size: int) -> Any:
+        return self.inner.init_state(batch_size)

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.guidance` (guider cost on CPU)."""

@@ -1,0 +1,105 @@
+"""Adapters over diffusers networks with one calling convention: net(x, t, cond) -> raw output.
+
+x: [B, C, H, W] (already input-scaled by the Denoiser); t: [B] float network time (the schedule's
+`net_time`, e.g. 0..999); cond: the network's condition type. Every adapter also gives
+`null_cond(cond)` (the condition used for unconditional branches) and `drop_cond(cond, p)`
+(classifier-free training: replace a random fraction p of conditions by the null condition,
+Ho & Salimans 2022, arXiv 2207.12598, Algorithm 1).
+
+Text-conditioned adapters (UNet2DConditionModel, SD3, Flux) implement the same three methods with a
+dict condition; the samplers, guiders and methods only ever use these three.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+NULL_LABEL = -1
+
+
+class ConditionalNetwork(nn.Module):
+    """Base class of every adapter: `forward(x, t, cond)`, `null_cond(cond)`, `drop_cond(cond, p)`."""
+
+    def null_cond(self, cond: Any) -> Any:
+        raise NotImplementedError
+
+    def drop_cond(self, cond: Any, p: float, generator: torch.Generator | None = None) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What an export records about the network (config for from_pretrained, condition kind)."""
+        raise NotImplementedError
+
+
+class ClassConditionalUNet(ConditionalNetwork):
+    """diffusers `UNet2DModel` with class labels; label -1 is the null (unconditional) class.
+
+    The null class is an extra row of the class embedding (index num_classes), so a checkpoint
+    loads into a plain `UNet2DModel(num_class_embeds=num_classes + 1)` and samples there with
+    class_labels = num_classes for the unconditional branch.
+
+    num_classes:        number of real classes (digits: 10).
+    sample_size:        image side in pixels (digits: 8).
+    in_channels:        image channels; out_channels defaults to the same.
+    block_out_channels: channels per resolution level (one level per entry; the last does not downsample).
+    attention_levels:   which levels use self-attention blocks.
+    layers_per_block:   ResNet blocks per level.
+    norm_num_groups:    GroupNorm groups (must divide every channel count).
+    dropout:            dropout in the ResNet blocks.
+    """
+
+    def __init__(self, num_classes: int = 10, sample_size: int = 8, in_channels: int = 1,
+                 out_channels: int | None = None, block_out_channels: tuple[int, ...] = (64, 128, 128),
+                 attention_levels: tuple[bool, ...] = (False, True, True), layers_per_block: int = 2,
+                 norm_num_groups: int = 32, dropout: float = 0.0):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        block_out_channels, attention_levels = tuple(block_out_channels), tuple(attention_levels)
+        if len(attention_levels) != len(block_out_channels):
+            raise ValueError(f"attention_levels ({len(attention_levels)}) must have one entry per level of "
+                             f"block_out_channels ({len(block_out_channels)})")
+        bad = [c for c in block_out_channels if c % norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups={norm_num_groups} must divide every entry of block_out_channels; {bad} do not")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.unet = UNet2DModel(
+            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels or in_channels,
+            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)),
+            num_class_embeds=num_classes + 1, norm_num_groups=norm_num_groups, dropout=dropout,
+            attention_head_dim=None if not any(attention_levels) else 32,
+        )
+
+    @classmethod
+    def from_unet(cls, unet) -> "ClassConditionalUNet":
+        """Wrap an existing UNet2DModel (e.g. `UNet2DModel.from_pretrained(path)`) whose class embedding
+        has num_classes + 1 rows (the last one the null class)."""
+        obj = cls.__new__(cls)
+        nn.Module.__init__(obj)
+        obj.num_classes = unet.config.num_class_embeds - 1
+        obj.unet = unet
+        return obj
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor, **kwargs) -> Tensor:
+        labels = torch.where(cond < 0, torch.full_like(cond, self.num_classes), cond)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        return self.unet(x, t, class_labels=labels).sample
+
+    def null_cond(self, cond: Tensor) -> Tensor:
+        return torch.full_like(cond, NULL_LABEL)
+
+    def drop_cond(self, cond: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+        if p <= 0:
+            return cond
+        drop = torch.rand(cond.shape, generator=generator, device=cond.device) < p
+        return torch.where(drop, torch.full_like(cond, NULL_LABEL), cond)
+
+    def describe(self) -> dict:
+        return {"kind": "class", "diffusers_class": "UNet2DModel", "num_classes": self.num_classes,
+                "null_class_label": self.num_classes, "config": dict(self.unet.config)}

@@ -1,0 +1,1 @@
+"""Training: one LightningModule per method, the CLI (`python -m train`), callbacks, evaluation, export."""

@@ -1,0 +1,194 @@
+"""The command line: `python -m train {fit,validate,sample,evaluate,guiders,demo} ...`.
+
+fit / validate are LightningCLI over a YAML config (model:, data:, trainer:); the rest are plain
+commands over a checkpoint. Every error a user can cause is printed as one line that says what to do.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+LIGHTNING_COMMANDS = ("fit", "validate")
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_MODE", "offline")  # W&B stays offline unless the user sets WANDB_MODE=online
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return lightning_cli(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        raise SystemExit(2)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def lightning_cli(argv: list[str]):
+    """LightningCLI with the method and data module chosen by class_path in the config.
+
+    Checkpoints go to <trainer.default_root_dir>/checkpoints and W&B files to <default_root_dir>/wandb
+    unless the config says otherwise, so a run is one folder."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from train.base import MethodModule
+
+    class GuidedCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            root = cfg.trainer.get("default_root_dir") or "runs/default"
+            logger = cfg.trainer.get("logger")
+            for lg in logger if isinstance(logger, list) else [logger]:
+                if lg is not None and not isinstance(lg, bool) and "Wandb" in str(lg.get("class_path", "")):
+                    if lg.init_args.get("save_dir") in (None, "."):
+                        lg.init_args["save_dir"] = root
+                        Path(root).mkdir(parents=True, exist_ok=True)
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            for cb in trainer.checkpoint_callbacks:
+                if cb.dirpath is None:
+                    cb.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
+            return trainer
+
+    return GuidedCLI(MethodModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     args=argv, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+
+
+def _parse_params(items: list[str]) -> dict:
+    """`key=value` pairs (values parsed as JSON when possible) -> dict."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"guider parameter {item!r} must look like name=value (e.g. --param eta=0.0)")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `fit` (e.g. runs/x/checkpoints/last.ckpt)")
+    p.add_argument("--guider", default="cfg", help="guider name (see `python -m train guiders`)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="guider parameter, repeatable")
+    p.add_argument("--sampler", default="ddim", help="ddim, euler or dpmpp_2m")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(metavar="{fit,validate,sample,evaluate,guiders,demo}")
+    sub.add_parser("fit", help="train from a YAML config (LightningCLI: --config configs/digits/teacher.yaml)")
+    sub.add_parser("validate", help="validate a checkpoint (LightningCLI)")
+
+    s = sub.add_parser("sample", help="write a PNG grid and an .npz of samples from a checkpoint")
+    _sampling_args(s)
+    s.add_argument("--scale", type=float, default=2.0, help="guidance scale w (D_u + w (D_c - D_u))")
+    s.add_argument("--num-per-class", type=int, default=8, help="samples per class")
+    s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="sample and write metrics (FD, accuracy, precision/recall, NFE) as JSON")
+    _sampling_args(e)
+    e.add_argument("--scales", type=float, nargs="+", default=[2.0], help="guidance scales to evaluate")
+    e.add_argument("--num-per-class", type=int, default=100, help="samples per class")
+    e.add_argument("--out", required=True, help="metrics JSON path")
+    e.set_defaults(func=cmd_evaluate)
+
+    g = sub.add_parser("guiders", help="list the available guiders and their parameters")
+    g.set_defaults(func=cmd_guiders)
+
+    d = sub.add_parser("demo", help="the embedded default: train the digits teacher, sample, print metrics")
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--max-steps", type=int, default=None, help="override the teacher's training steps")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _check_sampling(args) -> None:
+    from guidance.guiders import build_guider
+    from guidance.samplers import check_sampler
+
+    check_sampler(args.sampler, args.steps)
+    build_guider(args.guider, **_parse_params(args.param))
+
+
+def cmd_sample(args) -> None:
+    import numpy as np
+    import torch
+
+    from train.checkpoint import load_method
+    from train.images import save_grid
+
+    _check_sampling(args)
+    if args.num_per_class <= 0:
+        raise ValueError(f"--num-per-class must be positive, got {args.num_per_class}")
+    module = load_method(args.ckpt)
+    labels = torch.arange(module.sampling_denoiser().net.num_classes).repeat_interleave(args.num_per_class)
+    images, nfe = module.generate(labels, args.scale, args.steps, args.sampler, args.guider, args.seed,
+                                  progress=True, **_parse_params(args.param))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(images, out / "grid.png", nrow=args.num_per_class)
+    np.savez(out / "samples.npz", images=images.numpy(), labels=labels.numpy(), nfe_per_sample=nfe)
+    print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({len(labels)} samples, {nfe:g} network evaluations each)")
+
+
+def evaluate_checkpoint(module, scales, steps=50, sampler="ddim", guider="cfg", seed=0, num_per_class=100,
+                        guider_params=None) -> list[dict]:
+    """Metrics rows (one per scale) for a trained method on the digits classifier."""
+    import torch
+
+    from train.evaluation import evaluate_samples
+
+    labels = torch.arange(module.sampling_denoiser().net.num_classes).repeat_interleave(num_per_class)
+    rows = []
+    for w in scales:
+        images, nfe = module.generate(labels, w, steps, sampler, guider, seed, progress=True, **(guider_params or {}))
+        m = evaluate_samples(images, labels, nfe_per_sample=nfe)
+        rows.append({"guider": guider, "w": w, "sampler": sampler, "steps": steps, **m})
+    return rows
+
+
+def cmd_evaluate(args) -> None:
+    from train.checkpoint import load_method
+    from train.evaluation import format_table
+
+    _check_sampling(args)
+    module = load_method(args.ckpt)
+    rows = evaluate_checkpoint(module, args.scales, args.steps, args.sampler, args.guider, args.seed,
+                               args.num_per_class, _parse_params(args.param))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({"checkpoint": str(args.ckpt), "rows": rows}, indent=2))
+    os.replace(tmp, out)
+    print(format_table(rows, ["guider", "w", "sampler", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall"]))
+    print(f"wrote {out}")
+
+
+def cmd_guiders(args) -> None:
+    from guidance.guiders import list_guiders
+
+    for name, doc, params in list_guiders():
+        ps = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "-"
+        print(f"{name:16s} {doc}\n{'':16s} parameters: {ps}")
+
+
+def cmd_demo(args) -> None:
+    from train.demo import run_demo
+
+    run_demo(Path(args.out), max_steps=args.max_steps)
