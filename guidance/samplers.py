@@ -76,6 +76,13 @@ def dpmpp_2m_step(pred: Prediction, x: Tensor, t_next: Tensor, schedule: Schedul
     return (s_n / pred.sigma) * x - a_n * torch.expm1(-h) * d
 
 
+def _clip(pred: Prediction, c: float, keep_eps: bool) -> Prediction:
+    x0 = pred.x0.clamp(-c, c)
+    if keep_eps:  # CFG++: re-noise with the unconditional eps it chose
+        return Prediction(x_t=pred.x_t, alpha=pred.alpha, sigma=pred.sigma, x0=x0, eps=pred.eps)
+    return Prediction.from_x0(x0, pred.x_t, pred.alpha, pred.sigma)
+
+
 SAMPLERS: dict[str, Callable] = {"ddim": ddim_step, "euler": euler_step, "dpmpp_2m": dpmpp_2m_step}
 
 
@@ -90,11 +97,13 @@ def check_sampler(name: str, steps: int) -> None:
 @torch.no_grad()
 def sample(guided: GuidedDenoiser, noise: Tensor, cond: Any, w: Tensor | float = 1.0, steps: int = 50,
            sampler: str = "ddim", eta: float = 0.0, neg_cond: Any = None, generator: torch.Generator | None = None,
-           progress: bool = False) -> Tensor:
+           progress: bool = False, clip_denoised: float | None = None) -> Tensor:
     """Generate x0 [B, C, H, W] from noise [B, C, H, W] (unit Gaussian; scaled by sigma(t_max) here).
 
     cond: conditions for the batch; w: per-sample guidance scale [B] or scalar; steps: network-call
-    steps (each costs the guider's branch count in evaluations, see guided.nfe).
+    steps (each costs the guider's branch count in evaluations, see guided.nfe); clip_denoised: clamp
+    the denoised x0 to [-c, c] at every step and re-derive eps from it (pixel-space data in [-1, 1]; the
+    "clip_sample" of Ho et al. 2020's sampler); leave None for latents.
     """
     check_sampler(sampler, steps)
     schedule = guided.schedule
@@ -107,10 +116,12 @@ def sample(guided: GuidedDenoiser, noise: Tensor, cond: Any, w: Tensor | float =
     state_g = guided.guider.init_state(b)
     state_s: dict = {}
     it = range(steps)
-    for i in tqdm(it, desc=f"{sampler} x{steps}", disable=not progress, leave=False):
+    for i in tqdm(it, desc=f"{sampler} x{steps}", disable=None if progress else True, leave=False):
         t = times[i].expand(b)
         t_next = times[i + 1].expand(b) if i + 1 < steps else _clean_time(t)
         pred, state_g = guided.guide(x, t, cond, w, neg_cond, state_g)
+        if clip_denoised is not None:
+            pred = _clip(pred, clip_denoised, keep_eps=guided.guider.overrides_eps)
         state_s["t"] = t
         x = step_fn(pred, x, t_next, schedule, eta=eta, generator=generator, state=state_s)
     return x

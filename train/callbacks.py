@@ -20,6 +20,12 @@ class SampleMetrics(L.Callback):
         super().__init__()
         self.num_per_class, self.metrics, self.seed = num_per_class, metrics, seed
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.metrics:  # train or load the cached digits classifier once, before the first validation
+            from train.evaluation import load_digits_classifier
+
+            load_digits_classifier()
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not hasattr(pl_module, "generate"):
             return

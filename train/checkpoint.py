@@ -45,7 +45,7 @@ def load_method(path: str | os.PathLike, expect: str | None = None) -> MethodMod
     if not cfg:
         raise CheckpointError(f"{str(path)!r} was written by a module built in Python without a config, so it cannot be "
                               f"rebuilt; build methods with train.config.instantiate or the CLI")
-    cfg = dict(cfg)
+    cfg = {k: v for k, v in cfg.items() if k != "_instantiator"}
     class_path = cfg.pop("_class_path")
     try:
         module = instantiate({"class_path": class_path, "init_args": cfg})

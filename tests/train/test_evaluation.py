@@ -21,22 +21,6 @@ from train.evaluation.metrics import (class_accuracy, frechet_distance, frechet_
 # ----------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """A private cache for the whole session; $GUIDEDISTILL_CACHE points at it so defaults use it too."""
-    d = tmp_path_factory.mktemp("guidedistill_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GUIDEDISTILL_CACHE", str(d))
-        yield d
-
-
-@pytest.fixture(scope="session")
-def classifier(cache_dir):
-    """The evaluation classifier, trained once per test session into the private cache."""
-    clf_mod._MEMO.pop(cache_path(cache_dir).resolve(), None)
-    return load_digits_classifier(cache_dir)
-
-
-@pytest.fixture(scope="session")
 def digits():
     return digits_tensors("train"), digits_tensors("validation")
 

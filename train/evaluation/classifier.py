@@ -109,6 +109,13 @@ def classifier_accuracy(model: DigitsClassifier, images: Tensor, labels: Tensor)
 
 
 def train_digits_classifier(recipe: dict = RECIPE) -> DigitsClassifier:
+    """Train (with grad enabled even when called under no_grad/inference_mode, e.g. from a validation hook).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_digits_classifier(recipe)
+
+
+def _train_digits_classifier(recipe: dict) -> DigitsClassifier:
     """Train a DigitsClassifier on the digits 'train' split, deterministically (same recipe, same
     machine and torch build -> bit-identical weights). Returns the model in eval mode. A few seconds on CPU.
 
