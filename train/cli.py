@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from train.config import read_yaml, user_message
+
 LIGHTNING_COMMANDS = ("fit", "validate")
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
@@ -19,7 +21,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")  # W&B stays offline unless the user sets WANDB_MODE=online
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        return lightning_cli(argv)
+        try:
+            for flag, value in zip(argv, argv[1:]):
+                if flag in ("--config", "-c"):
+                    read_yaml(value)  # missing or malformed YAML: a one-line error before LightningCLI's usage dump
+            return lightning_cli(argv)
+        except USER_ERRORS as e:  # bad data path, bad config value: one line, no traceback
+            print(f"error: {user_message(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -28,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -50,6 +50,16 @@ def instantiate(config: dict, base: type = L.LightningModule) -> Any:
         return parser.instantiate_classes(cfg).obj
 
 
+def user_message(e: BaseException) -> str:
+    """One line for a user error. jsonargparse wraps a constructor's error in a union report
+    ("Does not validate against any of the Union subtypes ... Errors: - <the real message>"); pick the
+    real message out of it."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("- ") and "Expected a <class 'NoneType'>" not in ln:
+            return ln[2:]
+    return lines[0] if lines else type(e).__name__
+
+
 def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return " ".join(t.strip() for t in text[:3]) if text else type(e).__name__
+    return user_message(e)

@@ -1,0 +1,113 @@
+"""A discriminator head on intermediate features of a diffusion network (the fake score or the frozen
+teacher), read through a forward hook: one logit per noisy sample, optionally time-conditioned."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from guidance.denoiser import Denoiser
+
+
+class _Stop(Exception):
+    """Raised by the hook once the features are captured, so the rest of the network is not run."""
+
+
+class FeatureTap:
+    """Context manager that records the output of `net.get_submodule(layer)` during a forward.
+
+    net:   the network (an `AdaptersOff` view is unwrapped to its base network).
+    layer: dotted submodule path, e.g. "unet.mid_block" (diffusers UNet2DModel's bottleneck).
+    stop:  abort the forward right after the layer (the layers after it are not needed); the
+           forward call must then be made through `tap.run(fn, *args)`.
+    After the block, `features` holds the layer's output [B, C, h, w] (with its autograd graph).
+    """
+
+    def __init__(self, net: nn.Module, layer: str, stop: bool = True):
+        base = getattr(net, "_base", net)
+        try:
+            self.module = base.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"discriminator layer {layer!r} does not exist in {type(base).__name__}; "
+                             f"give a dotted submodule path such as 'unet.mid_block'") from None
+        self.stop, self.features, self._handle = stop, None, None
+
+    def _hook(self, module, inputs, output):
+        self.features = output[0] if isinstance(output, tuple) else output
+        if self.stop:
+            raise _Stop
+
+    def __enter__(self) -> "FeatureTap":
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def run(self, fn, *args, **kwargs) -> Tensor:
+        """Call fn(*args, **kwargs) (a network forward) and return the captured features."""
+        try:
+            fn(*args, **kwargs)
+        except _Stop:
+            pass
+        if self.features is None:
+            raise RuntimeError("the discriminator's feature layer was not called during the forward")
+        return self.features
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of t [B] in [0, 1] (scaled to 0..1000), [B, dim] (Vaswani et al. 2017, sec. 3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class DiscriminatorHead(nn.Module):
+    """Features [B, C, h, w] (and t [B]) -> one logit per sample [B].
+
+    GroupNorm-SiLU-Conv3x3 to `hidden` channels, plus (time_conditioned) a learned projection of the
+    sinusoidal t-embedding added per channel, SiLU, global average pool, Linear -> logit (DMD2,
+    arXiv 2405.14867, sec. 4.3: a small classification branch on the fake score's bottleneck).
+
+    in_channels: feature channels of the tapped layer; hidden: head width; num_groups: GroupNorm groups
+    (reduced to a divisor of in_channels when needed).
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 64, time_conditioned: bool = True, num_groups: int = 8):
+        super().__init__()
+        groups = math.gcd(in_channels, num_groups) or 1
+        self.norm = nn.GroupNorm(groups, in_channels)
+        self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.time_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) if time_conditioned else None
+        self.out = nn.Linear(hidden, 1)
+        self.hidden = hidden
+
+    def forward(self, features: Tensor, t: Tensor | None = None) -> Tensor:
+        h = self.conv(nn.functional.silu(self.norm(features.float())))
+        if self.time_proj is not None:
+            h = h + self.time_proj(timestep_embedding(t, self.hidden))[:, :, None, None]
+        return self.out(nn.functional.silu(h).mean(dim=(2, 3))).squeeze(1)
+
+
+def discriminator_logits(head: DiscriminatorHead, features_from: Denoiser, layer: str, x_t: Tensor, t: Tensor,
+                         cond: Any) -> Tensor:
+    """Logits [B] for noisy samples x_t [B, C, H, W] at times t [B]: the features of `layer` of the
+    network in `features_from` (run only up to that layer), through `head`. Gradients flow to x_t and
+    to whichever of the feature network's weights require grad."""
+    with FeatureTap(features_from.net, layer) as tap:
+        feats = tap.run(features_from.raw, x_t, t, cond)
+    return head(feats, t)
+
+
+@torch.no_grad()
+def feature_channels(features_from: Denoiser, layer: str, sample_shape: tuple[int, ...], cond: Any) -> int:
+    """Channels of `layer`'s output, found with one probe forward on a single zero sample of sample_shape
+    (C, H, W) and condition `cond` ([1]-batch)."""
+    p = next(features_from.net.parameters())
+    x = torch.zeros(1, *sample_shape, device=p.device, dtype=p.dtype)
+    with FeatureTap(features_from.net, layer) as tap:
+        feats = tap.run(features_from.raw, x, torch.full((1,), 0.5, device=p.device), cond)
+    return int(feats.shape[1])

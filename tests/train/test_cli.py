@@ -1,0 +1,105 @@
+"""The command line end to end on a tiny teacher: sample, evaluate, guiders, and one-line errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from train.cli import main
+
+
+def run_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_guiders_lists_every_guider_with_parameters(capsys):
+    from guidance.guiders import GUIDERS
+
+    main(["guiders"])
+    out = capsys.readouterr().out
+    for name in GUIDERS:
+        assert f"\n{name} " in "\n" + out
+    assert "parameters: convention='ours'" in out
+
+
+def test_sample_writes_grid_and_npz(tiny_teacher_ckpt, tmp_path, capsys):
+    out = tmp_path / "s"
+    main(["sample", "--ckpt", str(tiny_teacher_ckpt), "--scale", "3", "--steps", "3", "--num-per-class", "2", "--out", str(out)])
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (20, 1, 8, 8)
+    assert data["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert float(data["nfe_per_sample"]) == 6  # CFG: 2 evaluations x 3 steps
+    assert (out / "grid.png").stat().st_size > 100
+
+
+def test_sample_is_deterministic_and_uses_guider_params(tiny_teacher_ckpt, tmp_path):
+    args = ["sample", "--ckpt", str(tiny_teacher_ckpt), "--steps", "2", "--num-per-class", "1"]
+    main(args + ["--out", str(tmp_path / "a")])
+    main(args + ["--out", str(tmp_path / "b")])
+    main(args + ["--guider", "apg", "--param", "eta=1.0", "--param", "beta=0.0", "--out", str(tmp_path / "c")])
+    a, b, c = (np.load(tmp_path / k / "samples.npz")["images"] for k in "abc")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_evaluate_writes_metrics_json(tiny_teacher_ckpt, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    main(["evaluate", "--ckpt", str(tiny_teacher_ckpt), "--scales", "1", "3", "--steps", "2", "--num-per-class", "3", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["w"] for r in rows] == [1.0, 3.0]
+    for r in rows:
+        assert r["nfe_per_sample"] == 4 and r["num_samples"] == 30
+        assert 0 <= r["accuracy"] <= 1 and r["fd"] > 0
+    assert "| cfg | 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--guider", "nope"], "unknown guider 'nope'"),
+    (["--sampler", "heun9"], "unknown sampler 'heun9'"),
+    (["--steps", "0"], "steps must be a positive integer"),
+    (["--guider", "cfg", "--param", "bogus=1"], "has no parameter(s) bogus"),
+    (["--guider", "interval", "--param", "sigma_lo=5", "--param", "sigma_hi=1"], "interval"),
+])
+def test_bad_sampling_options_are_one_line_errors(tiny_teacher_ckpt, tmp_path, capsys, extra, needle):
+    err = run_error(capsys, ["sample", "--ckpt", str(tiny_teacher_ckpt), "--out", str(tmp_path / "x")] + extra)
+    assert needle in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_checkpoint_errors(tmp_path, capsys, tiny_teacher_ckpt):
+    missing = run_error(capsys, ["sample", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "o")])
+    assert "does not exist" in missing
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    assert "is not a guidedistill checkpoint" in run_error(capsys, ["sample", "--ckpt", str(foreign), "--out", str(tmp_path / "o")])
+    text = tmp_path / "text.ckpt"
+    text.write_text("hello")
+    assert "cannot be read" in run_error(capsys, ["sample", "--ckpt", str(text), "--out", str(tmp_path / "o")])
+    truncated = tmp_path / "trunc.ckpt"
+    truncated.write_bytes(tiny_teacher_ckpt.read_bytes()[:5000])
+    assert "cannot be read" in run_error(capsys, ["evaluate", "--ckpt", str(truncated), "--out", str(tmp_path / "m.json")])
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_dataset_path_that_does_not_exist(tmp_path, capsys):
+    from tests.conftest import TINY_TEACHER
+
+    err = run_error(capsys, ["fit", "--config", str(TINY_TEACHER), "--data", "data.images.LabelledImageDataModule",
+                             "--data.path", str(tmp_path / "nowhere"), "--data.image_size", "8",
+                             "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert "does not exist" in err
+
+
+def test_malformed_yaml_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    err = run_error(capsys, ["fit", "--config", str(bad)])
+    assert "bad.yaml" in err

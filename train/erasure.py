@@ -1,0 +1,417 @@
+"""Concept erasure: fine-tune a copy of a trained model so that chosen classes no longer appear (ESD, ANT,
+erase-toward), with preservation terms, parameter selection (ESD-x/-u, LoRA, SalUn) and erasure metrics."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from guidance.conditions import cond_cat
+from guidance.denoiser import Denoiser
+from guidance.guided import GuidedDenoiser
+from guidance.guiders import CFG
+from guidance.samplers import ddim_step
+from losses.erasure import (ant_target, esd_target, preservation_target, regression_loss, toward_target,
+                            windowed)
+from models.adapters import NULL_LABEL
+from models.ema import EMA
+from models.param_select import SELECTIONS, SaliencyMask, add_lora, select_parameters
+from train.base import MethodModule, plain_config
+from train.optim import adamw_with_warmup
+
+SAMPLING = ("one", "all")
+
+
+class ErasureSteps(L.LightningDataModule):
+    """The data of an erasure run when it needs no real images: batches of step indices ([1] long) that only
+    pace training; x_t comes from the frozen model's trajectories (see ConceptErasure). Give a labelled
+    datamodule (data.digits.DigitsDataModule) instead to take x_t from real images.
+
+    steps_per_epoch: batches per training epoch (checkpoints and validation count steps, not epochs).
+    """
+
+    def __init__(self, steps_per_epoch: int = 1000):
+        super().__init__()
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        self.steps_per_epoch = steps_per_epoch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.arange(self.steps_per_epoch), batch_size=1)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(torch.arange(1), batch_size=1)
+
+
+class TrajectoryBank:
+    """DDIM trajectories of a guided model per condition, kept as the guided prediction (x0, eps) [N, S, C, H, W]
+    at each of the S grid times. The state after a partial trajectory stopped at any t is one DDIM jump from the
+    last grid state at or above t: x_t = alpha(t) x0_i + sigma(t) eps_i (Song et al. 2021, Eq. 12, eta = 0).
+    This is ESD's x_t (Gandikota et al. 2023, sec. 4: sample the frozen model with the erased condition up to a
+    random step), with t drawn from the schedule's training distribution, as ESD draws a DDPM step inside the
+    chosen DDIM interval. Memory: 2 N S C H W floats per condition (0.7 MB per 100 digit trajectories).
+    """
+
+    def __init__(self, guided: GuidedDenoiser, shape: tuple[int, ...], steps: int = 50, scale: float = 2.0,
+                 size: int = 128):
+        self.guided, self.shape, self.steps, self.scale, self.size = guided, tuple(shape), steps, scale, size
+        self.banks: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @torch.no_grad()
+    def build(self, label: int, device) -> None:
+        """Sample `size` trajectories for class `label` (-1: unconditional) and store their predictions."""
+        with torch.inference_mode(False):  # a bank first built during validation must serve training too
+            self._build(label, device)
+
+    def _build(self, label: int, device) -> None:
+        sched = self.guided.schedule
+        times = sched.sampling_times(self.steps, device=device).float()
+        x = torch.randn(self.size, *self.shape, device=device) * sched.alpha_sigma(times[:1])[1]
+        cond = torch.full((self.size,), label, device=device, dtype=torch.long)
+        x0s, epss = [], []
+        for i in range(self.steps):
+            t = times[i].expand(self.size)
+            pred = self.guided(x, t, cond, self.scale)
+            x0s.append(pred.x0.float())
+            epss.append(pred.eps.float())
+            t_next = times[i + 1].expand(self.size) if i + 1 < self.steps else torch.full_like(t, -1.0)
+            x = ddim_step(pred, x, t_next, sched)
+        self.banks[label] = (torch.stack(x0s, 1), torch.stack(epss, 1))
+        self.times = times
+
+    def draw(self, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(x_t [B, C, H, W], t [B]) for condition labels [B], building missing banks first."""
+        device = labels.device
+        for c in labels.unique().tolist():
+            if c not in self.banks:
+                self.build(int(c), device)
+        sched = self.guided.schedule
+        t = sched.sample_t(len(labels), generator=generator).float().to(device)  # CPU draws: same on every device
+        t = t.clamp(max=float(self.times[0]))
+        step = ((self.times[None, :] >= t[:, None]).sum(1) - 1).clamp(min=0)
+        traj = torch.randint(0, self.size, (len(labels),), generator=generator).to(device)
+        x0 = torch.empty(len(labels), *self.shape, device=device)
+        eps = torch.empty_like(x0)
+        for c in labels.unique().tolist():
+            m = labels == c
+            bx0, beps = self.banks[int(c)]
+            x0[m], eps[m] = bx0[traj[m], step[m]], beps[traj[m], step[m]]
+        a, s = (v.reshape(-1, *([1] * len(self.shape))) for v in sched.alpha_sigma(t))
+        return a * x0 + s * eps, t  # DDIM jump to t (Song et al. 2021, Eq. 12, eta = 0)
+
+
+class ConceptErasure(MethodModule):
+    """Concept erasure on a trained class-conditional model: the student (a copy of the frozen model) regresses
+    erasure targets built by the guidance core on the frozen model, plus preservation terms.
+
+    model:            path of the teacher checkpoint to erase (runs/.../checkpoints/last.ckpt).
+    concepts:         classes to erase.
+    targets:          erase toward these classes (one per concept; All but One, arXiv 2312.12807) instead of
+                      ESD's negative guidance (Gandikota et al. 2023, arXiv 2303.07345).
+    eta:              ESD negative-guidance strength: the target is the frozen model guided at w = -eta.
+    t_window:         ANT window (arXiv 2504.12782): erase only at t <= t_window, keep the frozen conditional
+                      prediction above (early, high-noise steps). None: erase at every t.
+    toward_scale:     guidance scale of the toward target (1: the plain frozen prediction for the target class).
+    toward_away:      use the erased class as the negative condition of the toward target.
+    anchors:          classes whose predictions stay the frozen ones (SPM anchoring, arXiv 2312.16145);
+                      None: every class not erased; []: none.
+    anchor_weight:    weight of the anchor term; uncond_weight: of the unconditional term (All but One).
+    concept_sampling: "one" (one erased concept per step) or "all" (each sample draws its concept).
+    params:           trainable parameters: esd-x (class embedding / cross-attention), esd-u (the rest), all,
+                      lora (adapters on every linear/conv layer, rank `lora_rank`, scale lora_alpha / rank).
+    saliency_top_k:   SalUn (arXiv 2310.12508): update only this fraction of the selected weights, the largest
+                      |grad| of the erasure loss over `saliency_batches` batches at the start. None: off.
+    batch_size:       samples per term per step (x_t from the frozen model's trajectories).
+    trajectory_steps, trajectory_scale, bank_size, bank_refresh: DDIM steps and guidance scale of the frozen
+                      trajectories x_t comes from, trajectories kept per class, rebuild period in steps (0: never).
+    loss_space:       space of the regression (eps as ESD, x0, v, flow); None: the network's parameterisation.
+    lr, weight_decay, warmup_steps: AdamW; ema_decay: EMA of the student used for sampling (0: off).
+    val_scale, val_steps, val_samples: CFG scale, steps and samples per erased class of `val/erased_rate`.
+    model_config:     the teacher's config, filled in automatically, so the erased checkpoint rebuilds even
+                      when `model` has moved (its weights are in the checkpoint).
+    """
+
+    method_name = "erasure"
+
+    def __init__(self, model: str, concepts: list[int], targets: list[int] | None = None, eta: float = 1.0,
+                 t_window: float | None = None, toward_scale: float = 1.0, toward_away: bool = False,
+                 anchors: list[int] | None = None, anchor_weight: float = 1.0, uncond_weight: float = 1.0,
+                 concept_sampling: str = "one", params: str = "esd-x", lora_rank: int = 1,
+                 lora_alpha: float | None = None, saliency_top_k: float | None = None, saliency_batches: int = 4,
+                 batch_size: int = 32, trajectory_steps: int = 50, trajectory_scale: float = 2.0,
+                 bank_size: int = 128, bank_refresh: int = 0, loss_space: str | None = None, lr: float = 1e-4,
+                 weight_decay: float = 0.0, warmup_steps: int = 0, ema_decay: float = 0.0,
+                 val_scale: float = 2.0, val_steps: int = 20, val_samples: int = 50,
+                 model_config: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        frozen, config = _load_teacher(model, model_config)
+        self.hparams["model_config"] = config
+        self.num_classes = num_classes = frozen.net.num_classes
+        self.concepts, self.targets = _check_classes(concepts, targets, num_classes)
+        self.anchors = _check_anchors(anchors, self.concepts, num_classes)
+        _check_options(eta, t_window, concept_sampling, params, saliency_top_k, weight_decay, batch_size, loss_space)
+        self.frozen = frozen.requires_grad_(False).eval()
+        self.student = Denoiser(copy.deepcopy(frozen.net), frozen.schedule, frozen.parameterization, frozen.sigma_data)
+        self.student.requires_grad_(True)
+        trainable = (add_lora(self.student.net, lora_rank, lora_alpha) if params == "lora"
+                     else select_parameters(self.student.net, params))
+        self.trainable = [p for p in self.student.net.parameters() if p.requires_grad]
+        self.num_trainable = sum(p.numel() for p in self.trainable)
+        self.saliency = SaliencyMask(self.trainable) if saliency_top_k is not None else None
+        self.ema = EMA(self.student.net, ema_decay) if ema_decay > 0 else None
+        self.trainable_names = trainable
+        self.eta, self.t_window, self.toward_scale, self.toward_away = eta, t_window, toward_scale, toward_away
+        self.anchor_weight, self.uncond_weight, self.concept_sampling = anchor_weight, uncond_weight, concept_sampling
+        self.saliency_top_k, self.saliency_batches, self.batch_size = saliency_top_k, saliency_batches, batch_size
+        self.bank_refresh, self.space = bank_refresh, loss_space or frozen.parameterization
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.val_scale, self.val_steps, self.val_samples = val_scale, val_steps, val_samples
+        self._bank_args = (trajectory_steps, trajectory_scale, bank_size)
+        self.bank: TrajectoryBank | None = None
+
+    # --- the erased model ------------------------------------------------------------------------
+    def sampling_denoiser(self) -> Denoiser:
+        if self.ema is None:
+            return self.student
+        return Denoiser(self.ema.module, self.student.schedule, self.student.parameterization, self.student.sigma_data)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen.eval()  # the frozen model never leaves eval mode (dropout, norms)
+        if self.ema is not None:
+            self.ema.module.eval()
+        return self
+
+    # --- x_t and targets -------------------------------------------------------------------------
+    def _bank(self) -> TrajectoryBank:
+        if self.bank is None:
+            shape = self.sample_shape()
+            self.bank = TrajectoryBank(GuidedDenoiser(self.frozen, CFG()), shape, *self._bank_args)
+        return self.bank
+
+    def _concept_labels(self, n: int, generator=None) -> Tensor:
+        """Erased concepts [n]: one concept for the whole step ("one") or one per sample ("all")."""
+        k = len(self.concepts)
+        idx = torch.randint(0, k, (1 if self.concept_sampling == "one" else n,), generator=generator)
+        return torch.tensor(self.concepts)[idx].expand(n).to(self.device)
+
+    def _groups(self, batch, generator=None) -> list[tuple[str, Tensor, Tensor, Tensor]]:
+        """(term, x_t, t, cond) per loss term: from the frozen model's trajectories, or from real images when the
+        batch is (images [B, C, H, W], labels [B])."""
+        n = self.batch_size
+        anchor_labels = lambda m: torch.tensor(self.anchors)[torch.randint(0, len(self.anchors), (m,), generator=generator)]  # noqa: E731
+        if isinstance(batch, (list, tuple)):
+            x0, labels = batch
+            t = self.student.schedule.sample_t(len(labels), generator=generator, device=x0.device).to(x0.dtype)
+            x_all = self.student.schedule.add_noise(x0, torch.randn(x0.shape, generator=generator).to(x0), t)
+            concepts = self._concept_labels(1, generator)[:1] if self.concept_sampling == "one" else torch.tensor(self.concepts)
+            sel = {"erase": torch.isin(labels, concepts.to(labels.device)),
+                   "anchor": torch.isin(labels, torch.tensor(self.anchors, dtype=labels.dtype, device=labels.device)),
+                   "uncond": torch.ones_like(labels, dtype=torch.bool)}
+            conds = {"erase": labels, "anchor": labels, "uncond": torch.full_like(labels, NULL_LABEL)}
+            return [(k, x_all[m], t[m], conds[k][m]) for k, m in sel.items() if self._weight(k) > 0 and m.any()]
+        bank = self._bank()
+        wanted = {"erase": self._concept_labels(n, generator),
+                  "anchor": anchor_labels(n).to(self.device) if self.anchors else None,
+                  "uncond": torch.full((n,), NULL_LABEL, device=self.device)}
+        out = []
+        for k, cond in wanted.items():
+            if cond is not None and self._weight(k) > 0:
+                x_t, t = bank.draw(cond, generator)
+                out.append((k, x_t, t, cond))
+        return out
+
+    def _weight(self, term: str) -> float:
+        return {"erase": 1.0, "anchor": self.anchor_weight, "uncond": self.uncond_weight}[term]
+
+    def _target(self, term: str, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        if term != "erase":  # preservation: the frozen prediction for the same condition
+            return preservation_target(self.frozen, x_t, t, cond, self.space)
+        if self.targets is None:
+            if self.t_window is None:
+                return esd_target(self.frozen, x_t, t, cond, self.eta, self.space)
+            return ant_target(self.frozen, x_t, t, cond, self.eta, self.t_window, self.space)
+        lut = torch.full((self.num_classes,), NULL_LABEL, device=cond.device)
+        lut[torch.tensor(self.concepts, device=cond.device)] = torch.tensor(self.targets, device=cond.device)
+        target = toward_target(self.frozen, x_t, t, lut[cond], self.toward_scale, self.space,
+                               source_cond=cond if self.toward_away else None)
+        outside = preservation_target(self.frozen, x_t, t, cond, self.space) if self.t_window is not None else target
+        return windowed(target, outside, t, self.t_window)
+
+    def losses(self, batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Mean loss per term ('erase', 'anchor', 'uncond') for one batch; one student forward for all terms."""
+        groups = self._groups(batch, generator)
+        if not groups:
+            return {}
+        x_t, t = torch.cat([g[1] for g in groups]), torch.cat([g[2] for g in groups])
+        pred = self.student(x_t, t, cond_cat([g[3] for g in groups])).read(self.space)
+        out, i = {}, 0
+        for term, xg, tg, cg in groups:
+            target = self._target(term, xg, tg, cg)
+            out[term] = regression_loss(pred[i:i + len(xg)], target).mean()
+            i += len(xg)
+        return out
+
+    # --- training --------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        terms = self.losses(batch)
+        loss = sum(self._weight(k) * v for k, v in terms.items())
+        if not terms:  # a data batch without any relevant label: nothing to learn from, keep the graph valid
+            loss = sum(p.sum() * 0 for p in self.trainable)
+        for k, v in terms.items():
+            self.log(f"train/{k}", v)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_start(self) -> None:
+        if self.saliency is not None and not bool(self.saliency.fitted):
+            self._fit_saliency()
+        if self.saliency is not None:
+            self.saliency.attach()
+
+    def _fit_saliency(self) -> None:
+        """Accumulate |grad| of the erasure term over `saliency_batches` batches and keep the top-k% weights."""
+        grads = [torch.zeros_like(p) for p in self.trainable]
+        data = getattr(self.trainer, "datamodule", None)
+        batches = iter(data.train_dataloader()) if data is not None and not isinstance(data, ErasureSteps) else None
+        for _ in range(self.saliency_batches):
+            batch = next(batches) if batches is not None else torch.zeros(1)
+            if isinstance(batch, (list, tuple)):
+                batch = [b.to(self.device) for b in batch]
+            loss = self.losses(batch).get("erase")
+            if loss is None:
+                continue
+            for g, gp in zip(grads, torch.autograd.grad(loss, self.trainable, allow_unused=True)):
+                if gp is not None:
+                    g.add_(gp)
+        self.saliency.fit(grads, self.saliency_top_k)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            self.ema.update(self.student.net)
+        if self.bank is not None and self.bank_refresh > 0 and (self.global_step % self.bank_refresh) == 0:
+            self.bank.banks.clear()
+
+    def configure_optimizers(self):
+        return adamw_with_warmup(self.trainable, self.lr, self.weight_decay, self.warmup_steps)
+
+    # --- validation ------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        gen = torch.Generator().manual_seed(1000 + batch_idx)  # same x_t every validation
+        terms = self.losses(batch, gen)
+        for k, v in terms.items():
+            self.log(f"val/{k}", v.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or self.val_samples <= 0:
+            return
+        labels = torch.tensor(self.concepts).repeat_interleave(self.val_samples)
+        images, _ = self.generate(labels, self.val_scale, self.val_steps)
+        from train.evaluation.classifier import load_digits_classifier
+        from train.evaluation.evaluate import classify
+
+        pred = classify(load_digits_classifier(), images)[1].argmax(1)
+        self.log("val/erased_rate", (pred == labels).float().mean().item())
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def _load_teacher(path: str, config: dict | None) -> tuple[Denoiser, dict]:
+    """The frozen model's Denoiser (the teacher's sampling network) and the teacher's config."""
+    from train.checkpoint import load_method
+    from train.config import instantiate
+
+    if os.path.isfile(path):
+        teacher = load_method(path, expect="teacher")
+        return teacher.sampling_denoiser(), plain_config(dict(teacher.hparams))
+    if config is None:
+        raise ValueError(f"model={path!r} does not exist; pass the teacher checkpoint to erase "
+                         f"(e.g. runs/demo/teacher/checkpoints/last.ckpt, written by `python -m train fit`)")
+    cfg = {k: v for k, v in config.items() if k not in ("_class_path", "_instantiator")}
+    # rebuilding an erased checkpoint whose teacher file moved: the architecture only, weights come from it
+    return instantiate({"class_path": config["_class_path"], "init_args": cfg}).sampling_denoiser(), config
+
+
+def _check_classes(concepts, targets, num_classes: int) -> tuple[list[int], list[int] | None]:
+    concepts = [int(c) for c in concepts]
+    if not concepts or len(set(concepts)) != len(concepts) or not all(0 <= c < num_classes for c in concepts):
+        raise ValueError(f"concepts must be distinct classes in 0..{num_classes - 1}, got {concepts}")
+    if targets is None:
+        return concepts, None
+    targets = [int(c) for c in targets]
+    if len(targets) != len(concepts) or not all(0 <= c < num_classes for c in targets):
+        raise ValueError(f"targets must give one class in 0..{num_classes - 1} per concept ({concepts}), got {targets}")
+    if set(targets) & set(concepts):
+        raise ValueError(f"targets {targets} must not include an erased concept {concepts}")
+    return concepts, targets
+
+
+def _check_anchors(anchors, concepts: list[int], num_classes: int) -> list[int]:
+    if anchors is None:
+        return [c for c in range(num_classes) if c not in concepts]
+    anchors = [int(a) for a in anchors]
+    if set(anchors) & set(concepts) or not all(0 <= a < num_classes for a in anchors):
+        raise ValueError(f"anchors must be classes in 0..{num_classes - 1} that are not erased ({concepts}), got {anchors}")
+    return anchors
+
+
+def _check_options(eta, t_window, sampling, params, top_k, weight_decay, batch_size, space) -> None:
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0 (the target is guided at w = -eta), got {eta}")
+    if t_window is not None and not 0 < t_window <= 1:
+        raise ValueError(f"t_window must be in (0, 1] (erase at t <= t_window) or null, got {t_window}")
+    if sampling not in SAMPLING:
+        raise ValueError(f"concept_sampling must be one of {', '.join(SAMPLING)}, got {sampling!r}")
+    if params not in SELECTIONS:
+        raise ValueError(f"params must be one of {', '.join(SELECTIONS)}, got {params!r}")
+    if top_k is not None and not 0 < top_k <= 1:
+        raise ValueError(f"saliency_top_k is a fraction in (0, 1] (or null to disable), got {top_k}")
+    if top_k is not None and weight_decay != 0:
+        raise ValueError("saliency_top_k needs weight_decay: 0 (AdamW would decay the masked weights)")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if space not in (None, "eps", "x0", "v", "flow"):
+        raise ValueError(f"loss_space must be eps, x0, v, flow or null (the network's parameterisation), got {space!r}")
+
+
+@torch.no_grad()
+def erasure_metrics(module: MethodModule, erased: list[int], scales=(2.0,), steps: int = 50, num_per_class: int = 100,
+                    seed: int = 0, uncond_samples: int = 1000) -> list[dict[str, Any]]:
+    """The erasure table for one model on the digits classifier, one row per guidance scale:
+
+    erased_rate:  fraction of samples requested as an erased class that the classifier assigns to it
+    other_acc:    accuracy on the other classes' samples; other_fd: Frechet distance of those samples to the
+                  real validation digits of the same classes
+    uncond_rate:  fraction of unconditional samples classified as an erased class (robustness probe; same
+                  for every scale, reported in each row)
+    """
+    from data.digits import digits_tensors
+    from train.evaluation.classifier import load_digits_classifier
+    from train.evaluation.evaluate import classify
+    from train.evaluation.metrics import frechet_distance
+
+    clf = load_digits_classifier()
+    num_classes = module.sampling_denoiser().net.num_classes
+    erased_t = torch.tensor(erased)
+    real, real_labels = digits_tensors("validation")
+    ref = classify(clf, real[~torch.isin(real_labels, erased_t)])[0]
+    uncond_rate = None
+    if uncond_samples > 0:
+        u, _ = module.generate(torch.full((uncond_samples,), NULL_LABEL), 1.0, steps, seed=seed + 1)
+        uncond_rate = torch.isin(classify(clf, u)[1].argmax(1), erased_t).double().mean().item()
+    labels = torch.arange(num_classes).repeat_interleave(num_per_class)
+    rows = []
+    for w in scales:
+        images, _ = module.generate(labels, w, steps, seed=seed)
+        feats, logits = classify(clf, images)
+        pred, is_erased = logits.argmax(1), torch.isin(labels, erased_t)
+        rows.append({"w": w, "erased_rate": (pred[is_erased] == labels[is_erased]).double().mean().item(),
+                     "other_acc": (pred[~is_erased] == labels[~is_erased]).double().mean().item(),
+                     "other_fd": frechet_distance(feats[~is_erased], ref), "uncond_rate": uncond_rate})
+    return rows

@@ -1,0 +1,186 @@
+"""Guidance distillation, stage 1 (Meng et al. 2023): a w-conditioned student regresses the guided teacher."""
+from __future__ import annotations
+
+import copy
+import torch
+from torch import Tensor, nn
+
+from guidance.denoiser import Denoiser
+from guidance.guided import GuidedDenoiser, teacher_target
+from guidance.guiders import Conditional, Guider, build_guider
+from losses.distillation import (LOSS_SPACES, W_DISTRIBUTIONS, WEIGHTINGS, check_choice, guidance_distillation_loss,
+                                 sample_guidance_scale)
+from models.ema import EMA
+from models.w_embedding import WConditionedNetwork, WInputGuided
+from train.base import CHECKPOINT_KEY, MethodModule
+from train.optim import adamw_with_warmup
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")  # diffusers UNet attention + ResNet convs
+
+
+def load_frozen(path: str, expect: str, config: dict | None) -> tuple[MethodModule, dict]:
+    """The method module a distillation starts from, and its config (to record in our hyper-parameters).
+
+    With `config` (recorded by an earlier run) the module is rebuilt from it WITHOUT reading `path`: its
+    weights then come from the distillation checkpoint being loaded, so a student checkpoint samples
+    even where the teacher file is gone. Otherwise the checkpoint at `path` is loaded (weights_only)."""
+    from train.checkpoint import load_method, read_checkpoint
+    from train.config import instantiate
+
+    if config is not None:
+        cfg = {k: v for k, v in config.items() if k != "_instantiator"}
+        return instantiate({"class_path": cfg.pop("_class_path"), "init_args": cfg}), config
+    meta = read_checkpoint(path)[CHECKPOINT_KEY]
+    return load_method(path, expect=expect), meta["config"]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode, no gradients (the frozen teacher of DESIGN.md, "Methods as Lightning modules")."""
+    return module.eval().requires_grad_(False)
+
+
+def inject_lora(net: nn.Module, rank: int, alpha: float | None, targets: list[str]) -> None:
+    """Add peft LoRA adapters (Hu et al. 2021, arXiv 2106.09685) to the `targets` layers of `net` in place.
+
+    lora_B starts at zero, so the adapted network equals the original exactly at initialisation."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets),
+                                       lora_dropout=0.0), net)
+
+
+class WStudentSampling:
+    """Sampling for modules whose `sampling_denoiser()` is a w-conditioned student: w is the network's
+    input and each step is ONE network evaluation, whatever guider the student was distilled from.
+
+    `guided(guider)` accepts "conditional", "cfg" (the CLI default) and the distilled guider's name, all
+    meaning "the student"; another rule, or guider parameters, are refused with a message."""
+
+    distilled_guider: str = "cfg"
+
+    def guided(self, guider: Guider | str = "cfg", **guider_params) -> GuidedDenoiser:
+        name = guider.name if isinstance(guider, Guider) else guider
+        if name not in ("conditional", "cfg", self.distilled_guider) or guider_params:
+            raise ValueError(f"this is a guidance-distilled student (distilled from guider {self.distilled_guider!r}): "
+                             f"it takes w as input and runs one network evaluation per step; sample it with "
+                             f"--guider {self.distilled_guider} (or conditional) and no --param")
+        return WInputGuided(self.sampling_denoiser(), Conditional())
+
+
+class GuidanceDistillation(WStudentSampling, MethodModule):
+    """Stage 1 of Meng et al. 2023 (arXiv 2210.03142, sec. 4.1): a student s(x_t, t, c, w), initialised
+    from the teacher plus a zero-initialised w-embedding (models.w_embedding), regresses the frozen
+    teacher's guided prediction at random t and per-sample w, on noised training images.
+
+    teacher:        path of a teacher checkpoint (`python -m train fit --config configs/digits/teacher.yaml`).
+    guider, guider_params: the guidance rule the student learns, by name (guidance.guiders; CFG default;
+                    apg, rescale, cfg_zero_star, ... work; rules that need a second model do not).
+    negative_label: a class used as the negative condition of the "uncond" branch (None: the null label).
+    w_min, w_max, w_distribution: the scales w ~ U[w_min, w_max] ("uniform") or log-uniform, per sample.
+    loss_space, weighting: the error's parameterisation (x0, eps, v) and the weight omega(lambda_t) (none,
+                    snr, snr_trunc, snr_plus_one); see losses.distillation. Default: x0 with truncated SNR
+                    (Salimans & Ho 2022, sec. 4), the weighting Meng et al. use.
+    w_embed_dim, w_hidden_dim, w_scale: the w-embedding (models.w_embedding.WConditionedNetwork).
+    lora_rank:      0 fine-tunes the whole student; > 0 trains only peft LoRA adapters of that rank on
+                    `lora_targets` (plus the w-embedding). lora_alpha: LoRA scale numerator (default rank).
+    lr, weight_decay, warmup_steps: AdamW with linear warm-up. ema_decay: EMA of the student (0 disables).
+    val_scale, val_steps, val_samples: the scale and steps of validation samples (one evaluation per step).
+    teacher_config: recorded from the teacher checkpoint on first use (leave unset); it lets a student
+                    checkpoint be rebuilt without the teacher file.
+    """
+
+    method_name = "guidance_distillation"
+
+    def __init__(self, teacher: str, guider: str = "cfg", guider_params: dict | None = None,
+                 negative_label: int | None = None, w_min: float = 1.0, w_max: float = 6.0,
+                 w_distribution: str = "uniform", loss_space: str = "x0", weighting: str = "snr_trunc",
+                 w_embed_dim: int | None = None, w_hidden_dim: int | None = None, w_scale: float = 1000.0,
+                 lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: list[str] | None = None,
+                 lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 100, ema_decay: float = 0.999,
+                 val_scale: float = 3.0, val_steps: int = 20, val_samples: int = 200,
+                 teacher_config: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        if not w_min <= w_max:
+            raise ValueError(f"w_min ({w_min}) must not exceed w_max ({w_max})")
+        if check_choice("w distribution", w_distribution, W_DISTRIBUTIONS) == "log_uniform" and w_min <= 0:
+            raise ValueError(f"w_distribution 'log_uniform' needs w_min > 0, got {w_min}; use 'uniform' or raise w_min")
+        self.loss_space = check_choice("loss space", loss_space, LOSS_SPACES)
+        self.weighting = check_choice("loss weighting", weighting, WEIGHTINGS)
+        self.guider = build_guider(guider, **(guider_params or {}))
+        if any(b.model != "main" for b in self.guider.branches(None)):
+            raise ValueError(f"guider {guider!r} needs a second model (autoguidance); distil a rule that uses the teacher alone")
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
+        self.distilled_guider = guider
+        self.negative_label = negative_label
+        self.w_min, self.w_max, self.w_distribution = w_min, w_max, w_distribution
+
+        teacher_module, cfg = load_frozen(teacher, "teacher", teacher_config)
+        self.hparams["teacher_config"] = cfg  # recorded in the checkpoint: the student rebuilds without the file
+        self.teacher = freeze(teacher_module.sampling_denoiser())
+        net = WConditionedNetwork(copy.deepcopy(self.teacher.net).requires_grad_(True), w_embed_dim, w_hidden_dim, w_scale)
+        if lora_rank > 0:
+            inject_lora(net.base, lora_rank, lora_alpha, lora_targets or list(LORA_TARGETS))
+            for name, p in net.named_parameters():
+                p.requires_grad_("lora_" in name or name.startswith("w_embedding."))
+        self.student = Denoiser(net, self.teacher.schedule, self.teacher.parameterization, self.teacher.sigma_data)
+        self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.val_scale, self.val_steps, self.val_samples = val_scale, val_steps, val_samples
+
+    # --- sampling -----------------------------------------------------------------------------
+    def sampling_denoiser(self) -> Denoiser:
+        if self.ema is None:
+            return self.student
+        return Denoiser(self.ema.module, self.student.schedule, self.student.parameterization, self.student.sigma_data)
+
+    def teacher_guided(self) -> GuidedDenoiser:
+        """The frozen teacher under the distilled guider (two evaluations per call for CFG)."""
+        return GuidedDenoiser(self.teacher, self.guider)
+
+    # --- training -----------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen networks stay in eval mode (dropout off) while the student trains
+        if self.ema is not None:
+            self.ema.module.eval()
+        return self
+
+    def distillation_loss(self, x0: Tensor, labels: Tensor, t: Tensor, eps: Tensor, w: Tensor) -> Tensor:
+        """Per-sample stage-1 loss [B] at given noise: x0, eps [B, C, H, W]; labels [B]; t [B] in [0, 1]; w [B].
+
+        x_t = alpha x0 + sigma eps (real images noised); target = the guided teacher's x0 at (x_t, t, c, w)
+        (guidance.guided.teacher_target, no grad); loss = losses.distillation.guidance_distillation_loss."""
+        x_t = self.student.schedule.add_noise(x0, eps, t)
+        neg = None if self.negative_label is None else torch.full_like(labels, self.negative_label)
+        target = teacher_target(self.teacher_guided(), x_t, t, labels, w, space="x0", neg_cond=neg)
+        pred = self.student(x_t, t, {"cond": labels, "w": w})
+        return guidance_distillation_loss(pred, target, self.loss_space, self.weighting)
+
+    def _loss(self, x0: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, dev = x0.shape[0], x0.device
+        t = self.student.schedule.sample_t(b, generator=generator, device=dev)
+        eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        w = sample_guidance_scale(b, self.w_min, self.w_max, self.w_distribution, generator, dev)
+        return self.distillation_loss(x0, labels, t, eps, w).mean()
+
+    def training_step(self, batch, batch_idx):
+        x0, labels = batch
+        loss = self._loss(x0, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, not in on_train_batch_end, so checkpoints written by callbacks include it
+            self.ema.update(self.student.net)
+
+    def validation_step(self, batch, batch_idx):
+        x0, labels = batch
+        gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)  # same t, noise and w every validation
+        self.log("val/loss", self._loss(x0, labels, gen), prog_bar=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        return adamw_with_warmup(params, self.lr, self.weight_decay, self.warmup_steps)

@@ -1,0 +1,428 @@
+"""One-step (and few-step) distillation by distribution matching: DMD/DMD2, f-distill, PG-SB, Decoupled DMD."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from guidance.conditions import cond_cat
+from guidance.denoiser import Denoiser
+from guidance.guided import GuidedDenoiser, teacher_target
+from guidance.guiders import build_guider
+from losses.dmd import decoupled_dmd_loss, dmd_loss, fake_score_loss
+from losses.fdiv import check_divergence, fdistill_loss
+from losses.gan import discriminator_loss, generator_gan_loss
+from models.discriminator import DiscriminatorHead, discriminator_logits, feature_channels
+from models.ema import EMA
+from models.fake_score import FakeScore
+from train.base import CHECKPOINT_KEY, MethodModule
+from train.optim import adamw_with_warmup
+
+OBJECTIVES = ("dmd", "decoupled")
+
+
+class NonFiniteLoss(UserWarning):
+    """A loss term was NaN/inf (or its gradient was); the update it belonged to was skipped."""
+
+
+class OneStepDistillation(MethodModule):
+    """A one-step (or k-step) generator trained by distribution matching against a guided teacher.
+
+    Networks: the generator G (a trainable copy of the teacher: x = G(z, c) is the teacher-architecture
+    denoiser's x0-prediction at t_0 from sigma(t_0) z), the frozen teacher (the "real score", eval,
+    requires_grad off, run under no_grad), the fake score (models.fake_score.FakeScore: full copy or LoRA
+    on the teacher) and, when a GAN term or an f-divergence other than reverse KL needs one, a
+    discriminator head on the fake score's (or the teacher's) bottleneck features.
+
+    One training step (one data batch) = `fake_updates` fake-score (+ discriminator) updates, then one
+    generator update (two time-scale rule, DMD2 sec. 4.2). Manual optimization with three optimizers;
+    only the generator's optimizer is stepped through its LightningOptimizer, which is what advances
+    `trainer.global_step`; the other two are stepped through `trainer.strategy.optimizer_step` (same
+    precision/strategy hooks, no step count). So `trainer.max_steps` and `global_step` count generator
+    updates. A step whose generator loss is non-finite is skipped (and reported) and does not count.
+
+    Data: the generator needs none; each batch's labels are the classes the generator is asked for
+    (so classes follow the data's frequencies), and its images are the discriminator's real branch.
+    The fake score starts as the teacher (which already fits the real digits) and then sees only
+    generator samples.
+
+    teacher:          teacher checkpoint (`python -m train fit` with train.teacher.TeacherPretraining);
+                      its sampling (EMA) network is used.
+    teacher_config:   filled in automatically with the teacher's stored config, so a saved module can be
+                      rebuilt (load_method) even when `teacher` has moved; leave unset.
+    weak_teacher:     checkpoint of the weak model for guider "autoguidance".
+    guider, guider_params: the teacher's guidance rule by name (guidance.guiders.build_guider).
+    guidance_scale:   the teacher's scale w (D_u + w (D_c - D_u)); the fake score is unguided.
+    pg_sb_range:      [lo, hi]: per-sample w ~ U[lo, hi] for BOTH the teacher and the fake score (PG-SB,
+                      SNOOPI, arXiv 2412.02687); the fake score then trains with label dropout.
+    objective:        "dmd" (DMD2 / f-distill) or "decoupled" (Decoupled DMD, arXiv 2511.22677; CFG only).
+    divergence:       losses.fdiv name; anything but reverse_kl (= DMD) needs the discriminator's ratio.
+    ratio_time_bins:  >0: normalise h(r) per time bin instead of per batch.
+    dmd_t_range:      re-noising times of the DMD term, uniform on [lo, hi].
+    ca_t_range, dm_t_range, ca_weight, dm_weight: Decoupled DMD's per-term times (default dmd_t_range) and weights.
+    gan_weight:       weight of the generator's GAN term (DMD2 uses 3e-3 on SDXL); 0 = none.
+    fake_score:       "lora" or "copy"; lora_rank, lora_alpha, lora_targets: the LoRA (models.fake_score).
+    fake_updates:     fake-score updates per generator update (DMD2: 5 on SDXL, 10 on SD1.5).
+    fake_p_uncond:    label dropout of the fake-score loss (0.1 by default with PG-SB, else 0).
+    discriminator_features: "fake" (DMD2: the discriminator loss also trains the fake score's weights)
+                      or "teacher" (frozen features); discriminator_layer: tapped submodule.
+    disc_t_range:     times at which real and fake samples are noised for the discriminator.
+    generator_steps:  k; generator_times: the k descending times (default the schedule's k-step grid,
+                      starting at t_max; give [t] for a one-step generator at another init time).
+    lr, lr_fake, lr_disc, betas, weight_decay, warmup_steps: AdamW per network (lr_fake/lr_disc default lr).
+    grad_clip:        max gradient norm per network (None: no clipping).
+    ema_decay:        EMA of the generator used for sampling (0 disables).
+    max_skips:        consecutive skipped generator updates before training stops with an error.
+    """
+
+    method_name = "onestep"
+
+    def __init__(self, teacher: str, teacher_config: dict | None = None, weak_teacher: str | None = None,
+                 guider: str = "cfg", guider_params: dict | None = None, guidance_scale: float = 2.0,
+                 pg_sb_range: list[float] | None = None, objective: str = "dmd", divergence: str = "reverse_kl",
+                 ratio_time_bins: int = 0, dmd_t_range: tuple[float, float] = (0.02, 0.98),
+                 ca_t_range: list[float] | None = None, dm_t_range: list[float] | None = None,
+                 ca_weight: float = 1.0, dm_weight: float = 1.0, gan_weight: float = 0.0,
+                 fake_score: str = "lora", lora_rank: int = 16, lora_alpha: float | None = None,
+                 lora_targets: list[str] | None = None, fake_updates: int = 1, fake_p_uncond: float | None = None,
+                 discriminator_features: str = "fake", discriminator_layer: str = "unet.mid_block",
+                 discriminator_hidden: int = 64, disc_t_range: list[float] | None = None,
+                 generator_steps: int = 1, generator_times: list[float] | None = None,
+                 lr: float = 1e-4, lr_fake: float | None = None, lr_disc: float | None = None,
+                 betas: tuple[float, float] = (0.0, 0.999), weight_decay: float = 0.0, warmup_steps: int = 0,
+                 grad_clip: float | None = 10.0, ema_decay: float = 0.99, max_skips: int = 10,
+                 val_samples: int = 200):
+        super().__init__()
+        self.save_hyperparameters()
+        self.objective, self.divergence = objective, check_divergence(divergence)
+        self.pg_sb_range = _range("pg_sb_range", pg_sb_range, lo=-math.inf, hi=math.inf) if pg_sb_range else None
+        self.dmd_t_range = _range("dmd_t_range", dmd_t_range)
+        self.ca_t_range = _range("ca_t_range", ca_t_range or dmd_t_range)
+        self.dm_t_range = _range("dm_t_range", dm_t_range or dmd_t_range)
+        self.disc_t_range = _range("disc_t_range", disc_t_range or dmd_t_range)
+        self._validate(objective, guider, fake_updates, generator_steps, generator_times, discriminator_features, max_skips)
+        self.guidance_scale, self.ratio_time_bins = guidance_scale, ratio_time_bins
+        self.ca_weight, self.dm_weight, self.gan_weight = ca_weight, dm_weight, gan_weight
+        self.fake_updates, self.max_skips, self.grad_clip = fake_updates, max_skips, grad_clip
+        self.fake_p_uncond = (0.1 if self.pg_sb_range else 0.0) if fake_p_uncond is None else fake_p_uncond
+        self.lr, self.lr_fake, self.lr_disc = lr, lr_fake or lr, lr_disc or lr_fake or lr
+        self.betas, self.weight_decay, self.warmup_steps = tuple(betas), weight_decay, warmup_steps
+        self.discriminator_features, self.discriminator_layer = discriminator_features, discriminator_layer
+        self.val_samples = val_samples
+
+        teacher_den, stored = load_teacher(teacher, teacher_config)
+        if teacher_config is None and stored is not None:
+            self.hparams["teacher_config"] = stored  # lets load_method rebuild without the teacher file
+        # the generator is a copy taken BEFORE LoRA goes into the teacher's network
+        self.generator = Denoiser(copy.deepcopy(teacher_den.net).requires_grad_(True), teacher_den.schedule,
+                                  teacher_den.parameterization, teacher_den.sigma_data)
+        self.ema = EMA(self.generator.net, ema_decay) if ema_decay > 0 else None
+        self.fake_score = FakeScore(teacher_den, fake_score, lora_rank, lora_alpha, lora_targets)
+        self.weak_teacher = load_teacher(weak_teacher, None)[0].requires_grad_(False).eval() if weak_teacher else None
+        g = build_guider(guider, **(guider_params or {}))
+        # wrappers kept out of the module tree so no weight is registered (and saved) twice
+        self._guided = {"teacher": GuidedDenoiser(self.fake_score.teacher, g, self.weak_teacher)}
+        if self.pg_sb_range:
+            if any(b.model == "weak" for b in g.branches(None)):
+                raise ValueError("pg_sb_range guides the fake score with the teacher's guider, which cannot need a "
+                                 "weak model; use a guider such as 'cfg' with PG-SB")
+            self._guided["fake"] = GuidedDenoiser(self.fake_score, copy.deepcopy(g))
+        self.uses_discriminator = gan_weight > 0 or divergence != "reverse_kl"
+        self.disc_head = None
+        if self.uses_discriminator:
+            probe_cond = torch.zeros(1, dtype=torch.long)
+            ch = feature_channels(self._disc_features(), discriminator_layer, self.sample_shape(), probe_cond)
+            self.disc_head = DiscriminatorHead(ch, discriminator_hidden, time_conditioned=True)
+        times = generator_times or self.generator.schedule.sampling_times(generator_steps).tolist()
+        self.register_buffer("generator_times", torch.tensor(times, dtype=torch.float32), persistent=False)
+        self.generator_steps = len(times)
+        self.val_steps = self.generator_steps
+        self.skipped: list[dict] = []  # {"step", "phase", "terms"} of every skipped update
+        self._consecutive_skips = 0
+        self.automatic_optimization = False
+
+    # --- construction helpers ---------------------------------------------------------------------
+    @staticmethod
+    def _validate(objective, guider, fake_updates, generator_steps, generator_times, features, max_skips):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if objective == "decoupled" and guider != "cfg":
+            raise ValueError(f"objective 'decoupled' splits the CFG rule into CA and DM terms; set guider: cfg (got {guider!r})")
+        if fake_updates < 1:
+            raise ValueError(f"fake_updates must be >= 1 (fake-score updates per generator update), got {fake_updates}")
+        if generator_steps < 1:
+            raise ValueError(f"generator_steps must be >= 1, got {generator_steps}")
+        if generator_times is not None:
+            if len(generator_times) != generator_steps:
+                raise ValueError(f"generator_times has {len(generator_times)} entries but generator_steps is "
+                                 f"{generator_steps}; give one time per generator step")
+            if any(not 0 < t <= 1 for t in generator_times) or list(generator_times) != sorted(generator_times, reverse=True):
+                raise ValueError(f"generator_times must be descending times in (0, 1], got {list(generator_times)}")
+        if features not in ("fake", "teacher"):
+            raise ValueError(f"discriminator_features must be 'fake' or 'teacher', got {features!r}")
+        if max_skips < 1:
+            raise ValueError(f"max_skips must be >= 1, got {max_skips}")
+
+    def _disc_features(self) -> Denoiser:
+        return self.fake_score if self.discriminator_features == "fake" else self.fake_score.teacher
+
+    @property
+    def teacher(self) -> Denoiser:
+        """The frozen teacher (in LoRA mode a view of the shared network with adapters off)."""
+        return self.fake_score.teacher
+
+    def train(self, mode: bool = True) -> "OneStepDistillation":
+        super().train(mode)
+        if self.weak_teacher is not None:
+            self.weak_teacher.eval()  # frozen networks stay in eval mode (FakeScore keeps the teacher's)
+        return self
+
+    # --- the generator ----------------------------------------------------------------------------
+    def sampling_denoiser(self) -> Denoiser:
+        g = self.generator
+        return g if self.ema is None else Denoiser(self.ema.module, g.schedule, g.parameterization, g.sigma_data)
+
+    def run_generator(self, den: Denoiser, z: Tensor, cond: Any, last: int | None = None, grad: bool = False,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """x0 samples [B, C, H, W] from unit noise z [B, C, H, W] after steps 0..last of the generator.
+
+        Step 0 denoises sigma(t_0) z at t_0 (x = G(z, c): the teacher-initialised denoiser's x0-prediction);
+        step j > 0 re-noises the previous x0 to t_j with fresh noise and denoises again (DMD2 sec. 4.5).
+        grad: keep the graph of the last step only (earlier steps are DMD2's no-grad backward simulation).
+        """
+        last = self.generator_steps - 1 if last is None else last
+        b = z.shape[0]
+        times = self.generator_times.to(z.device, z.dtype)
+        x = None
+        for j in range(last + 1):
+            t = times[j].expand(b)
+            if j == 0:
+                x_in = z * den.schedule.sigma(times[:1]).to(z)
+            else:
+                noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+                x_in = den.schedule.add_noise(x, noise, t)
+            with torch.set_grad_enabled(grad and j == last):
+                x = den(x_in, t, cond).x0
+        return x
+
+    def _train_sample(self, labels: Tensor, grad: bool) -> Tensor:
+        """Generator samples for a training update: a random step of the k-step chain (k = 1: the one step)."""
+        z = torch.randn(labels.shape[0], *self.sample_shape(), device=labels.device)
+        last = int(torch.randint(self.generator_steps, ())) if self.generator_steps > 1 else 0
+        return self.run_generator(self.generator, z, labels, last, grad)
+
+    @torch.no_grad()
+    def generate(self, labels: Tensor, scale: float = 2.0, steps: int = 50, sampler: str = "ddim",
+                 guider: Any = "cfg", seed: int = 0, batch_size: int = 500, progress: bool = False,
+                 **guider_params) -> tuple[Tensor, float]:
+        """Generator samples [N, C, H, W] for labels [N] and network evaluations per sample (k: 1 for one step).
+
+        scale, steps, sampler and guider are accepted for the CLI's sake and ignored: guidance was distilled
+        into the generator at training time. Noise comes from a CPU generator seeded with `seed`."""
+        den = self.sampling_denoiser()
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(labels), *self.sample_shape(), generator=gen)
+        out, calls = [], 0
+        for i in range(0, len(labels), batch_size):
+            z = noise[i:i + batch_size].to(self.device)
+            out.append(self.run_generator(den, z, labels[i:i + batch_size].to(self.device), generator=gen).cpu())
+            calls += self.generator_steps
+        return torch.cat(out), calls / max(1, math.ceil(len(labels) / batch_size))
+
+    # --- predictions ----------------------------------------------------------------------------------
+    def _scales(self, b: int, device) -> Tensor:
+        if self.pg_sb_range is None:
+            return torch.full((b,), float(self.guidance_scale), device=device)
+        lo, hi = self.pg_sb_range
+        return lo + (hi - lo) * torch.rand(b, device=device)
+
+    @torch.no_grad()
+    def _fake_x0(self, x_t: Tensor, t: Tensor, cond: Tensor, w: Tensor) -> Tensor:
+        if "fake" in self._guided:  # PG-SB: the fake score is guided with the teacher's per-sample scale
+            return self._guided["fake"](x_t, t, cond, w).x0
+        return self.fake_score(x_t, t, cond).x0
+
+    def _uniform_t(self, b: int, rng: tuple[float, float], device) -> Tensor:
+        lo, hi = rng
+        return lo + (hi - lo) * torch.rand(b, device=device)
+
+    def _disc_logits(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return discriminator_logits(self.disc_head, self._disc_features(), self.discriminator_layer, x_t, t, cond)
+
+    # --- losses -----------------------------------------------------------------------------------------
+    def fake_losses(self, x_real: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """The fake score's denoising loss on fresh generator samples and, with a discriminator, its loss."""
+        x_fake = self._train_sample(labels, grad=False)
+        b, sched = x_fake.shape[0], self.fake_score.schedule
+        cond = self.fake_score.net.drop_cond(labels, self.fake_p_uncond)
+        t, eps = sched.sample_t(b, device=x_fake.device), torch.randn_like(x_fake)
+        terms = {"fake_score": fake_score_loss(self.fake_score, x_fake, cond, t, eps).mean()}
+        if self.disc_head is not None:
+            t_f = self._uniform_t(b, self.disc_t_range, x_fake.device)
+            t_r = self._uniform_t(x_real.shape[0], self.disc_t_range, x_real.device)
+            logits_f = self._disc_logits(sched.add_noise(x_fake, torch.randn_like(x_fake), t_f), t_f, labels)
+            logits_r = self._disc_logits(sched.add_noise(x_real, torch.randn_like(x_real), t_r), t_r, labels)
+            terms["discriminator"] = discriminator_loss(logits_f, logits_r)
+        return terms
+
+    def generator_losses(self, labels: Tensor) -> dict[str, Tensor]:
+        """The generator's distribution-matching term (DMD, f-distill or Decoupled DMD) and GAN term."""
+        x = self._train_sample(labels, grad=True)
+        b, dev, sched = x.shape[0], x.device, self.generator.schedule
+        w = self._scales(b, dev)
+        terms = {}
+        if self.objective == "dmd":
+            t = self._uniform_t(b, self.dmd_t_range, dev)
+            x_t = sched.add_noise(x.detach(), torch.randn_like(x), t)
+            d_real = teacher_target(self._guided["teacher"], x_t, t, labels, w, space="x0")
+            d_fake = self._fake_x0(x_t, t, labels, w)
+            if self.divergence == "reverse_kl":
+                terms["dmd"] = dmd_loss(x, d_real, d_fake).mean()
+            else:
+                with torch.no_grad():
+                    logits = self._disc_logits(x_t, t, labels)
+                terms["dmd"] = fdistill_loss(x, d_real, d_fake, logits, self.divergence, t, self.ratio_time_bins).mean()
+        else:
+            terms["dmd"] = self._decoupled_loss(x, labels, w).mean()
+        if self.gan_weight > 0:
+            t_g = self._uniform_t(b, self.disc_t_range, dev)
+            logits = self._disc_logits(sched.add_noise(x, torch.randn_like(x), t_g), t_g, labels)
+            terms["generator_gan"] = self.gan_weight * generator_gan_loss(logits).mean()
+        return terms
+
+    def _decoupled_loss(self, x: Tensor, labels: Tensor, w: Tensor) -> Tensor:
+        b, dev, sched, teacher = x.shape[0], x.device, self.generator.schedule, self.fake_score.teacher
+        t_ca, t_dm = self._uniform_t(b, self.ca_t_range, dev), self._uniform_t(b, self.dm_t_range, dev)
+        x_ca = sched.add_noise(x.detach(), torch.randn_like(x), t_ca)
+        x_dm = sched.add_noise(x.detach(), torch.randn_like(x), t_dm)
+        with torch.no_grad():
+            both = teacher(torch.cat([x_ca, x_ca]), torch.cat([t_ca, t_ca]), cond_cat([labels, teacher.null_cond(labels)])).x0
+            d_fake = self.fake_score(x_dm, t_dm, labels).x0
+            d_cond = teacher(x_dm, t_dm, labels).x0
+        return decoupled_dmd_loss(x, both[:b], both[b:], w, d_fake, d_cond, self.ca_weight, self.dm_weight)
+
+    # --- optimisation --------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x_real, labels = batch
+        opts = self.optimizers()
+        scheds = self.lr_schedulers()
+        opt_g, opt_f = opts[0], opts[1]
+        for _ in range(self.fake_updates):
+            terms = self.fake_losses(x_real, labels)
+            nets = [self.fake_score.trainable_parameters()] + ([list(self.disc_head.parameters())] if self.disc_head is not None else [])
+            aux = [(opt_f, scheds[1])] + ([(opts[2], scheds[2])] if self.disc_head is not None else [])
+            if self._backward(terms, [o for o, _ in aux], nets, "fake score"):
+                for opt, sched in aux:
+                    self._aux_step(opt)
+                    sched.step()
+        with self.toggled_optimizer(opt_g):  # other networks' weights stop requiring grad meanwhile
+            terms = self.generator_losses(labels)
+            ok = self._backward(terms, [opt_g], [list(self.generator.net.parameters())], "generator")
+            if ok:
+                opt_g.step()  # the only LightningOptimizer step: advances trainer.global_step
+                scheds[0].step()
+                if self.ema is not None:
+                    self.ema.update(self.generator.net)
+        self._count_skip(ok)
+        self.log("train/skipped_updates", float(len(self.skipped)))
+
+    def _backward(self, terms: dict[str, Tensor], opts: list, param_groups: list[list], phase: str) -> bool:
+        """Check every term, backprop their sum, clip each network's gradient; False (update skipped) on NaN/inf."""
+        bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v.detach()).all()}
+        if not bad:
+            for k, v in terms.items():
+                self.log(f"train/{k}", v.detach(), prog_bar=k == "dmd")
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            self.manual_backward(sum(terms.values()))
+            for params in param_groups:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
+                if not torch.isfinite(norm):
+                    bad = {f"{phase} gradient ({'+'.join(terms)})": float(norm)}
+        if bad:
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            self._report_skip(phase, bad)
+            return False
+        return True
+
+    def _aux_step(self, opt) -> None:
+        """Step a fake-score / discriminator optimizer through the strategy (precision and strategy hooks
+        apply) but not through its LightningOptimizer wrapper, whose step advances trainer.global_step."""
+        self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure)
+
+    def _report_skip(self, phase: str, bad: dict[str, float]) -> None:
+        step = int(self.global_step)
+        self.skipped.append({"step": step, "phase": phase, "terms": bad})
+        desc = ", ".join(f"{k}={v}" for k, v in bad.items())
+        warnings.warn(f"step {step}: non-finite {desc}; skipped this {phase} update", NonFiniteLoss, stacklevel=2)
+
+    def _count_skip(self, generator_ok: bool) -> None:
+        self._consecutive_skips = 0 if generator_ok else self._consecutive_skips + 1
+        if self._consecutive_skips >= self.max_skips:
+            raise RuntimeError(f"{self._consecutive_skips} generator updates in a row had non-finite losses (last: "
+                               f"{self.skipped[-1]}); lower lr, set grad_clip, or check the teacher checkpoint")
+
+    def validation_step(self, batch, batch_idx):
+        """val/fake_score: the fake score's denoising loss on real validation digits (fixed t and noise):
+        how far the fake score has moved from the data (the teacher's fit)."""
+        x0, labels = batch
+        gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
+        t = self.fake_score.schedule.sample_t(x0.shape[0], generator=gen, device=x0.device)
+        eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        self.log("val/fake_score", fake_score_loss(self.fake_score, x0, labels, t, eps).mean())
+
+    def configure_optimizers(self):
+        def adamw(params, lr):
+            return adamw_with_warmup(params, lr, self.weight_decay, self.warmup_steps, self.betas)
+
+        out = [adamw(self.generator.net.parameters(), self.lr), adamw(self.fake_score.trainable_parameters(), self.lr_fake)]
+        if self.disc_head is not None:
+            out.append(adamw(self.disc_head.parameters(), self.lr_disc))
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_KEY]["generator_steps"] = self.generator_steps
+
+
+def _no_closure() -> None:
+    return None
+
+
+def _range(name: str, value, lo: float = 0.0, hi: float = 1.0) -> tuple[float, float]:
+    """Validate a [lo, hi] pair (times in [0, 1] unless told otherwise)."""
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair [lo, hi], got {value!r}") from None
+    if not lo <= a <= b <= hi:
+        raise ValueError(f"{name} must satisfy {lo} <= lo <= hi <= {hi}, got [{a}, {b}]")
+    return a, b
+
+
+def load_teacher(path: str | None, config: dict | None) -> tuple[Denoiser, dict | None]:
+    """The frozen sampling Denoiser of a teacher checkpoint (eval, requires_grad off) and its stored config.
+
+    When `path` does not exist but `config` (a teacher config recorded by an earlier run) is given, the
+    teacher is rebuilt from the config with untrained weights: the caller then loads its own checkpoint's
+    copy of the teacher weights (this is how `load_method` reloads a onestep checkpoint)."""
+    from train.checkpoint import load_method, read_checkpoint
+    from train.config import instantiate
+
+    if path and Path(path).is_file():
+        stored = read_checkpoint(path)[CHECKPOINT_KEY].get("config")
+        den = load_method(path, expect="teacher").sampling_denoiser()
+    elif config:
+        cfg = {k: v for k, v in config.items() if k not in ("_class_path", "_instantiator")}
+        den = instantiate({"class_path": config["_class_path"], "init_args": cfg}).sampling_denoiser()
+        stored = config
+    else:
+        raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist; train one with "
+                                f"`python -m train fit --config configs/digits/teacher.yaml` and pass its last.ckpt")
+    return den.requires_grad_(False).eval(), stored
