@@ -106,7 +106,7 @@ def discriminator_logits(head: DiscriminatorHead, features_from: Denoiser, layer
 def feature_channels(features_from: Denoiser, layer: str, sample_shape: tuple[int, ...], cond: Any) -> int:
     """Channels of `layer`'s output, found with one probe forward on a single zero sample of sample_shape
     (C, H, W) and condition `cond` ([1]-batch)."""
-    p = next(features_from.net.parameters())
+    p = next(getattr(features_from.net, "_base", features_from.net).parameters())
     x = torch.zeros(1, *sample_shape, device=p.device, dtype=p.dtype)
     with FeatureTap(features_from.net, layer) as tap:
         feats = tap.run(features_from.raw, x, torch.full((1,), 0.5, device=p.device), cond)

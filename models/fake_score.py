@@ -96,6 +96,7 @@ class FakeScore(Denoiser):
             self.teacher = teacher  # registered: its frozen weights are saved with the fake score
         else:
             self.teacher = Denoiser(AdaptersOff(net), teacher.schedule, teacher.parameterization, teacher.sigma_data)
+        self.train()  # applies the mode rules below to the new modules (LoRA layers, the teacher view)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the fake-score optimizer updates: the whole copy, or the LoRA weights only."""

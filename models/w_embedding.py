@@ -143,6 +143,6 @@ class WInputGuided(GuidedDenoiser):
         super().__init__(denoiser, guider or Conditional())
 
     def guide(self, x_t: Tensor, t: Tensor, cond: Any, w: Tensor | float, neg_cond: Any = None, state: Any = None):
-        w_vec = torch.as_tensor(w, dtype=torch.float32, device=x_t.device)
+        w_vec = torch.as_tensor(w, dtype=torch.promote_types(x_t.dtype, torch.float32), device=x_t.device)
         w_vec = w_vec.expand(x_t.shape[0]) if w_vec.ndim == 0 else w_vec
         return super().guide(x_t, t, {"cond": cond, "w": w_vec}, w, neg_cond, state)

@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
             for flag, value in zip(argv, argv[1:]):
                 if flag in ("--config", "-c"):
                     read_yaml(value)  # missing or malformed YAML: a one-line error before LightningCLI's usage dump
-            return lightning_cli(argv)
+            cli = lightning_cli(argv)
+            _finish_wandb()
+            return cli
         except USER_ERRORS as e:  # bad data path, bad config value: one line, no traceback
             print(f"error: {user_message(e)}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -41,15 +43,29 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+def _finish_wandb() -> None:
+    """Close the W&B run a fit opened, so its config and summary are written (also offline)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def lightning_cli(argv: list[str]):
     """LightningCLI with the method and data module chosen by class_path in the config.
 
     Checkpoints go to <trainer.default_root_dir>/checkpoints and W&B files to <default_root_dir>/wandb
     unless the config says otherwise, so a run is one folder."""
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from train.base import MethodModule
+
+    class SaveAndLogConfig(SaveConfigCallback):
+        """Write config.yaml to the run folder and log the whole resolved config to every logger (W&B)."""
+
+        def save_config(self, trainer, pl_module, stage) -> None:
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": self.config.as_dict()})
 
     class GuidedCLI(LightningCLI):
         def before_instantiate_classes(self) -> None:
@@ -70,7 +86,8 @@ def lightning_cli(argv: list[str]):
             return trainer
 
     return GuidedCLI(MethodModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                     args=argv, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+                     args=argv, save_config_callback=SaveAndLogConfig, save_config_kwargs={"overwrite": True},
+                     auto_configure_optimizers=False)
 
 
 def _parse_params(items: list[str]) -> dict:

@@ -278,7 +278,7 @@ class ConceptErasure(MethodModule):
     def _fit_saliency(self) -> None:
         """Accumulate |grad| of the erasure term over `saliency_batches` batches and keep the top-k% weights."""
         grads = [torch.zeros_like(p) for p in self.trainable]
-        data = getattr(self.trainer, "datamodule", None)
+        data = getattr(self._trainer, "datamodule", None)
         batches = iter(data.train_dataloader()) if data is not None and not isinstance(data, ErasureSteps) else None
         for _ in range(self.saliency_batches):
             batch = next(batches) if batches is not None else torch.zeros(1)

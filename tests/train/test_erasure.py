@@ -1,0 +1,161 @@
+"""ConceptErasure end to end on the tiny teacher: a CLI fit, reload through load_method (also once the teacher file is
+gone), generation, what each term regresses, LoRA + SalUn training, data batches, config validation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data.digits import digits_tensors
+from losses.erasure import ant_target, esd_target, preservation_target, toward_target
+from train.checkpoint import load_method
+from train.cli import evaluate_checkpoint, main
+from train.erasure import ConceptErasure, ErasureSteps
+
+torch.set_num_threads(1)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "digits"
+ERASE_CONFIGS = ("erase_one.yaml", "erase_two.yaml", "erase_toward.yaml")
+TINY = dict(batch_size=4, trajectory_steps=3, bank_size=4, val_steps=3, val_samples=3)
+STEPS = torch.zeros(1, dtype=torch.long)  # an ErasureSteps batch
+
+
+@pytest.fixture(scope="module")
+def erased_ckpt(tiny_teacher_ckpt, tmp_path_factory) -> Path:
+    """ESD-x erasure of class 3, four steps through `python -m train fit`."""
+    root = tmp_path_factory.mktemp("erase")
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "train.erasure.ConceptErasure",
+                  "init_args": {"model": str(tiny_teacher_ckpt), "concepts": [3], "lr": 0.05, **TINY}},
+        "data": {"class_path": "train.erasure.ErasureSteps", "init_args": {"steps_per_epoch": 3}},
+        "trainer": {"max_steps": 4, "accelerator": "cpu", "check_val_every_n_epoch": None, "val_check_interval": 2,
+                    "limit_val_batches": 1, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+                    "enable_model_summary": False, "logger": False, "callbacks": [
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"save_last": True, "every_n_train_steps": 2, "save_top_k": 0}}]},
+    }
+    path = root / "erase.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path), "--trainer.default_root_dir", str(root)])
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return ckpt
+
+
+def test_fit_reload_and_generate_change_only_the_erased_class_row(erased_ckpt, tiny_teacher_ckpt):
+    m = load_method(erased_ckpt, expect="erasure")
+    assert m.sampling_denoiser() is m.student and m.hparams["model"] == str(tiny_teacher_ckpt)
+    teacher = load_method(tiny_teacher_ckpt, expect="teacher").sampling_denoiser().net.state_dict()
+    frozen, student = m.frozen.net.state_dict(), m.student.net.state_dict()
+    assert all(torch.equal(frozen[k], teacher[k]) for k in teacher)  # the frozen copy is the teacher
+    changed = [k for k in student if not torch.equal(student[k], frozen[k])]
+    assert changed == ["unet.class_embedding.weight"]  # ESD-x
+    rows = (student[changed[0]] - frozen[changed[0]]).abs().sum(1)
+    assert rows[3] > 0 and (rows[torch.arange(11) != 3] == 0).all()
+    images, nfe = m.generate(torch.tensor([3, 3, 5, -1]), scale=2.0, steps=3)
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all() and nfe == 6
+    row = evaluate_checkpoint(m, [2.0], steps=2, num_per_class=2)[0]  # what `python -m train evaluate` runs
+    assert row["num_samples"] == 20 and 0 <= row["accuracy"] <= 1
+
+
+def test_erased_checkpoint_rebuilds_when_the_teacher_file_is_gone(erased_ckpt, tmp_path):
+    ckpt = torch.load(erased_ckpt, map_location="cpu", weights_only=True)
+    ckpt["guidedistill"]["config"]["model"] = str(tmp_path / "moved.ckpt")
+    moved = tmp_path / "erased.ckpt"
+    torch.save(ckpt, moved)
+    a, b = load_method(erased_ckpt), load_method(moved)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(ValueError, match="does not exist"):
+        ConceptErasure(model=str(tmp_path / "moved.ckpt"), concepts=[3])
+
+
+def test_each_term_regresses_its_target(tiny_teacher_ckpt):
+    m = ConceptErasure(model=str(tiny_teacher_ckpt), concepts=[3, 7], eta=1.0, loss_space="eps", **TINY)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    groups = m._groups(STEPS, gen())
+    assert [g[0] for g in groups] == ["erase", "anchor", "uncond"]
+    erase_c, anchor_c, uncond_c = (g[3] for g in groups)
+    assert len(set(erase_c.tolist())) == 1 and erase_c[0] in (3, 7)  # concept_sampling="one"
+    assert not set(anchor_c.tolist()) & {3, 7} and (uncond_c == -1).all()
+    _, x, t, c = groups[0]
+    torch.testing.assert_close(m._target("erase", x, t, c), esd_target(m.frozen, x, t, c, 1.0, "eps"), rtol=0, atol=0)
+    terms = m.losses(STEPS, gen())
+    assert terms["anchor"] == 0 and terms["uncond"] == 0 and terms["erase"] > 0  # student starts as the frozen model
+    m.eta = 0.0  # student = frozen: the erase loss is (1 + eta)^2 ||eps_c - eps_u||^2 at the same x_t
+    torch.testing.assert_close(terms["erase"], 4 * m.losses(STEPS, gen())["erase"], rtol=1e-5, atol=0)
+    m.t_window = 0.5
+    torch.testing.assert_close(m._target("erase", x, t, c), ant_target(m.frozen, x, t, c, 0.0, 0.5, "eps"))
+    m.targets, m.toward_scale, m.t_window = [5, 1], 1.0, None
+    want = toward_target(m.frozen, x, t, torch.where(c == 3, 5, 1), 1.0, "eps")
+    torch.testing.assert_close(m._target("erase", x, t, c), want, rtol=0, atol=0)
+    torch.testing.assert_close(m._target("anchor", x, t, c), preservation_target(m.frozen, x, t, c, "eps"))
+    m.concept_sampling = "all"
+    assert set(m._groups(torch.zeros(1), torch.Generator().manual_seed(3))[0][3].tolist()) == {3, 7}
+
+
+def test_data_batches_take_x_t_from_real_images_of_each_term(tiny_teacher_ckpt):
+    m = ConceptErasure(model=str(tiny_teacher_ckpt), concepts=[3], anchors=[0, 1], concept_sampling="all", **TINY)
+    images, labels = digits_tensors("validation")
+    groups = {g[0]: g for g in m._groups((images[:60], labels[:60]), torch.Generator().manual_seed(0))}
+    assert (groups["erase"][3] == 3).all() and len(groups["erase"][3]) == int((labels[:60] == 3).sum())
+    assert set(groups["anchor"][3].tolist()) == {0, 1} and (groups["uncond"][3] == -1).all()
+    assert len(groups["uncond"][3]) == 60
+    assert set(m.losses((images[:60], labels[:60]))) == {"erase", "anchor", "uncond"}
+
+
+def test_lora_with_saliency_trains_only_salient_adapter_weights_and_round_trips(tiny_teacher_ckpt):
+    args = dict(model=str(tiny_teacher_ckpt), concepts=[3], params="lora", lora_rank=1, saliency_top_k=0.2,
+                saliency_batches=2, lr=0.05, ema_decay=0.5, **TINY)
+    torch.manual_seed(0)
+    m = ConceptErasure(**args)
+    assert m.trainable_names and all(".lora_" in n for n in m.trainable_names)
+    m.on_train_start()  # SalUn mask from the erasure loss, hooks attached
+    assert m.saliency.fraction() == pytest.approx(0.2, abs=1 / m.num_trainable)
+    before = {k: v.clone() for k, v in m.student.net.state_dict().items()}
+    opt = m.configure_optimizers()["optimizer"]
+    for _ in range(2):
+        opt.zero_grad()
+        sum(m.losses(STEPS).values()).backward()
+        opt.step()
+        m.on_train_batch_end(None, STEPS, 0)
+    after = m.student.net.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    masks = dict(zip(m.trainable_names, m.saliency.masks()))
+    for k in changed:  # only masked entries moved
+        assert ((after[k] != before[k]) & ~masks[k]).sum() == 0
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.8]), torch.tensor([3, 4])
+    from models.param_select import adapters_disabled
+    with torch.no_grad(), adapters_disabled(m.student.net):
+        torch.testing.assert_close(m.student(x, t, c).x0, m.frozen(x, t, c).x0, rtol=0, atol=0)
+    m2 = ConceptErasure(**args)
+    m2.load_state_dict(m.state_dict())  # LoRA keys and the saliency buffers rebuild from the same arguments
+    with torch.no_grad():
+        torch.testing.assert_close(m2.sampling_denoiser()(x, t, c).x0, m.sampling_denoiser()(x, t, c).x0)
+    assert bool(m2.saliency.fitted)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(concepts=[]), "distinct classes"), (dict(concepts=[3, 3]), "distinct classes"),
+    (dict(concepts=[10]), "distinct classes"), (dict(targets=[3]), "must not include"),
+    (dict(targets=[1, 2]), "one class"), (dict(anchors=[3]), "not erased"), (dict(params="esd"), "params"),
+    (dict(saliency_top_k=0.1, weight_decay=0.01), "weight_decay"), (dict(t_window=1.5), "t_window"),
+    (dict(eta=-1.0), "eta"), (dict(concept_sampling="some"), "concept_sampling"), (dict(loss_space="edm"), "loss_space"),
+])
+def test_impossible_settings_are_refused_with_a_message(tiny_teacher_ckpt, bad, match):
+    args = {"model": str(tiny_teacher_ckpt), "concepts": [3], **bad}
+    with pytest.raises(ValueError, match=match):
+        ConceptErasure(**args)
+
+
+@pytest.mark.parametrize("name", ERASE_CONFIGS)
+def test_erase_configs_parse(name, capsys):
+    with pytest.raises(SystemExit) as e:  # --print_config validates every field without building anything
+        main(["fit", "--config", str(CONFIGS / name), "--print_config"])
+    assert e.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["class_path"] == "train.erasure.ConceptErasure"
+    assert cfg["model"]["init_args"]["model"].endswith(".ckpt")
+    assert cfg["data"]["class_path"] == "train.erasure.ErasureSteps" and ErasureSteps(3).steps_per_epoch == 3

@@ -1,0 +1,261 @@
+"""Guidance distillation end to end: stage 1 (train/guidance_distillation) and stage 2 (train/progressive) from the
+tiny teacher, through the CLI; checkpoints, sampling cost, round bookkeeping, resume, and the losses' wiring on
+Gaussian-mixture data where the targets are known in closed form."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from guidance.denoiser import Denoiser
+from guidance.parameterization import from_x0
+from guidance.samplers import ddim_step
+from guidance.schedules import _bcast
+from losses.distillation import progressive_target
+from models.w_embedding import WInputGuided
+from tests.guidance.gmm import GaussianMixture, gmm_denoiser
+from tests.losses.test_distillation import ExactGuidedStudent
+from train.checkpoint import load_method, read_checkpoint
+from train.cli import main
+from train.config import instantiate, read_yaml
+from train.guidance_distillation import GuidanceDistillation
+from train.progressive import ProgressiveDistillation
+
+ROOT = Path(__file__).resolve().parents[2]
+GD = "train.guidance_distillation.GuidanceDistillation"
+PD = "train.progressive.ProgressiveDistillation"
+
+
+def write_config(path: Path, class_path: str, init_args: dict, root: Path, max_steps: int, ckpt_every: int,
+                 keep_all: bool = False) -> Path:
+    """A tiny fit config (cpu, no logger) in the layout of configs/digits/*.yaml."""
+    ckpt = {"save_last": True, "every_n_train_steps": ckpt_every, "save_top_k": -1 if keep_all else 0}
+    if keep_all:
+        ckpt["filename"] = "{step}"
+    cfg = {"seed_everything": 0,
+           "model": {"class_path": class_path, "init_args": init_args},
+           "data": {"class_path": "data.digits.DigitsDataModule", "init_args": {"batch_size": 16}},
+           "trainer": {"max_steps": max_steps, "accelerator": "cpu", "default_root_dir": str(root),
+                       "check_val_every_n_epoch": None, "val_check_interval": 2, "limit_val_batches": 1,
+                       "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                       "logger": False,
+                       "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": ckpt},
+                                     {"class_path": "train.callbacks.SampleMetrics", "init_args": {"num_per_class": 1}}]}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(tiny_teacher_ckpt, tmp_path_factory) -> Path:
+    """Stage 1 fitted for 4 steps through `python -m train fit` from a COPY of the tiny teacher, which is then
+    deleted: the student checkpoint must not need the teacher file afterwards."""
+    root = tmp_path_factory.mktemp("stage1")
+    teacher = root / "teacher_copy.ckpt"
+    shutil.copy(tiny_teacher_ckpt, teacher)
+    cfg = write_config(root / "gd.yaml", GD, {"teacher": str(teacher), "w_min": 1.0, "w_max": 5.0, "lr": 1e-3,
+                                               "warmup_steps": 1, "ema_decay": 0.5, "val_steps": 2}, root, 4, 2)
+    main(["fit", "--config", str(cfg)])
+    teacher.unlink()
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def progressive_root(stage1_ckpt, tmp_path_factory) -> Path:
+    """Stage 2 through the CLI: 4 -> 2 -> 1 steps, 3 optimizer steps per round, a checkpoint every step."""
+    root = tmp_path_factory.mktemp("progressive")
+    cfg = write_config(root / "pd.yaml", PD, {"student": str(stage1_ckpt), "start_steps": 4, "end_steps": 1,
+                                               "steps_per_round": 3, "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.5},
+                       root, 6, 1, keep_all=True)
+    main(["fit", "--config", str(cfg)])
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ stage 1
+
+def test_stage1_checkpoint_rebuilds_without_the_teacher_and_samples_one_eval_per_step(stage1_ckpt, tmp_path):
+    module = load_method(stage1_ckpt)
+    assert isinstance(module, GuidanceDistillation)
+    assert read_checkpoint(stage1_ckpt)["guidedistill"]["config"]["teacher_config"]["_class_path"] == "train.teacher.TeacherPretraining"
+    assert module.sampling_denoiser().net.w_embedding.linear_2.weight.abs().sum() > 0  # trained away from zero
+    images, nfe = module.generate(torch.arange(10), 3.0, steps=3, seed=1)
+    assert images.shape == (10, 1, 8, 8) and torch.isfinite(images).all() and nfe == 3
+    with pytest.raises(ValueError, match="guidance-distilled student"):
+        module.generate(torch.arange(2), 3.0, steps=2, guider="apg")
+
+    main(["sample", "--ckpt", str(stage1_ckpt), "--scale", "2", "--steps", "2", "--num-per-class", "2",
+          "--out", str(tmp_path / "s")])
+    assert float(np.load(tmp_path / "s" / "samples.npz")["nfe_per_sample"]) == 2
+    main(["evaluate", "--ckpt", str(stage1_ckpt), "--scales", "1", "3", "--steps", "2", "--num-per-class", "3",
+          "--out", str(tmp_path / "m.json")])
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert [r["w"] for r in rows] == [1.0, 3.0] and all(r["nfe_per_sample"] == 2 for r in rows)
+
+
+def _gd(tiny_teacher_ckpt, **kw) -> GuidanceDistillation:
+    return instantiate({"class_path": GD, "init_args": {"teacher": str(tiny_teacher_ckpt), **kw}})
+
+
+@pytest.mark.parametrize("negative_label", [None, 2])
+def test_stage1_loss_on_gaussian_data_has_the_analytic_values(tiny_teacher_ckpt, negative_label):
+    """The module's loss with a closed-form GMM teacher: 0 for the exact guided student, and the analytic
+    ((w' - w)(D_c - D_neg))^2 weighted error for a student with the wrong scale."""
+    m = _gd(tiny_teacher_ckpt, negative_label=negative_label, loss_space="v", weighting="none")
+    sched = m.student.schedule
+    gmm = GaussianMixture.random(num_classes=3, per_class=2, shape=(1, 3, 3), seed=5)
+    m.teacher = gmm_denoiser(gmm, sched, "v")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (32,), generator=g)
+    x0, eps = gmm.sample(labels, g), torch.randn(32, 1, 3, 3, generator=g, dtype=torch.float64)
+    t, w = (0.05 + 0.9 * torch.rand(32, generator=g)).double(), (1 + 5 * torch.rand(32, generator=g)).double()
+
+    m.student = Denoiser(ExactGuidedStudent(gmm, sched, "eps", negative_label), sched, "eps")
+    assert m.distillation_loss(x0, labels, t, eps, w).max() < 1e-18
+
+    m.student = Denoiser(ExactGuidedStudent(gmm, sched, "eps", negative_label, w_offset=1.0), sched, "eps")
+    loss = m.distillation_loss(x0, labels, t, eps, w)
+    x_t = sched.add_noise(x0, eps, t)
+    a, s = sched.alpha_sigma(t)
+    neg = torch.full_like(labels, -1 if negative_label is None else negative_label)
+    delta = gmm.posterior_mean(x_t, a, s, labels) - gmm.posterior_mean(x_t, a, s, neg)
+    expected = ((_bcast(1 / s, x_t) * delta) ** 2).flatten(1).mean(1)  # v error = x0 error / sigma on VP
+    torch.testing.assert_close(loss, expected, rtol=1e-8, atol=1e-14)
+
+
+def test_stage1_teacher_is_frozen_and_student_starts_equal(tiny_teacher_ckpt):
+    m = _gd(tiny_teacher_ckpt).train()
+    assert not m.teacher.training and not any(p.requires_grad for p in m.teacher.parameters())
+    assert m.student.training and all(p.requires_grad for p in m.student.parameters())
+    x, t, labels = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 3, 9, -1])
+    with torch.no_grad():
+        m.eval()
+        assert torch.equal(m.student(x, t, {"cond": labels, "w": torch.tensor([1.0, 2.0, 4.0, 6.0])}).x0,
+                           m.teacher(x, t, labels).x0)
+
+
+def test_stage1_lora_trains_only_adapters_and_the_w_embedding(tiny_teacher_ckpt):
+    m = _gd(tiny_teacher_ckpt, lora_rank=2)
+    names = [n for n, p in m.student.net.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith("w_embedding.") for n in names)
+    assert any("lora_" in n for n in names) and any(n.startswith("w_embedding.") for n in names)
+    before = {n: p.detach().clone() for n, p in m.student.net.named_parameters()}
+    opt = m.configure_optimizers()["optimizer"]
+    m.train()
+    x0, labels = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(2):  # two steps: lora_A moves once lora_B is non-zero
+        opt.zero_grad()
+        m._loss(x0, labels).backward()
+        opt.step()
+    changed = {n for n, p in m.student.net.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(names)
+    assert any("lora_B" in n for n in changed) and any("w_embedding.linear_2" in n for n in changed)
+
+
+def test_stage1_refuses_bad_settings(tiny_teacher_ckpt):
+    with pytest.raises(ValueError, match="second model"):
+        _gd(tiny_teacher_ckpt, guider="autoguidance")
+    with pytest.raises(ValueError, match="w_min"):
+        _gd(tiny_teacher_ckpt, w_min=4.0, w_max=2.0)
+    with pytest.raises(ValueError, match="log_uniform"):
+        _gd(tiny_teacher_ckpt, w_min=0.0, w_distribution="log_uniform")
+
+
+# ------------------------------------------------------------------------------------------------ stage 2
+
+def test_progressive_writes_one_checkpoint_per_round_and_samples_with_its_steps(progressive_root):
+    ckpts = progressive_root / "checkpoints"
+    for name, k, steps in [("round_0_2steps.ckpt", 0, 2), ("round_1_1steps.ckpt", 1, 1), ("last.ckpt", 1, 1)]:
+        module = load_method(ckpts / name)
+        assert isinstance(module, ProgressiveDistillation)
+        assert int(module.round_index) == k and module.student_steps() == steps
+        assert read_checkpoint(ckpts / name)["progressive"]["student_steps"] == steps
+        images, nfe = module.generate(torch.arange(10), 2.0, seed=0)  # default: the round's step count
+        assert nfe == steps and torch.isfinite(images).all()
+    assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == 6
+
+
+def _weights(ckpt: Path, prefix: str) -> dict:
+    sd = read_checkpoint(ckpt)["state_dict"]
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def test_progressive_resume_mid_round_continues_the_same_round(progressive_root, tmp_path):
+    ckpts = progressive_root / "checkpoints"
+    mid = ckpts / "step=4.ckpt"  # round 1 (steps 3..5), one step into it
+    assert read_checkpoint(mid)["progressive"]["round"] == 1
+    # round 1's teacher is the EMA at the end of round 0
+    end0, teacher1 = _weights(ckpts / "round_0_2steps.ckpt", "ema.module."), _weights(mid, "round_teacher.net.")
+    assert all(torch.equal(end0[k], teacher1[k]) for k in teacher1)
+
+    cfg = progressive_root / "pd.yaml"
+    main(["fit", "--config", str(cfg), "--ckpt_path", str(mid), "--trainer.default_root_dir", str(tmp_path)])
+    resumed = tmp_path / "checkpoints" / "step=5.ckpt"  # steps 5 and 6 ran; the run stopped after the last round
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert read_checkpoint(resumed)["progressive"]["round"] == 1
+    after = _weights(resumed, "round_teacher.net.")
+    assert all(torch.equal(after[k], teacher1[k]) for k in teacher1)  # not re-copied: the same round goes on
+    student_mid, student_after = _weights(mid, "student.net."), _weights(resumed, "student.net.")
+    assert any(not torch.equal(student_mid[k], student_after[k]) for k in student_mid)  # and it trained
+
+
+class TwoStepOracle(nn.Module):
+    """A student that answers, at its own grid time t, the x0 landing on two exact DDIM steps of `teacher`
+    (computed here independently of the module's grid bookkeeping)."""
+
+    def __init__(self, teacher: Denoiser, student_steps: int):
+        super().__init__()
+        self.teacher, self.m = teacher, student_steps
+
+    def forward(self, x_t, net_time, cond):
+        sched = self.teacher.schedule
+        t = torch.as_tensor(net_time, dtype=x_t.dtype) / sched.time_scale
+        coarse, fine = sched.sampling_times(self.m).to(x_t.dtype), sched.sampling_times(2 * self.m).to(x_t.dtype)
+        idx = (coarse[None] - t[:, None]).abs().argmin(1)
+        t_mid = fine[2 * idx + 1]
+        t_next = torch.where(idx + 1 < self.m, coarse[(idx + 1).clamp(max=self.m - 1)], torch.full_like(t, -1.0))
+        guided = WInputGuided(self.teacher)
+        x_mid = ddim_step(guided(x_t, t, cond["cond"], cond["w"]), x_t, t_mid, sched)
+        x_next = ddim_step(guided(x_mid, t_mid, cond["cond"], cond["w"]), x_mid, t_next, sched)
+        a, s = sched.alpha_sigma(_bcast(t, x_t))
+        last = _bcast(t_next, x_t) < 0
+        a_n, s_n = sched.alpha_sigma(_bcast(t_next.clamp(min=0), x_t))
+        a_n, s_n = torch.where(last, torch.ones_like(a_n), a_n), torch.where(last, torch.zeros_like(s_n), s_n)
+        return from_x0(progressive_target(x_t, x_next, a, s, a_n, s_n), x_t, a, s, "v")
+
+
+def test_progressive_loss_is_zero_for_the_two_step_oracle_on_gaussian_data(stage1_ckpt):
+    m = instantiate({"class_path": PD, "init_args": {"student": str(stage1_ckpt), "start_steps": 8, "end_steps": 2}})
+    sched = m.student.schedule
+    gmm = GaussianMixture.random(num_classes=3, per_class=2, shape=(1, 3, 3), seed=7)
+    m.round_teacher = Denoiser(ExactGuidedStudent(gmm, sched, "v"), sched, "v")  # a w-conditioned round teacher
+    m.round_index.fill_(0)  # teacher 8 steps -> student 4
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    x0, eps = gmm.sample(labels, g), torch.randn(16, 1, 3, 3, generator=g, dtype=torch.float64)
+    w = (1 + 4 * torch.rand(16, generator=g)).double()
+    step = torch.arange(16) % 4  # every student step, the last one (to clean data) included
+    m.student = Denoiser(TwoStepOracle(m.round_teacher, 4), sched, "v")
+    assert m.progressive_loss(x0, labels, step, eps, w).max() < 1e-16
+    m.student = Denoiser(TwoStepOracle(m.round_teacher, 2), sched, "v")  # wrong grid: the check can fail
+    assert m.progressive_loss(x0, labels, step, eps, w).max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+def test_digits_configs_build_with_a_tiny_checkpoint(tiny_teacher_ckpt, stage1_ckpt):
+    gd = read_yaml(ROOT / "configs/digits/guidance_distill.yaml")["model"]
+    gd["init_args"]["teacher"] = str(tiny_teacher_ckpt)
+    assert isinstance(instantiate(gd), GuidanceDistillation)
+    pd = read_yaml(ROOT / "configs/digits/progressive.yaml")["model"]
+    pd["init_args"]["student"] = str(stage1_ckpt)
+    module = instantiate(pd)
+    assert isinstance(module, ProgressiveDistillation)
+    assert module.num_rounds == 6 and module.teacher_steps(0) == 64 and module.student_steps(5) == 1
+    pd["init_args"]["start_steps"] = 48
+    with pytest.raises(Exception, match="power of two"):
+        instantiate(pd)

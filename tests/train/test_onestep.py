@@ -1,0 +1,206 @@
+"""Tests of train/onestep.py: a CLI fit with generator, LoRA fake score and discriminator, generator-only
+step counting, checkpoint reload, one-step evaluation, NaN skipping, few-step / copy / Decoupled / PG-SB."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+import train.onestep as onestep
+from data.digits import DigitsDataModule
+from train.checkpoint import CheckpointError, load_method
+from train.config import instantiate, read_yaml
+from train.onestep import NonFiniteLoss, OneStepDistillation
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"lora_rank": 4, "discriminator_hidden": 16, "ema_decay": 0.9}
+
+
+def build(teacher: Path, **init_args) -> OneStepDistillation:
+    return instantiate({"class_path": "train.onestep.OneStepDistillation",
+                        "init_args": {"teacher": str(teacher), **TINY, **init_args}})
+
+
+def fit(module, max_steps: int, batch_size: int = 8, root: Path | None = None) -> L.Trainer:
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(root) if root else None)
+    trainer.fit(module, DigitsDataModule(batch_size=batch_size))
+    return trainer
+
+
+def adam_steps(opt) -> int:
+    return int(next(iter(opt.optimizer.state.values()))["step"])
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_teacher_ckpt):
+    """`python -m train fit` on a shrunk configs/digits/dmd.yaml: JS f-distill + GAN, so generator, LoRA fake
+    score and discriminator all train; 3 generator steps, 2 fake-score updates each."""
+    root = tmp_path_factory.mktemp("onestep")
+    teacher = root / "teacher.ckpt"
+    shutil.copy(tiny_teacher_ckpt, teacher)
+    cfg = read_yaml(ROOT / "configs" / "digits" / "dmd.yaml")
+    cfg["model"]["init_args"].update(teacher=str(teacher), divergence="jensen_shannon", gan_weight=0.1, fake_updates=2, **TINY)
+    cfg["data"]["init_args"]["batch_size"] = 16
+    cfg["trainer"].update(max_steps=3, val_check_interval=3, accelerator="cpu", logger=False, default_root_dir=str(root),
+                          enable_progress_bar=False, enable_model_summary=False)
+    cfg["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": 3, "save_top_k": 0}},
+        {"class_path": "train.callbacks.SampleMetrics", "init_args": {"num_per_class": 2}}]
+    path = root / "onestep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from train.cli import main
+
+    torch.manual_seed(0)
+    cli = main(["fit", "--config", str(path)])
+    return cli, root, teacher
+
+
+def test_fit_counts_generator_steps_only(cli_run):
+    cli, root, _ = cli_run
+    module, trainer = cli.model, cli.trainer
+    assert module.disc_head is not None and module.fake_score.mode == "lora"
+    assert trainer.global_step == 3
+    opt_g, opt_f, opt_d = module.optimizers()
+    assert (adam_steps(opt_g), adam_steps(opt_f), adam_steps(opt_d)) == (3, 6, 6)
+    assert int(module.ema.num_updates) == 3
+    assert [s.last_epoch for s in module.lr_schedulers()] == [3, 6, 6]
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    assert "val/fd" in trainer.callback_metrics and trainer.callback_metrics["val/nfe"] == 1
+
+
+def test_teacher_is_untouched_frozen_and_in_eval_mode(cli_run, tiny_teacher_ckpt):
+    module = cli_run[0].model
+    reference = load_method(tiny_teacher_ckpt, expect="teacher").sampling_denoiser()
+    teacher = module.teacher
+    assert not teacher.training and not any(p.requires_grad for n, p in module.fake_score.net.named_parameters() if "lora_" not in n)
+    x, t, c = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([1, 2, -1, 7])
+    with torch.no_grad():
+        assert torch.equal(teacher(x, t, c).x0, reference(x, t, c).x0)
+        assert not torch.allclose(module.fake_score(x, t, c).x0, reference(x, t, c).x0)  # the fake score moved
+
+
+def test_checkpoint_reloads_without_the_teacher_file_and_generates_in_one_step(cli_run):
+    cli, root, teacher = cli_run
+    teacher.unlink()  # the stored teacher config and weights rebuild it
+    reloaded = load_method(root / "checkpoints" / "last.ckpt")
+    assert isinstance(reloaded, OneStepDistillation)
+    labels = torch.arange(10).repeat(2)
+    a, nfe = reloaded.generate(labels, seed=3)
+    b, _ = cli.model.generate(labels, seed=3)
+    assert nfe == 1 and a.shape == (20, 1, 8, 8)
+    assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="'onestep'"):
+        load_method(root / "checkpoints" / "last.ckpt", expect="teacher")
+
+
+def test_cli_evaluate_reports_one_network_evaluation(cli_run):
+    _, root, _ = cli_run
+    from train.cli import main
+
+    out = root / "metrics.json"
+    main(["evaluate", "--ckpt", str(root / "checkpoints" / "last.ckpt"), "--num-per-class", "3", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["nfe_per_sample"] == 1 and rows[0]["num_samples"] == 30
+
+
+def test_generator_starts_as_the_teachers_one_step_denoiser(tiny_teacher_ckpt):
+    module = build(tiny_teacher_ckpt, fake_score="copy")
+    teacher = load_method(tiny_teacher_ckpt, expect="teacher").sampling_denoiser()
+    z, c = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4])
+    t0 = module.generator_times[0]
+    assert t0.item() == 1.0
+    with torch.no_grad():
+        want = teacher(z * teacher.schedule.sigma(t0), t0.expand(5), c).x0
+        assert torch.equal(module.run_generator(module.generator, z, c), want)
+
+
+def test_non_finite_losses_are_skipped_and_reported(tiny_teacher_ckpt, monkeypatch):
+    calls = {"dmd": 0, "fake": 0}
+    real_dmd, real_fake = onestep.dmd_loss, onestep.fake_score_loss
+
+    def nan_dmd(*a, **k):
+        calls["dmd"] += 1
+        out = real_dmd(*a, **k)
+        return out * float("nan") if calls["dmd"] == 2 else out
+
+    def nan_fake(*a, **k):
+        calls["fake"] += 1
+        out = real_fake(*a, **k)
+        return out + float("inf") if calls["fake"] == 1 else out
+
+    monkeypatch.setattr(onestep, "dmd_loss", nan_dmd)
+    monkeypatch.setattr(onestep, "fake_score_loss", nan_fake)
+    module = build(tiny_teacher_ckpt)
+    before = [p.detach().clone() for p in module.generator.net.parameters()]
+    with pytest.warns(NonFiniteLoss) as record:
+        trainer = fit(module, max_steps=3)
+    messages = [str(w.message) for w in record if issubclass(w.category, NonFiniteLoss)]
+    assert len(messages) == 2
+    assert messages[0].startswith("step 0: non-finite fake_score=inf") and "fake score update" in messages[0]
+    assert messages[1].startswith("step 1: non-finite dmd=nan") and "generator update" in messages[1]
+    assert [(s["step"], s["phase"]) for s in module.skipped] == [(0, "fake score"), (1, "generator")]
+    assert trainer.global_step == 3  # 4 batches, 3 generator updates
+    opt_g, opt_f = module.optimizers()
+    assert (adam_steps(opt_g), adam_steps(opt_f)) == (3, 3)
+    assert all(torch.isfinite(p).all() for p in module.generator.net.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.generator.net.parameters()))
+
+
+def test_training_stops_after_max_skips_consecutive_non_finite_steps(tiny_teacher_ckpt, monkeypatch):
+    monkeypatch.setattr(onestep, "dmd_loss", lambda *a, **k: torch.full((a[0].shape[0],), float("nan")))
+    module = build(tiny_teacher_ckpt, max_skips=2)
+    with pytest.warns(NonFiniteLoss), pytest.raises(RuntimeError, match="2 generator updates in a row"):
+        fit(module, max_steps=3)
+
+
+def test_few_step_decoupled_pgsb_with_a_copied_fake_score(tiny_teacher_ckpt, tmp_path):
+    module = build(tiny_teacher_ckpt, fake_score="copy", objective="decoupled", pg_sb_range=[1.0, 3.0],
+                   generator_steps=2, ca_t_range=[0.5, 0.98], dm_t_range=[0.02, 0.5])
+    assert "fake" in module._guided and module.disc_head is None and module.fake_p_uncond == 0.1
+    trainer = fit(module, max_steps=2, root=tmp_path)
+    assert trainer.global_step == 2
+    opt_g, opt_f = module.optimizers()
+    assert (adam_steps(opt_g), adam_steps(opt_f)) == (2, 2)
+    assert torch.allclose(module.generator_times, module.generator.schedule.sampling_times(2).float())
+    images, nfe = module.generate(torch.arange(10), seed=0)
+    assert nfe == 2 and torch.isfinite(images).all()
+    # the copy's teacher stays frozen; its weights are saved once, under fake_score.teacher
+    keys = module.state_dict().keys()
+    assert any(k.startswith("fake_score.teacher.net.") for k in keys)
+    assert not any(k.startswith("teacher.") for k in keys)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"objective": "decoupled", "guider": "apg"}, "set guider: cfg"),
+    ({"generator_steps": 2, "generator_times": [0.9]}, "one time per generator step"),
+    ({"divergence": "js"}, "jensen_shannon"),
+    ({"dmd_t_range": [0.5, 0.2]}, "dmd_t_range"),
+    ({"fake_updates": 0}, "fake_updates"),
+])
+def test_impossible_settings_are_refused_with_what_to_change(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        OneStepDistillation(teacher=str(tmp_path / "missing.ckpt"), **overrides)
+
+
+def test_missing_teacher_says_how_to_train_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="configs/digits/teacher.yaml"):
+        OneStepDistillation(teacher=str(tmp_path / "missing.ckpt"))
+
+
+@pytest.mark.parametrize("name", ["dmd.yaml", "fdistill_js.yaml"])
+def test_shipped_configs_build(name, tiny_teacher_ckpt):
+    cfg = read_yaml(ROOT / "configs" / "digits" / name)
+    assert cfg["model"]["class_path"] == "train.onestep.OneStepDistillation"
+    cfg["model"]["init_args"]["teacher"] = str(tiny_teacher_ckpt)
+    module = instantiate(cfg["model"])
+    assert module.generator_steps == 1
+    assert (module.disc_head is not None) == (module.divergence != "reverse_kl" or module.gan_weight > 0)
+    assert isinstance(instantiate(cfg["data"], base=L.LightningDataModule), DigitsDataModule)
