@@ -56,7 +56,9 @@ class TeacherPretraining(MethodModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        # EMA right after the weights change, so checkpoints written by callbacks at this step include it
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.denoiser.net)
 
