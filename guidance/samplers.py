@@ -111,8 +111,9 @@ def sample(guided: GuidedDenoiser, noise: Tensor, cond: Any, w: Tensor | float =
     b = noise.shape[0]
     times = schedule.sampling_times(steps, device=noise.device).to(noise.dtype)
     a0, s0 = schedule.alpha_sigma(times[:1])
-    # Start from the prior at t_max: x = sigma x_T + alpha * 0 (alpha(t_max) ~ 0 for VP/flow; EDM alpha = 1).
-    x = noise * s0
+    # Start from the prior at t_max, scaled to the std of x_t for unit-variance data: sqrt(alpha^2 + sigma^2)
+    # (1 for VP and rectified flow, sqrt(sigma_max^2 + 1) for EDM), as diffusers' init_noise_sigma.
+    x = noise * (a0**2 + s0**2).sqrt()
     state_g = guided.guider.init_state(b)
     state_s: dict = {}
     it = range(steps)

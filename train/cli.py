@@ -1,4 +1,4 @@
-"""The command line: `python -m train {fit,validate,sample,evaluate,guiders,demo} ...`.
+"""The command line: `python -m train {fit,validate,sample,evaluate,export,guiders,demo} ...`.
 
 fit / validate are LightningCLI over a YAML config (model:, data:, trainer:); the rest are plain
 commands over a checkpoint. Every error a user can cause is printed as one line that says what to do.
@@ -14,7 +14,7 @@ from pathlib import Path
 from train.config import read_yaml, user_message
 
 LIGHTNING_COMMANDS = ("fit", "validate")
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +116,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(metavar="{fit,validate,sample,evaluate,guiders,demo}")
+    sub = p.add_subparsers(metavar="{fit,validate,sample,evaluate,export,guiders,demo}")
     sub.add_parser("fit", help="train from a YAML config (LightningCLI: --config configs/digits/teacher.yaml)")
     sub.add_parser("validate", help="validate a checkpoint (LightningCLI)")
 
@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-per-class", type=int, default=100, help="samples per class")
     e.add_argument("--out", required=True, help="metrics JSON path")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="export a checkpoint as a diffusers folder or one safetensors file")
+    x.add_argument("--ckpt", required=True, help="checkpoint written by `fit`")
+    x.add_argument("--out", required=True, help="target folder (diffusers) or .safetensors file")
+    x.add_argument("--format", default="diffusers", help="diffusers or safetensors")
+    x.add_argument("--force", action="store_true", help="replace an existing target")
+    x.set_defaults(func=cmd_export)
 
     g = sub.add_parser("guiders", help="list the available guiders and their parameters")
     g.set_defaults(func=cmd_guiders)
@@ -204,6 +211,13 @@ def cmd_evaluate(args) -> None:
     os.replace(tmp, out)
     print(format_table(rows, ["guider", "w", "sampler", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall"]))
     print(f"wrote {out}")
+
+
+def cmd_export(args) -> None:
+    from train.export import export
+
+    path = export(args.ckpt, args.out, args.format, args.force)
+    print(f"wrote {path}")
 
 
 def cmd_guiders(args) -> None:

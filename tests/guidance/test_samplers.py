@@ -100,14 +100,15 @@ def exact_flow(x, t, t_next, schedule, std=STD):
 
 
 def ideal_moments(schedule, std=STD):
-    """Mean and std of the exact ODE's output when started, as `sample` does, from x = sigma(t_max) z.
+    """Mean and std of the exact ODE's output when started, as `sample` does, from x = k z with
+    k = sqrt(alpha_T^2 + sigma_T^2) (the std of x_T for unit-variance data, diffusers' init_noise_sigma).
 
     The prior mismatch (the true x_T has mean alpha_T mu and std v_T) leaves
-    mean = mu - s alpha_T mu / v_T and std = s sigma_T / v_T; exact for RectifiedFlow (alpha_T = 0).
+    mean = mu - s alpha_T mu / v_T and std = s k / v_T; exact for RectifiedFlow (alpha_T = 0).
     """
     a, g = schedule.alpha_sigma(schedule.sampling_times(1).reshape(1))
     v = v_t(a, g, std)
-    return MU - std * a * MU / v, std * g / v
+    return MU - std * a * MU / v, std * (a**2 + g**2).sqrt() / v
 
 
 def affine_map(schedule, kind, sampler, steps, std=STD):
@@ -181,7 +182,7 @@ def ddim_moments(schedule, steps, eta, std=STD):
     """
     times = schedule.sampling_times(steps)
     a, g = schedule.alpha_sigma(times)
-    m, var = torch.zeros_like(MU), g[0] ** 2 * torch.ones_like(MU)
+    m, var = torch.zeros_like(MU), (a[0] ** 2 + g[0] ** 2) * torch.ones_like(MU)  # x_T = sqrt(a^2 + s^2) z
     for i in range(steps):
         k = a[i] * std**2 / v_t(a[i], g[i], std) ** 2
         if i + 1 == steps:
@@ -348,9 +349,10 @@ def test_ddim_eta0_equals_euler_on_rectified_flow(schedule, kind):
 
 def test_one_step_sampling_starts_at_sigma_max_and_ends_at_the_denoised_sample():
     z = noise(5, seed=13)
-    # EDM: x_T = 80 z, one step to clean returns E[x0 | x_T]
+    # EDM: x_T = sqrt(80^2 + 1) z (diffusers' init_noise_sigma), one step to clean returns E[x0 | x_T]
     x = run(EDM(), "edm", "ddim", 1, z)
-    torch.testing.assert_close(x, MU + STD**2 / (STD**2 + 80.0**2) * (80.0 * z - MU), rtol=0, atol=1e-12)
+    k = math.sqrt(80.0**2 + 1)
+    torch.testing.assert_close(x, MU + STD**2 / (STD**2 + 80.0**2) * (k * z - MU), rtol=0, atol=1e-12)
     # rectified flow: alpha(1) = 0, so E[x0 | x_1] = mu whatever the noise
     for sampler in SAMPLERS:
         torch.testing.assert_close(run(RectifiedFlow(), "flow", sampler, 1, z), MU.expand(5, 2), rtol=0, atol=1e-12)
