@@ -18,6 +18,9 @@ class AdaptiveGuidance(Guider):
                 rule would stop guiding at once; the default 1 skips that step.
     convention: CFG scale convention of w ("ours" or "original", see guidance.guiders.cfg).
     space:      where the CFG part is combined (affine: every space gives the same D).
+    test_space: where the cosine is measured: "eps" as in the paper; "x0" for pixel-space VP models, where
+                cos(eps_c, eps_u) stays above 0.995 along the whole trajectory (eps ~ x_t/sigma dominates)
+                while cos(D_c, D_u) rises monotonically from ~0.88 to 1 (measured on the digits teacher).
     Predictions [B, C, H, W], w [B].
     Decision per sample, saving per batch: each sample latches off the first time its cosine (over all
     non-batch dims, in eps space as in the paper) exceeds gamma; that call still returns CFG (both
@@ -31,8 +34,12 @@ class AdaptiveGuidance(Guider):
     name = "adaptive"
     stateful = True
 
-    def __init__(self, gamma: float = 0.99, min_steps: int = 1, convention: str = "ours", space: str = "x0"):
+    def __init__(self, gamma: float = 0.99, min_steps: int = 1, convention: str = "ours", space: str = "x0",
+                 test_space: str = "eps"):
         super().__init__(space)
+        if test_space not in ("eps", "x0", "v", "flow"):
+            raise ValueError(f"adaptive: test_space must be eps, x0, v or flow, got {test_space!r}")
+        self.test_space = test_space
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"adaptive: gamma is a cosine threshold and must be in (0, 1) (paper: close to 1, "
                              f"e.g. 0.99), got {gamma}")
@@ -58,7 +65,7 @@ class AdaptiveGuidance(Guider):
         guided = self.build(y_u + w * (y_c - y_u), cond)
         if ctx.state is None:
             return guided, None
-        e_c, e_u = cond.eps, preds["uncond"].eps
+        e_c, e_u = cond.read(self.test_space), preds["uncond"].read(self.test_space)
         # Castillo et al. 2025, arXiv 2312.12487 (adaptive guidance policy): gamma_t = cos(eps_c, eps_u); truncate CFG
         # once gamma_t > gamma-bar
         cos = (flat_dot(e_c, e_u) / (flat_dot(e_c, e_c) * flat_dot(e_u, e_u)).sqrt()).reshape(-1)
