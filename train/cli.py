@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the embedded default: train the digits teacher, sample, print metrics")
     d.add_argument("--out", default="runs/demo", help="output folder")
-    d.add_argument("--max-steps", type=int, default=None, help="override the teacher's training steps")
+    d.add_argument("--max-steps", type=int, default=None, help="override every stage's training steps (quick runs)")
+    d.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all, in order)")
+    d.add_argument("--num-per-class", type=int, default=100, help="evaluation samples per class")
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -231,4 +233,4 @@ def cmd_guiders(args) -> None:
 def cmd_demo(args) -> None:
     from train.demo import run_demo
 
-    run_demo(Path(args.out), max_steps=args.max_steps)
+    run_demo(Path(args.out), max_steps=args.max_steps, stages=args.stages, num_per_class=args.num_per_class)
