@@ -10,6 +10,7 @@ Text-conditioned diffusers UNets name their cross-attention `attn2`.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -108,6 +109,20 @@ def adapters_disabled(net: nn.Module) -> Iterator[nn.Module]:
         yield net
     finally:
         set_adapters(net, True)
+
+
+def merge_lora(net: nn.Module) -> nn.Module:
+    """A copy of `net` with every LoRA adapter merged into its base weight (W + (alpha / r) B A) and the peft
+    wrappers removed: a plain network with the original parameter names (what a diffusers export writes)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    net = copy.deepcopy(net)
+    for name, module in list(net.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, module.get_base_layer())
+    return net
 
 
 def lora_state_dict(net: nn.Module) -> dict[str, Tensor]:

@@ -60,7 +60,8 @@ class TrajectoryBank:
     def __init__(self, guided: GuidedDenoiser, shape: tuple[int, ...], steps: int = 50, scale: float = 2.0,
                  size: int = 128):
         self.guided, self.shape, self.steps, self.scale, self.size = guided, tuple(shape), steps, scale, size
-        self.banks: dict[int, tuple[Tensor, Tensor]] = {}
+        self.banks: dict[int, tuple[Tensor, Tensor]] = {}  # label -> (x0, eps) [N, S, C, H, W]
+        self.times: Tensor | None = None  # the S grid times, descending
 
     @torch.no_grad()
     def build(self, label: int, device) -> None:
@@ -71,7 +72,8 @@ class TrajectoryBank:
     def _build(self, label: int, device) -> None:
         sched = self.guided.schedule
         times = sched.sampling_times(self.steps, device=device).float()
-        x = torch.randn(self.size, *self.shape, device=device) * sched.alpha_sigma(times[:1])[1]
+        a0, s0 = sched.alpha_sigma(times[:1])
+        x = torch.randn(self.size, *self.shape, device=device) * (a0**2 + s0**2).sqrt()  # as guidance.samplers.sample
         cond = torch.full((self.size,), label, device=device, dtype=torch.long)
         x0s, epss = [], []
         for i in range(self.steps):
@@ -150,12 +152,12 @@ class ConceptErasure(MethodModule):
                  model_config: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
+        _check_options(eta, t_window, concept_sampling, params, saliency_top_k, weight_decay, batch_size, loss_space)
         frozen, config = _load_teacher(model, model_config)
         self.hparams["model_config"] = config
         self.num_classes = num_classes = frozen.net.num_classes
         self.concepts, self.targets = _check_classes(concepts, targets, num_classes)
         self.anchors = _check_anchors(anchors, self.concepts, num_classes)
-        _check_options(eta, t_window, concept_sampling, params, saliency_top_k, weight_decay, batch_size, loss_space)
         self.frozen = frozen.requires_grad_(False).eval()
         self.student = Denoiser(copy.deepcopy(frozen.net), frozen.schedule, frozen.parameterization, frozen.sigma_data)
         self.student.requires_grad_(True)
@@ -205,27 +207,23 @@ class ConceptErasure(MethodModule):
         """(term, x_t, t, cond) per loss term: from the frozen model's trajectories, or from real images when the
         batch is (images [B, C, H, W], labels [B])."""
         n = self.batch_size
-        anchor_labels = lambda m: torch.tensor(self.anchors)[torch.randint(0, len(self.anchors), (m,), generator=generator)]  # noqa: E731
         if isinstance(batch, (list, tuple)):
             x0, labels = batch
             t = self.student.schedule.sample_t(len(labels), generator=generator, device=x0.device).to(x0.dtype)
             x_all = self.student.schedule.add_noise(x0, torch.randn(x0.shape, generator=generator).to(x0), t)
-            concepts = self._concept_labels(1, generator)[:1] if self.concept_sampling == "one" else torch.tensor(self.concepts)
+            one = self.concept_sampling == "one"
+            concepts = self._concept_labels(1, generator) if one else torch.tensor(self.concepts)
             sel = {"erase": torch.isin(labels, concepts.to(labels.device)),
                    "anchor": torch.isin(labels, torch.tensor(self.anchors, dtype=labels.dtype, device=labels.device)),
                    "uncond": torch.ones_like(labels, dtype=torch.bool)}
             conds = {"erase": labels, "anchor": labels, "uncond": torch.full_like(labels, NULL_LABEL)}
             return [(k, x_all[m], t[m], conds[k][m]) for k, m in sel.items() if self._weight(k) > 0 and m.any()]
-        bank = self._bank()
-        wanted = {"erase": self._concept_labels(n, generator),
-                  "anchor": anchor_labels(n).to(self.device) if self.anchors else None,
+        pick = torch.randint(0, max(1, len(self.anchors)), (n,), generator=generator)
+        anchors = torch.tensor(self.anchors or [NULL_LABEL])[pick]
+        wanted = {"erase": self._concept_labels(n, generator), "anchor": anchors.to(self.device),
                   "uncond": torch.full((n,), NULL_LABEL, device=self.device)}
-        out = []
-        for k, cond in wanted.items():
-            if cond is not None and self._weight(k) > 0:
-                x_t, t = bank.draw(cond, generator)
-                out.append((k, x_t, t, cond))
-        return out
+        use = [k for k in wanted if self._weight(k) > 0 and (k != "anchor" or self.anchors)]
+        return [(k, *self._bank().draw(wanted[k], generator), wanted[k]) for k in use]
 
     def _weight(self, term: str) -> float:
         return {"erase": 1.0, "anchor": self.anchor_weight, "uncond": self.uncond_weight}[term]
@@ -276,7 +274,7 @@ class ConceptErasure(MethodModule):
             self.saliency.attach()
 
     def _fit_saliency(self) -> None:
-        """Accumulate |grad| of the erasure term over `saliency_batches` batches and keep the top-k% weights."""
+        """SalUn's saliency: |gradient of the erasure loss| summed over `saliency_batches` batches; keep the top-k%."""
         grads = [torch.zeros_like(p) for p in self.trainable]
         data = getattr(self._trainer, "datamodule", None)
         batches = iter(data.train_dataloader()) if data is not None and not isinstance(data, ErasureSteps) else None
@@ -357,7 +355,8 @@ def _check_anchors(anchors, concepts: list[int], num_classes: int) -> list[int]:
         return [c for c in range(num_classes) if c not in concepts]
     anchors = [int(a) for a in anchors]
     if set(anchors) & set(concepts) or not all(0 <= a < num_classes for a in anchors):
-        raise ValueError(f"anchors must be classes in 0..{num_classes - 1} that are not erased ({concepts}), got {anchors}")
+        raise ValueError(f"anchors must be classes in 0..{num_classes - 1} that are not erased ({concepts}), "
+                         f"got {anchors}")
     return anchors
 
 
@@ -381,15 +380,18 @@ def _check_options(eta, t_window, sampling, params, top_k, weight_decay, batch_s
 
 
 @torch.no_grad()
-def erasure_metrics(module: MethodModule, erased: list[int], scales=(2.0,), steps: int = 50, num_per_class: int = 100,
-                    seed: int = 0, uncond_samples: int = 1000) -> list[dict[str, Any]]:
-    """The erasure table for one model on the digits classifier, one row per guidance scale:
+def erasure_metrics(module: MethodModule, erased: list[int], scale: float = 2.0, probe_scales=(1.0, 3.0, 5.0),
+                    steps: int = 50, num_per_class: int = 100, uncond_samples: int = 500,
+                    seed: int = 0) -> dict[str, Any]:
+    """The erasure table's row for one model, on the digits classifier (DDIM with `steps`, CFG):
 
-    erased_rate:  fraction of samples requested as an erased class that the classifier assigns to it
-    other_acc:    accuracy on the other classes' samples; other_fd: Frechet distance of those samples to the
-                  real validation digits of the same classes
-    uncond_rate:  fraction of unconditional samples classified as an erased class (robustness probe; same
-                  for every scale, reported in each row)
+    erased_rate:     at `scale`, the fraction of samples requested as an erased class that the classifier assigns
+                     to that class (num_per_class per class, every class sampled)
+    other_acc:       at `scale`, class accuracy on the other classes' samples
+    other_fd:        at `scale`, Frechet distance of the other classes' samples to the real validation digits of
+                     the same classes (classifier features)
+    uncond_rate:     robustness probe: fraction of `uncond_samples` unconditional samples classified as erased
+    erased_rate_at:  robustness probe: {w: erased_rate} at the other guidance scales (erased classes only)
     """
     from data.digits import digits_tensors
     from train.evaluation.classifier import load_digits_classifier
@@ -397,21 +399,19 @@ def erasure_metrics(module: MethodModule, erased: list[int], scales=(2.0,), step
     from train.evaluation.metrics import frechet_distance
 
     clf = load_digits_classifier()
-    num_classes = module.sampling_denoiser().net.num_classes
     erased_t = torch.tensor(erased)
+    rate = lambda images, labels: (classify(clf, images)[1].argmax(1) == labels).double().mean().item()  # noqa: E731
     real, real_labels = digits_tensors("validation")
     ref = classify(clf, real[~torch.isin(real_labels, erased_t)])[0]
-    uncond_rate = None
-    if uncond_samples > 0:
-        u, _ = module.generate(torch.full((uncond_samples,), NULL_LABEL), 1.0, steps, seed=seed + 1)
-        uncond_rate = torch.isin(classify(clf, u)[1].argmax(1), erased_t).double().mean().item()
-    labels = torch.arange(num_classes).repeat_interleave(num_per_class)
-    rows = []
-    for w in scales:
-        images, _ = module.generate(labels, w, steps, seed=seed)
-        feats, logits = classify(clf, images)
-        pred, is_erased = logits.argmax(1), torch.isin(labels, erased_t)
-        rows.append({"w": w, "erased_rate": (pred[is_erased] == labels[is_erased]).double().mean().item(),
-                     "other_acc": (pred[~is_erased] == labels[~is_erased]).double().mean().item(),
-                     "other_fd": frechet_distance(feats[~is_erased], ref), "uncond_rate": uncond_rate})
-    return rows
+    labels = torch.arange(module.sampling_denoiser().net.num_classes).repeat_interleave(num_per_class)
+    images, _ = module.generate(labels, scale, steps, seed=seed)
+    feats, logits = classify(clf, images)
+    pred, is_erased = logits.argmax(1), torch.isin(labels, erased_t)
+    out = {"w": scale, "erased_rate": (pred[is_erased] == labels[is_erased]).double().mean().item(),
+           "other_acc": (pred[~is_erased] == labels[~is_erased]).double().mean().item(),
+           "other_fd": frechet_distance(feats[~is_erased], ref)}
+    u, _ = module.generate(torch.full((uncond_samples,), NULL_LABEL), 1.0, steps, seed=seed + 1)
+    out["uncond_rate"] = torch.isin(classify(clf, u)[1].argmax(1), erased_t).double().mean().item()
+    probe = erased_t.repeat_interleave(num_per_class)
+    out["erased_rate_at"] = {w: rate(module.generate(probe, w, steps, seed=seed + 2)[0], probe) for w in probe_scales}
+    return out

@@ -142,6 +142,7 @@ class OneStepDistillation(MethodModule):
         self.register_buffer("generator_times", torch.tensor(times, dtype=torch.float32), persistent=False)
         self.generator_steps = len(times)
         self.val_steps = self.generator_steps
+        self.train()  # trainable networks in train mode, frozen ones in eval mode (see `train`)
         self.skipped: list[dict] = []  # {"step", "phase", "terms"} of every skipped update
         self._consecutive_skips = 0
         self.automatic_optimization = False
@@ -178,8 +179,9 @@ class OneStepDistillation(MethodModule):
 
     def train(self, mode: bool = True) -> "OneStepDistillation":
         super().train(mode)
-        if self.weak_teacher is not None:
-            self.weak_teacher.eval()  # frozen networks stay in eval mode (FakeScore keeps the teacher's)
+        for frozen in (self.weak_teacher, self.ema):  # frozen networks stay in eval mode (FakeScore keeps the teacher's)
+            if frozen is not None:
+                frozen.eval()
         return self
 
     # --- the generator ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -145,8 +146,6 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
     def on_fit_start(self) -> None:
         total = self.num_rounds * self.steps_per_round
         if self.trainer.max_steps != -1 and self.trainer.max_steps < total:
-            import warnings
-
             warnings.warn(f"trainer.max_steps={self.trainer.max_steps} stops before the last round "
                           f"({self.num_rounds} rounds x {self.steps_per_round} steps = {total})")
 

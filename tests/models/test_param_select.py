@@ -10,7 +10,7 @@ from torch import nn
 
 from models.adapters import ClassConditionalUNet
 from models.param_select import (SaliencyMask, adapters_disabled, add_lora, conditioning_parameter_names,
-                                 lora_state_dict, lora_target_modules, saliency_masks, select_parameters,
+                                 lora_state_dict, lora_target_modules, merge_lora, saliency_masks, select_parameters,
                                  set_adapters)
 
 torch.set_num_threads(1)
@@ -80,6 +80,12 @@ def test_rank_one_lora_adapters_are_the_only_trainable_parameters_and_off_equals
         assert not torch.allclose(net(x, t, c), frozen(x, t, c), atol=1e-4)  # back on after the context
         set_adapters(net, False)
         torch.testing.assert_close(net(x, t, c), frozen(x, t, c), rtol=0, atol=0)
+    set_adapters(net, True)
+    merged = merge_lora(net)  # a plain network again, computing what the adapters computed
+    assert not [n for n, _ in merged.named_parameters() if "lora_" in n]
+    assert list(merged.state_dict()) == list(frozen.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, c), net(x, t, c), rtol=1e-4, atol=1e-5)
     sd = lora_state_dict(net)
     assert len(sd) == 2 * len(targets) and all("lora_" in k for k in sd)
     with pytest.raises(ValueError, match="no LoRA adapters"):

@@ -10,6 +10,7 @@ import yaml
 
 from data.digits import digits_tensors
 from losses.erasure import ant_target, esd_target, preservation_target, toward_target
+from models.param_select import adapters_disabled
 from train.checkpoint import load_method
 from train.cli import evaluate_checkpoint, main
 from train.erasure import ConceptErasure, ErasureSteps
@@ -127,7 +128,6 @@ def test_lora_with_saliency_trains_only_salient_adapter_weights_and_round_trips(
     for k in changed:  # only masked entries moved
         assert ((after[k] != before[k]) & ~masks[k]).sum() == 0
     x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.8]), torch.tensor([3, 4])
-    from models.param_select import adapters_disabled
     with torch.no_grad(), adapters_disabled(m.student.net):
         torch.testing.assert_close(m.student(x, t, c).x0, m.frozen(x, t, c).x0, rtol=0, atol=0)
     m2 = ConceptErasure(**args)
@@ -142,7 +142,8 @@ def test_lora_with_saliency_trains_only_salient_adapter_weights_and_round_trips(
     (dict(concepts=[10]), "distinct classes"), (dict(targets=[3]), "must not include"),
     (dict(targets=[1, 2]), "one class"), (dict(anchors=[3]), "not erased"), (dict(params="esd"), "params"),
     (dict(saliency_top_k=0.1, weight_decay=0.01), "weight_decay"), (dict(t_window=1.5), "t_window"),
-    (dict(eta=-1.0), "eta"), (dict(concept_sampling="some"), "concept_sampling"), (dict(loss_space="edm"), "loss_space"),
+    (dict(eta=-1.0), "eta"), (dict(concept_sampling="some"), "concept_sampling"),
+    (dict(loss_space="edm"), "loss_space"),
 ])
 def test_impossible_settings_are_refused_with_a_message(tiny_teacher_ckpt, bad, match):
     args = {"model": str(tiny_teacher_ckpt), "concepts": [3], **bad}

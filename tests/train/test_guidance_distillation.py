@@ -127,6 +127,28 @@ def test_stage1_loss_on_gaussian_data_has_the_analytic_values(tiny_teacher_ckpt,
     torch.testing.assert_close(loss, expected, rtol=1e-8, atol=1e-14)
 
 
+def test_stage1_distils_any_guider_apg_on_gaussian_data(tiny_teacher_ckpt):
+    """guider="apg" (r=None, eta=0, no momentum state in targets): D = D_c + (w - 1) Delta_perp (Sadat et al.
+    2025), so a student that learned CFG instead is off by exactly (w - 1) Delta_par in x0."""
+    m = _gd(tiny_teacher_ckpt, guider="apg", guider_params={"r": None, "eta": 0.0}, loss_space="x0", weighting="none")
+    sched = m.student.schedule
+    gmm = GaussianMixture.random(num_classes=3, per_class=2, shape=(1, 3, 3), seed=6)
+    m.teacher = gmm_denoiser(gmm, sched, "v")
+    m.student = Denoiser(ExactGuidedStudent(gmm, sched, "v"), sched, "v")  # the CFG optimum
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    x0, eps = gmm.sample(labels, g), torch.randn(16, 1, 3, 3, generator=g, dtype=torch.float64)
+    t, w = (0.1 + 0.8 * torch.rand(16, generator=g)).double(), (1 + 5 * torch.rand(16, generator=g)).double()
+    x_t = sched.add_noise(x0, eps, t)
+    a, s = sched.alpha_sigma(t)
+    d_c = gmm.posterior_mean(x_t, a, s, labels)
+    delta = d_c - gmm.posterior_mean(x_t, a, s, torch.full_like(labels, -1))
+    par = (delta * d_c).flatten(1).sum(1) / d_c.flatten(1).pow(2).sum(1)
+    expected = ((_bcast((w - 1) * par, x_t) * d_c) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(m.distillation_loss(x0, labels, t, eps, w), expected, rtol=1e-8, atol=1e-14)
+    assert expected.max() > 1e-4
+
+
 def test_stage1_teacher_is_frozen_and_student_starts_equal(tiny_teacher_ckpt):
     m = _gd(tiny_teacher_ckpt).train()
     assert not m.teacher.training and not any(p.requires_grad for p in m.teacher.parameters())
@@ -255,7 +277,7 @@ def test_digits_configs_build_with_a_tiny_checkpoint(tiny_teacher_ckpt, stage1_c
     pd["init_args"]["student"] = str(stage1_ckpt)
     module = instantiate(pd)
     assert isinstance(module, ProgressiveDistillation)
-    assert module.num_rounds == 6 and module.teacher_steps(0) == 64 and module.student_steps(5) == 1
+    assert module.num_rounds == 5 and module.teacher_steps(0) == 32 and module.student_steps(4) == 1
     pd["init_args"]["start_steps"] = 48
     with pytest.raises(Exception, match="power of two"):
         instantiate(pd)

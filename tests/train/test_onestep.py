@@ -76,6 +76,17 @@ def test_fit_counts_generator_steps_only(cli_run):
     assert "val/fd" in trainer.callback_metrics and trainer.callback_metrics["val/nfe"] == 1
 
 
+def test_resume_continues_the_generator_step_count(cli_run):
+    _, root, _ = cli_run
+    from train.cli import main
+
+    ckpt = root / "checkpoints" / "last.ckpt"
+    cli = main(["fit", "--config", str(root / "onestep.yaml"), "--trainer.max_steps", "4",
+                "--trainer.default_root_dir", str(root / "resumed"), "--ckpt_path", str(ckpt)])
+    assert cli.trainer.global_step == 4
+    assert [adam_steps(o) for o in cli.model.optimizers()] == [4, 8, 8]
+
+
 def test_teacher_is_untouched_frozen_and_in_eval_mode(cli_run, tiny_teacher_ckpt):
     module = cli_run[0].model
     reference = load_method(tiny_teacher_ckpt, expect="teacher").sampling_denoiser()
@@ -89,8 +100,11 @@ def test_teacher_is_untouched_frozen_and_in_eval_mode(cli_run, tiny_teacher_ckpt
 
 def test_checkpoint_reloads_without_the_teacher_file_and_generates_in_one_step(cli_run):
     cli, root, teacher = cli_run
-    teacher.unlink()  # the stored teacher config and weights rebuild it
-    reloaded = load_method(root / "checkpoints" / "last.ckpt")
+    moved = teacher.rename(teacher.with_suffix(".moved"))  # the stored teacher config and weights rebuild it
+    try:
+        reloaded = load_method(root / "checkpoints" / "last.ckpt")
+    finally:
+        moved.rename(teacher)
     assert isinstance(reloaded, OneStepDistillation)
     labels = torch.arange(10).repeat(2)
     a, nfe = reloaded.generate(labels, seed=3)
@@ -113,6 +127,8 @@ def test_cli_evaluate_reports_one_network_evaluation(cli_run):
 
 def test_generator_starts_as_the_teachers_one_step_denoiser(tiny_teacher_ckpt):
     module = build(tiny_teacher_ckpt, fake_score="copy")
+    assert module.generator.net.training and module.fake_score.net.training
+    assert not module.teacher.training and not module.ema.module.training
     teacher = load_method(tiny_teacher_ckpt, expect="teacher").sampling_denoiser()
     z, c = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4])
     t0 = module.generator_times[0]
@@ -176,6 +192,28 @@ def test_few_step_decoupled_pgsb_with_a_copied_fake_score(tiny_teacher_ckpt, tmp
     keys = module.state_dict().keys()
     assert any(k.startswith("fake_score.teacher.net.") for k in keys)
     assert not any(k.startswith("teacher.") for k in keys)
+
+
+@pytest.mark.parametrize("guider, params", [
+    ("apg", {"eta": 0.0}),
+    ("interval", {"t_lo": 0.2, "t_hi": 0.8, "inner": {"name": "rescale", "inner": "cfg"}}),
+    ("conditional", {}),
+])
+def test_any_registered_guider_gives_the_teacher_target(tiny_teacher_ckpt, guider, params, monkeypatch):
+    module = build(tiny_teacher_ckpt, guider=guider, guider_params=params)
+    seen = {}
+    real = onestep.teacher_target
+
+    def spy(guided, *a, **k):
+        seen["guider"] = guided.guider.name
+        return real(guided, *a, **k)
+
+    monkeypatch.setattr(onestep, "teacher_target", spy)
+    terms = module.generator_losses(torch.tensor([0, 5, 9]))
+    assert seen["guider"] == guider and torch.isfinite(terms["dmd"])
+    terms["dmd"].backward()
+    assert any(p.grad is not None for p in module.generator.net.parameters())
+    assert all(p.grad is None for p in module.fake_score.net.parameters())
 
 
 @pytest.mark.parametrize("overrides, message", [
