@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from tests.conftest import TINY_TEACHER
@@ -43,7 +44,12 @@ def test_offline_run_has_config_losses_metrics_and_grids(tmp_path, classifier, m
           "--trainer.callbacks+=train.callbacks.SampleMetrics", "--trainer.callbacks.num_per_class", "2"])
     runs = list((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "the run must be offline and live in the run folder"
-    records = read_wandb_records(next(runs[0].glob("run-*.wandb")))
+    log = next(runs[0].glob("run-*.wandb"))
+    for _ in range(60):  # wandb-core may still be flushing the transaction log just after finish()
+        records = read_wandb_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(1)
 
     config = {}
     for r in records:
