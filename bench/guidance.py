@@ -23,9 +23,8 @@ from torch import nn
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
 from guidance.guiders import build_guider
-from guidance.guiders.base import GuideContext
 from guidance.samplers import sample
-from guidance.schedules import RectifiedFlow, _bcast
+from guidance.schedules import RectifiedFlow
 
 NUM_CLASSES = 10
 
@@ -62,21 +61,6 @@ class TinyClassifier(nn.Module):
         return self.body(x)
 
 
-class HookedGuidedDenoiser(GuidedDenoiser):
-    """GuidedDenoiser asking `branches_at(state, t, alpha, sigma)` (the hook proposed for guided.py)."""
-
-    def guide(self, x_t, t, cond, w, neg_cond=None, state=None):
-        b = x_t.shape[0]
-        t = torch.as_tensor(t, dtype=x_t.dtype).expand(b) if torch.as_tensor(t).ndim == 0 else t
-        w = torch.as_tensor(w, dtype=torch.float32)
-        w = w.expand(b) if w.ndim == 0 else w
-        a, s = self.schedule.alpha_sigma(_bcast(t, x_t))
-        preds = self.run_branches(self.guider.branches_at(state, t, a, s), x_t, t, cond, neg_cond)
-        ctx = GuideContext(x_t=x_t, t=t, alpha=a, sigma=s, w=w, cond=cond, state=state,
-                           extras={"guided": self, "neg_cond": neg_cond})
-        return self.guider.combine(preds, ctx)
-
-
 def networks(size: int):
     """{name: (main net, weak net, image shape)}."""
     import sys
@@ -95,7 +79,7 @@ def networks(size: int):
 
 
 def configs(shape):
-    """(row label, guider, GuidedDenoiser kwargs, needs weak, hooked)."""
+    """(row label, guider, GuidedDenoiser kwargs incl. whether it needs the weak network)."""
     target = torch.zeros(shape)
     clf = TinyClassifier().eval()
     loss = lambda x0: 0.5 * ((x0 - target) ** 2).flatten(1).sum(1)  # noqa: E731
@@ -108,7 +92,6 @@ def configs(shape):
         ("cfg_pp", build_guider("cfg_pp", lam=0.6), {}),
         ("apg", build_guider("apg"), {}),
         ("interval(cfg)", build_guider("interval", sigma_lo=0.3, sigma_hi=5.0), {}),
-        ("interval(cfg), branches_at hook", build_guider("interval", sigma_lo=0.3, sigma_hi=5.0), {"hooked": True}),
         ("adaptive (gamma 0.99)", build_guider("adaptive", gamma=0.99), {}),
         ("autoguidance", build_guider("autoguidance"), {"weak": True}),
         ("cfg_zero_star (K=1)", build_guider("cfg_zero_star", zero_init_steps=1), {}),
@@ -142,8 +125,7 @@ def bench_network(label, net, weak, shape, args) -> str:
     bare_pass()  # warm-up
     runs = []
     for name, guider, kw in configs(shape):
-        cls = HookedGuidedDenoiser if kw.get("hooked") else GuidedDenoiser
-        guided = cls(den, guider, weak=weak_den if kw.get("weak") else None,
+        guided = GuidedDenoiser(den, guider, weak=weak_den if kw.get("weak") else None,
                      batch_branches=kw.get("batch_branches", True))
         neg = negs if guider.name == "perp_neg" else None
         run = (lambda gd=guided, n=neg: sample(gd, noise, labels, w=3.0, steps=args.steps, sampler="ddim", neg_cond=n))
