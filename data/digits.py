@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from data.resumable import ResumableLoader, replica_kwargs
+
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
 VAL_PER_CLASS = 30  # fixed validation split: 30 images of each digit (300 in all), chosen by a fixed seed
@@ -83,15 +85,15 @@ class DigitsDataModule(L.LightningDataModule):
         if not self._sets:
             self._sets = {s: TensorDataset(*digits_tensors(s)) for s in ("train", "validation")}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled batches in an order fixed by (seed, epoch) that a resumed run continues mid-epoch."""
         self.setup()
-        data = self._sets[split]
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle,
-                          drop_last=shuffle and len(data) >= self.batch_size,  # a batch larger than the set: keep it
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        data = self._sets["train"]
+        return ResumableLoader(data, self.batch_size, shuffle=True, num_workers=self.num_workers,
+                               drop_last=len(data) >= self.batch_size,  # a batch larger than the set: keep it
+                               **replica_kwargs(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        self.setup()
+        return DataLoader(self._sets["validation"], batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)

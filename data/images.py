@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
+from data.resumable import ResumableLoader, replica_kwargs
+
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".pnm", ".ppm", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
                  "dev": "validation", "test": "test"}  # folder or split name -> the split it is used as
@@ -304,22 +306,25 @@ class LabelledImageDataModule(L.LightningDataModule):
         raise ValueError(f"label column {column!r} of {self.path} holds {feature}; it must hold class ids "
                          f"(ClassLabel or integers) or class names (strings); pass label_column= naming such a column")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         self.setup()
-        data = self.sets[split]
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle,
-                          drop_last=shuffle and len(data) >= self.batch_size,  # a batch larger than the set: keep it
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(self.sets[split], batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled batches in an order fixed by (seed, epoch) that a resumed run continues mid-epoch."""
+        self.setup()
+        data = self.sets["train"]
+        return ResumableLoader(data, self.batch_size, shuffle=True, num_workers=self.num_workers,
+                               drop_last=len(data) >= self.batch_size,  # a batch larger than the set: keep it
+                               **replica_kwargs(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
         if "test" not in self.sets:
             raise ValueError(f"dataset {self.path} has no 'test' split; give one (a 'test' split or subfolder) "
                              f"or evaluate on val_dataloader()")
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
