@@ -127,9 +127,25 @@ def merge_lora(net: nn.Module) -> nn.Module:
 
 def lora_state_dict(net: nn.Module) -> dict[str, Tensor]:
     """The adapter weights in peft's format (`get_peft_model_state_dict`), keys relative to the diffusers model."""
+    return lora_adapter(net)[1]
+
+
+def lora_adapter(net: nn.Module) -> tuple:
+    """(LoraConfig, weights) of the adapter in `net`, as peft saves them for the diffusers model `net.unet`:
+    keys such as 'down_blocks.0.resnets.0.conv1.lora_A.weight', so that `set_peft_model_state_dict` or
+    `PeftModel.from_pretrained` puts them onto a plain copy of that model. Works wherever the adapters were
+    injected (on the diffusers model, as `add_lora` does, or on a wrapper around it)."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(_lora_root(net))
+    root = _lora_root(net)
+    owner = next((m for m in net.modules() if getattr(m, "peft_config", None)), None)
+    prefix = next((n for n, m in owner.named_modules() if m is root), None) if owner is not None else None
+    if owner is None or prefix is None or not lora_layers(root):
+        raise ValueError(f"{type(net).__name__} has no LoRA adapters on its diffusers model; train with LoRA "
+                         f"(params: lora, lora_rank > 0) or export the whole network instead")
+    prefix = f"{prefix}." if prefix else ""
+    state = get_peft_model_state_dict(owner)
+    return owner.peft_config["default"], {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------------------- SalUn saliency
