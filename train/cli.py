@@ -14,6 +14,7 @@ from pathlib import Path
 from train.config import read_yaml, user_message
 
 LIGHTNING_COMMANDS = ("fit", "validate")
+DEFAULT_STEPS = 50  # sampler steps for models without a step count of their own
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
@@ -109,7 +110,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guider", default="cfg", help="guider name (see `python -m train guiders`)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="guider parameter, repeatable")
     p.add_argument("--sampler", default="ddim", help="ddim, euler or dpmpp_2m")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the model's own, e.g. a progressive student's distilled count; else 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
 
@@ -134,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="metrics JSON path")
     e.set_defaults(func=cmd_evaluate)
 
-    x = sub.add_parser("export", help="export a checkpoint as a diffusers folder or one safetensors file")
+    x = sub.add_parser("export", help="export a checkpoint as a diffusers folder, peft LoRA weights or one safetensors file")
     x.add_argument("--ckpt", required=True, help="checkpoint written by `fit`")
-    x.add_argument("--out", required=True, help="target folder (diffusers) or .safetensors file")
-    x.add_argument("--format", default="diffusers", help="diffusers or safetensors")
+    x.add_argument("--out", required=True, help="target folder (diffusers, lora) or .safetensors file")
+    x.add_argument("--format", default="diffusers", help="diffusers (folder), lora (peft adapter for the teacher) or safetensors")
     x.add_argument("--force", action="store_true", help="replace an existing target")
     x.set_defaults(func=cmd_export)
 
@@ -157,8 +159,13 @@ def _check_sampling(args) -> None:
     from guidance.guiders import build_guider
     from guidance.samplers import check_sampler
 
-    check_sampler(args.sampler, args.steps)
+    check_sampler(args.sampler, DEFAULT_STEPS if args.steps is None else args.steps)
     build_guider(args.guider, **_parse_params(args.param))
+
+
+def _steps(args, module) -> int:
+    """--steps, or the model's own default (a progressive student's distilled step count), else 50."""
+    return args.steps if args.steps is not None else getattr(module, "default_steps", DEFAULT_STEPS)
 
 
 def cmd_sample(args) -> None:
@@ -173,7 +180,7 @@ def cmd_sample(args) -> None:
         raise ValueError(f"--num-per-class must be positive, got {args.num_per_class}")
     module = load_method(args.ckpt)
     labels = torch.arange(module.sampling_denoiser().net.num_classes).repeat_interleave(args.num_per_class)
-    images, nfe = module.generate(labels, args.scale, args.steps, args.sampler, args.guider, args.seed,
+    images, nfe = module.generate(labels, args.scale, _steps(args, module), args.sampler, args.guider, args.seed,
                                   progress=True, **_parse_params(args.param))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +211,7 @@ def cmd_evaluate(args) -> None:
 
     _check_sampling(args)
     module = load_method(args.ckpt)
-    rows = evaluate_checkpoint(module, args.scales, args.steps, args.sampler, args.guider, args.seed,
+    rows = evaluate_checkpoint(module, args.scales, _steps(args, module), args.sampler, args.guider, args.seed,
                                args.num_per_class, _parse_params(args.param))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,12 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
     def val_steps(self) -> int:  # validation samples with the current student's step count
         return self.student_steps()
 
+    @property
+    def default_steps(self) -> int:
+        """Sampler steps when none are given (`python -m train sample` / `evaluate`, export): the step count
+        the student was distilled for (the current round's)."""
+        return self.student_steps()
+
     def _check_grids(self) -> None:
         sched = self.student.schedule
         for k in range(self.num_rounds):
