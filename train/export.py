@@ -1,21 +1,36 @@
-"""`python -m train export`: a training checkpoint -> a diffusers model folder or one safetensors file.
+"""`python -m train export`: a training checkpoint -> a diffusers model folder, peft LoRA weights or one safetensors file.
 
-Writes are atomic (a hidden temporary folder next to the target, then a rename); an existing target
-is refused unless `force`. The folder holds what diffusers loads unchanged (`unet/` for
-`UNet2DModel.from_pretrained`, `scheduler/` for the matching scheduler), `guidedistill.json`
-(method, parameterisation, schedule, guidance convention, null class) and a model card `README.md`.
+One writer per format, all behind the same atomic write (a hidden temporary folder next to the target, then a
+rename; an existing target is refused unless `force`):
+
+- diffusers:   `unet/` (UNet2DModel.from_pretrained; LoRA adapters merged in), `scheduler/` (DDIM, "trailing"),
+               `w_embedding/` for guidance-distilled students (see train.model_card.WHY_W_EMBEDDING_IS_SEPARATE),
+               `guidedistill.json` (method, parameterisation, schedule, sampling recipe, one-step times) and a
+               model card `README.md` whose code samples the folder with diffusers alone;
+- lora:        peft's `adapter_config.json` + `adapter_model.safetensors` for the base (teacher) UNet, plus
+               `w_embedding/` for students, `guidedistill.json` and the card;
+- safetensors: the sampling network's state dict (LoRA merged), the metadata under the key "guidedistill".
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
+import torch
+
+from guidance.denoiser import Denoiser
+from models.param_select import lora_adapter, lora_layers, merge_lora
+from models.w_embedding import WConditionedNetwork
 from train.checkpoint import load_method
+from train.cli import DEFAULT_STEPS
+from train.model_card import WHY_W_EMBEDDING_IS_SEPARATE, model_card
 
-FORMATS = ("diffusers", "safetensors")
+FORMATS = ("diffusers", "lora", "safetensors")
 
 
 def diffusers_scheduler(schedule, parameterization: str):
@@ -38,43 +53,133 @@ def diffusers_scheduler(schedule, parameterization: str):
     raise ValueError(f"no diffusers scheduler reproduces {type(schedule).__name__}; export --format safetensors instead")
 
 
-def _model_card(meta: dict) -> str:
-    return f"""# {meta['method']} exported by guidedistill
+# ------------------------------------------------------------------------------------------------ what is exported
 
-- method: `{meta['method']}`; parameterisation: `{meta['parameterization']}`; schedule: `{meta['schedule']['class']}`
-- guidance convention: D = D_u + w (D_c - D_u) (w = 1 conditional); null class label: {meta.get('null_class_label')}
+def plain_network(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` with any LoRA adapters merged into its weights (the original parameter names), else `net` itself."""
+    return merge_lora(net) if lora_layers(net) else net
 
-## Sample with diffusers alone
 
-```python
-import torch
-from diffusers import DDIMScheduler, UNet2DModel
-unet = UNet2DModel.from_pretrained("PATH/unet"); sched = DDIMScheduler.from_pretrained("PATH/scheduler")
-labels = torch.arange(10); null = torch.full_like(labels, {meta.get('null_class_label')}); w = 2.0
-sched.set_timesteps(50); x = torch.randn(10, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-for t in sched.timesteps:
-    out = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
-    c, u = out.chunk(2)
-    x = sched.step(u + w * (c - u), t, x).prev_sample
-```
+def sampling_recipe(module, den: Denoiser) -> dict:
+    """How the exported network samples: recipe (cfg: two branches per step; w_input: w is an input, one
+    evaluation per step; generator: the one/few-step generator's own times), default steps, evaluations per step."""
+    if hasattr(module, "generator_times"):
+        return {"recipe": "generator", "steps": module.generator_steps, "evaluations_per_step": 1}
+    steps = getattr(module, "default_steps", DEFAULT_STEPS)
+    if isinstance(den.net, WConditionedNetwork):
+        return {"recipe": "w_input", "steps": steps, "distilled": hasattr(module, "default_steps"),
+                "evaluations_per_step": 1}
+    return {"recipe": "cfg", "steps": steps, "evaluations_per_step": 2}
 
-## Training config
 
-```json
-{json.dumps(meta.get('config'), indent=2)}
-```
+def generator_table(module) -> dict:
+    """The one-step generator's times t, network times and alpha(t), sigma(t), as float32 values exactly as
+    OneStepDistillation.run_generator uses them."""
+    times = module.generator_times.float()
+    sched = module.sampling_denoiser().schedule
+    a, s = sched.alpha_sigma(times)
+    return {"steps": len(times), "t": times.tolist(), "timesteps": sched.net_time(times).tolist(),
+            "alpha": a.tolist(), "sigma": s.tolist()}
 
-## Metrics
 
-```json
-{json.dumps(meta.get('metrics'), indent=2)}
-```
-"""
+def export_meta(module, den: Denoiser, fmt: str, metrics: dict | None) -> dict:
+    """guidedistill.json: the method, schedule, network description and how to sample the export."""
+    hp = dict(module.hparams) if module.hparams else {}
+    meta = {"method": module.method_name, "format": fmt, "parameterization": den.parameterization,
+            "schedule": den.schedule.describe(), "guidance_convention": "D_u + w * (D_c - D_u)",
+            **den.net.describe(), "sampling": sampling_recipe(module, den)}
+    if meta["sampling"]["recipe"] == "generator":
+        meta["generator"] = generator_table(module)
+        meta["distilled_guidance_scale"] = module.pg_sb_range or module.guidance_scale  # PG-SB: a range of w
+    if "w_embedding" in meta:
+        meta["w_embedding"].update(folder="w_embedding", in_unet=False, why=WHY_W_EMBEDDING_IS_SEPARATE)
+    meta["metrics"], meta["training_config"] = metrics, hp or None
+    return meta
 
+
+# ------------------------------------------------------------------------------------------------ writers
+
+def write_diffusers(module, den: Denoiser, meta: dict, tmp: Path) -> Path:
+    net = plain_network(den.net)
+    scheduler = diffusers_scheduler(den.schedule, den.parameterization)
+    net.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    scheduler.save_pretrained(tmp / "scheduler")
+    if isinstance(net, WConditionedNetwork):
+        save_w_embedding(net, tmp / "w_embedding")
+    write_card(tmp, meta)
+    return tmp
+
+
+def write_lora(module, den: Denoiser, meta: dict, tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    config, state = lora_adapter(den.net)
+    check_lora_base(module, den.net)
+    config = copy.deepcopy(config)
+    config.inference_mode, config.base_model_name_or_path = True, None
+    config.save_pretrained(tmp)  # adapter_config.json
+    # the keys PeftModel.save_pretrained writes; set_peft_model_state_dict also takes them (it strips the prefix)
+    save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
+              tmp / "adapter_model.safetensors")
+    if isinstance(den.net, WConditionedNetwork):
+        save_w_embedding(den.net, tmp / "w_embedding")
+    hp = meta.get("training_config") or {}
+    meta = {**meta, "lora": {"r": config.r, "lora_alpha": config.lora_alpha, "peft_type": "LORA",
+                             "base_checkpoint": hp.get("teacher") or hp.get("model")}}
+    write_card(tmp, meta)
+    return tmp
+
+
+def write_safetensors(module, den: Denoiser, meta: dict, tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in plain_network(den.net).state_dict().items()}
+    target = tmp / "model.safetensors"
+    save_file(state, target, metadata={"guidedistill": json.dumps(meta, default=str)})
+    return target
+
+
+WRITERS: dict[str, Callable] = {"diffusers": write_diffusers, "lora": write_lora, "safetensors": write_safetensors}
+
+
+def save_w_embedding(net: WConditionedNetwork, folder: Path) -> None:
+    """The w-embedding as diffusers' `TimestepEmbedding` weights + the config that rebuilds it (names follow
+    TimestepEmbedding's and Timesteps' arguments: our sinusoidal code is Timesteps(flip_sin_to_cos=True, shift 0))."""
+    from safetensors.torch import save_file
+
+    e = net.w_embedding
+    folder.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in e.state_dict().items()},
+              folder / "diffusion_pytorch_model.safetensors")
+    config = {"_class_name": "TimestepEmbedding", "in_channels": e.embed_dim, "time_embed_dim": e.hidden_dim,
+              "out_dim": e.out_dim, "act_fn": "silu", "flip_sin_to_cos": True, "downscale_freq_shift": 0,
+              "w_scale": e.w_scale, "input": "Timesteps(in_channels, flip_sin_to_cos, downscale_freq_shift)(w * w_scale)",
+              "added_to": "the output of unet.time_embedding"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def check_lora_base(module, net: torch.nn.Module) -> None:
+    """LoRA weights are only useful on the network they were trained on: check that the adapted network's base
+    weights still equal the frozen teacher's (erasure: `frozen`, guidance distillation: `teacher`)."""
+    frozen = next((d for d in (getattr(module, "frozen", None), getattr(module, "teacher", None))
+                   if isinstance(d, Denoiser)), None)
+    base = {k.replace(".base_layer.", "."): v for k, v in net.unet.state_dict().items() if ".lora_" not in k}
+    ref = frozen.net.unet.state_dict() if frozen is not None else {}
+    if base.keys() != ref.keys() or any(not torch.equal(v, ref[k]) for k, v in base.items()):
+        raise ValueError(f"the {module.method_name!r} network's base weights are not its frozen teacher's (they were "
+                         f"trained too), so its LoRA weights alone do not reproduce it; export --format diffusers")
+
+
+def write_card(folder: Path, meta: dict) -> None:
+    (folder / "guidedistill.json").write_text(json.dumps(meta, indent=2, default=str))
+    (folder / "README.md").write_text(model_card(meta))
+
+
+# ------------------------------------------------------------------------------------------------ the command
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, fmt: str = "diffusers", force: bool = False,
            metrics: dict | None = None) -> Path:
-    """Export the sampling network of a checkpoint; returns the written path."""
+    """Export the sampling network of a checkpoint in format `fmt`; returns the written path."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -82,35 +187,20 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, fmt: str = "diffuser
         raise FileExistsError(f"export target {str(out)!r} exists; choose another --out or pass --force to replace it")
     module = load_method(ckpt)
     den = module.sampling_denoiser()
-    net = den.net
-    meta = {"method": module.method_name, "parameterization": den.parameterization, "schedule": den.schedule.describe(),
-            "guidance_convention": "D_u + w * (D_c - D_u)", **net.describe(), "metrics": metrics,
-            "config": dict(module.hparams) if module.hparams else None}
-    meta.pop("config", None) if meta["config"] is None else None
+    meta = export_meta(module, den, fmt, metrics)
+    return atomic_write(out, lambda tmp: WRITERS[fmt](module, den, meta, tmp))
+
+
+def atomic_write(out: Path, write: Callable[[Path], Path]) -> Path:
+    """Call write(tmp) with an empty hidden folder next to `out`, then rename what it returns (the folder or a
+    file in it) to `out`, replacing an existing one; nothing is left behind when `write` fails."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
-
-            state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-            target = tmp / "model.safetensors"
-            save_file(state, target, metadata={"guidedistill": json.dumps(meta, default=str)})
-            os.replace(target, _free(out, force))
-            return out
-        scheduler = diffusers_scheduler(den.schedule, den.parameterization)
-        net.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        scheduler.save_pretrained(tmp / "scheduler")
-        (tmp / "guidedistill.json").write_text(json.dumps(meta, indent=2, default=str))
-        (tmp / "README.md").write_text(_model_card(meta))
-        os.replace(tmp, _free(out, force))
+        result = write(tmp)
+        if out.exists():  # the caller allowed replacing it (--force); removed just before the rename
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(result, out)
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _free(out: Path, force: bool) -> Path:
-    """Remove an existing target when forced (just before the rename that replaces it)."""
-    if out.exists() and force:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    return out
