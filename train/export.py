@@ -92,7 +92,8 @@ def export_meta(module, den: Denoiser, fmt: str, metrics: dict | None) -> dict:
         meta["generator"] = generator_table(module)
         meta["distilled_guidance_scale"] = module.pg_sb_range or module.guidance_scale  # PG-SB: a range of w
     if "w_embedding" in meta:
-        meta["w_embedding"].update(folder="w_embedding", in_unet=False, why=WHY_W_EMBEDDING_IS_SEPARATE)
+        where = "keys w_embedding.*" if fmt == "safetensors" else "w_embedding/ (diffusers TimestepEmbedding weights)"
+        meta["w_embedding"].update(in_unet=False, weights=where, why=WHY_W_EMBEDDING_IS_SEPARATE)
     meta["metrics"], meta["training_config"] = metrics, hp or None
     return meta
 
