@@ -1,0 +1,127 @@
+"""The text-conditioned UNet adapter: diffusers `UNet2DConditionModel` (Stable Diffusion 1.x/2.x, SDXL)
+behind net(x, t, cond), with the empty-prompt embedding as the null condition."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.adapters import ConditionalNetwork
+
+TEXT_KEYS = ("encoder_hidden_states", "text_embeds")  # condition entries replaced by the null condition
+
+
+class TextConditionalUNet(ConditionalNetwork):
+    """`UNet2DConditionModel` on latents with a text condition dict (models.text_encoders):
+
+        cond = {"encoder_hidden_states": [B, L, D]}                                  SD 1.x / 2.x
+        cond = {"encoder_hidden_states": [B, L, D], "text_embeds": [B, P],
+                "time_ids": [B, 6] (optional)}                                       SDXL
+
+    x: [B, C, h, w] latents; t: [B] float network time (0..999). Returns the UNet's raw output (eps or v,
+    as its scheduler's prediction_type says). SDXL's micro-conditioning time_ids default to
+    (H, W, 0, 0, H, W) with H, W = h, w times `vae_scale_factor`, as diffusers' SDXL pipeline does when
+    no sizes are given (original size = target size = the generated size, no crop).
+
+    The null condition is the prompt encoder's null embedding (the embedding of "" for SD 1.x/2.x,
+    zeros for SDXL with force_zeros_for_empty_prompt), held as non-persistent buffers of shape [1, ...]
+    so that the module's state dict is exactly the diffusers UNet's (`unet.*`). `null_cond` keeps the
+    condition's time_ids (diffusers' negative branch uses the same sizes).
+
+    pretrained:       a local pipeline folder in diffusers layout (unet/, text_encoder/, tokenizer/, vae/);
+                      the UNet loads from `subfolder`, the null embedding is computed once from the
+                      folder's text encoder(s), which are then released. Nothing is downloaded.
+    subfolder:        where the UNet lives inside `pretrained`.
+    dtype:            "float32", "float16" or "bfloat16": the UNet's weights (inputs are cast to it).
+    vae_scale_factor: latent-to-pixel factor for the default SDXL time_ids (read from vae/ when None).
+    """
+
+    def __init__(self, pretrained: str, subfolder: str = "unet", dtype: str = "float32",
+                 vae_scale_factor: int | None = None):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        from models.pretrained import check_pipeline_folder, torch_dtype, vae_scale_factor_of
+        from models.text_encoders import PromptEncoder
+
+        root = check_pipeline_folder(pretrained, subfolder)
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder=subfolder, local_files_only=True,
+                                                    torch_dtype=torch_dtype(dtype))
+        null = PromptEncoder.from_pretrained(str(root)).null(1)  # the encoder is dropped after this
+        self._setup(unet, null, vae_scale_factor or vae_scale_factor_of(root), str(pretrained))
+
+    @classmethod
+    def from_unet(cls, unet, null_cond: dict[str, Tensor], vae_scale_factor: int = 8) -> "TextConditionalUNet":
+        """Wrap an existing UNet2DConditionModel; null_cond: the null text condition with batch size 1
+        (e.g. `PromptEncoder.null(1)`)."""
+        obj = cls.__new__(cls)
+        ConditionalNetwork.__init__(obj)
+        obj._setup(unet, null_cond, vae_scale_factor, None)
+        return obj
+
+    def _setup(self, unet, null_cond: dict[str, Tensor], vae_scale_factor: int, pretrained: str | None) -> None:
+        self.unet = unet
+        self.pretrained = pretrained
+        self.vae_scale_factor = int(vae_scale_factor)
+        self.sdxl = unet.config.addition_embed_type == "text_time"
+        missing = [k for k in (TEXT_KEYS if self.sdxl else TEXT_KEYS[:1]) if k not in null_cond]
+        if missing:
+            raise ValueError(f"the null condition lacks {missing}; an SDXL-style UNet (addition_embed_type="
+                             f"'text_time') needs a two-encoder PromptEncoder (kind 'sdxl')")
+        self._null_keys = [k for k in TEXT_KEYS if k in null_cond]
+        for k in self._null_keys:
+            v = null_cond[k]
+            if v.shape[0] != 1:
+                raise ValueError(f"null_cond[{k!r}] must have batch size 1, got shape {tuple(v.shape)}")
+            self.register_buffer(f"null_{k}", v.detach().to(unet.dtype), persistent=False)
+        d = null_cond["encoder_hidden_states"].shape[-1]
+        if d != unet.config.cross_attention_dim:
+            raise ValueError(f"text embeddings have D={d} but the UNet's cross_attention_dim is "
+                             f"{unet.config.cross_attention_dim}; the text encoder and UNet come from different models")
+
+    def _time_ids(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
+        # diffusers SDXL pipeline, _get_add_time_ids: original_size + crops_coords_top_left + target_size
+        return torch.tensor([h, w, 0, 0, h, w], dtype=x.dtype, device=x.device).expand(x.shape[0], 6)
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], perturb: str | None = None) -> Tensor:
+        if perturb is not None:
+            raise NotImplementedError(f"TextConditionalUNet does not implement the {perturb!r} perturbation")
+        dtype = self.unet.dtype
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        added = None
+        if self.sdxl:
+            time_ids = cond.get("time_ids")
+            added = {"text_embeds": cond["text_embeds"].to(dtype),
+                     "time_ids": (self._time_ids(x) if time_ids is None else time_ids).to(dtype)}
+        return self.unet(x.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                         added_cond_kwargs=added).sample
+
+    def null_cond(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
+        b = cond["encoder_hidden_states"].shape[0]
+        out = dict(cond)
+        for k in self._null_keys:
+            null = getattr(self, f"null_{k}")
+            out[k] = null.expand(b, *null.shape[1:]).to(cond[k].dtype) if k in cond else null.expand(b, *null.shape[1:])
+        return out
+
+    def drop_cond(self, cond: dict[str, Tensor], p: float, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Replace the text of a random fraction p of samples by the null text (Ho & Salimans 2022, Algorithm 1);
+        time_ids are kept."""
+        if p <= 0:
+            return cond
+        ref = cond["encoder_hidden_states"]
+        drop = torch.rand(ref.shape[0], generator=generator, device=generator.device if generator else ref.device) < p
+        drop = drop.to(ref.device)
+        null = self.null_cond(cond)
+        out = dict(cond)
+        for k in self._null_keys:
+            m = drop.reshape(-1, *([1] * (cond[k].ndim - 1)))
+            out[k] = torch.where(m, null[k], cond[k])
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "text", "diffusers_class": "UNet2DConditionModel", "pretrained": self.pretrained,
+                "condition_keys": list(self._null_keys) + (["time_ids"] if self.sdxl else []),
+                "vae_scale_factor": self.vae_scale_factor, "config": dict(self.unet.config)}
