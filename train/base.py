@@ -1,4 +1,5 @@
-"""What every method module shares: checkpoint metadata, the sampling view, and validation samples."""
+"""What every method module shares: checkpoint metadata, the sampling view, validation samples, the NaN/inf
+policy and the per-batch random state that makes resumed runs exact."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,8 @@ from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
 from guidance.guiders import Guider, build_guider
 from guidance.samplers import sample
+from train.nonfinite import NonFiniteGuard, nonfinite_gradient, nonfinite_terms
+from train.resume import StepSeed
 
 CHECKPOINT_KEY = "guidedistill"
 CHECKPOINT_FORMAT = 1
@@ -40,16 +43,89 @@ def is_rebuildable(hparams: dict) -> bool:
 class MethodModule(L.LightningModule):
     """Base class of the method modules.
 
-    Subclasses call `self.save_hyperparameters()` first thing in `__init__` and implement
-    `sampling_denoiser()` (the network a user samples from after training) and `training_step`.
-    `val_scale` / `val_steps` / `val_samples` control the samples drawn at each validation for the
-    sample grid and the validation metrics (`val/fd`, `val/accuracy`).
+    Subclasses call `super().__init__(nonfinite, max_skips)` and `self.save_hyperparameters()` first thing in
+    `__init__` and implement `sampling_denoiser()` (the network a user samples from after training) and
+    `training_step`. `val_scale` / `val_steps` / `val_samples` control the samples drawn at each validation for
+    the sample grid and the validation metrics (`val/fd`, `val/accuracy`).
+
+    Training, for every method:
+    - randomness: a StepSeed callback (train.resume) seeds each training batch from (seed, batch index, rank),
+      so that a resumed run repeats an uninterrupted one exactly;
+    - NaN/inf: `nonfinite_guard` (train.nonfinite) applies the `nonfinite` policy ("skip" the update or
+      "stop") to the loss terms and the gradient of each update. With automatic optimization this happens
+      here, just before the optimizer step: the terms are those passed to `record_terms` in training_step
+      (default: the returned loss, as "loss"); a skipped update leaves weights, optimizer moments and EMA
+      unchanged, though the step counter and learning-rate schedule move on. Manual optimization calls the
+      guard itself (train.onestep). Work that follows an applied update (EMA) goes in `on_update`.
     """
 
     method_name = "method"
     val_scale: float = 2.0
     val_steps: int = 20
     val_samples: int = 200
+
+    def __init__(self, nonfinite: str = "skip", max_skips: int = 10):
+        super().__init__()
+        self.nonfinite_guard = NonFiniteGuard(nonfinite, max_skips)
+        self._step_terms: dict[str, Tensor] = {}
+        self.update_skipped = False
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [StepSeed()]
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.datamodule is not None:
+            self.check_data(self.trainer.datamodule)
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """Refuse, saying what to change, a data module whose images (`channels`, `image_size`) or classes
+        (`num_classes`) the network cannot take; data modules without these attributes are not checked."""
+        size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
+        net = self.sampling_denoiser().net
+        if size is not None and channels is not None:
+            c, h, w = self.sample_shape()
+            if (channels, size, size) != (c, h, w):
+                raise ValueError(f"the data gives {channels}-channel {size}x{size} images but the network takes "
+                                 f"{c}-channel {h}x{w} ones; set the data's image_size: {h} and channels: {c}, or "
+                                 f"train a network with sample_size: {size} and in_channels: {channels}")
+        classes, known = getattr(datamodule, "num_classes", None), getattr(net, "num_classes", None)
+        if classes is not None and known is not None and classes > known:
+            raise ValueError(f"the data has {classes} classes but the network knows {known}; train a network with "
+                             f"num_classes: {classes}, or keep only {known} classes in the data")
+
+    # --- NaN/inf policy (automatic optimization) --------------------------------------------------
+    def record_terms(self, terms: dict[str, Tensor]) -> None:
+        """Name this training step's loss terms for the NaN/inf check (call from training_step)."""
+        self._step_terms = dict(terms)
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        if self.automatic_optimization and not self._step_terms:
+            self._step_terms = {"loss": loss}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self.automatic_optimization:
+            return
+        terms, self._step_terms = self._step_terms, {}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        bad = nonfinite_terms(terms)
+        if not bad and getattr(self.trainer.precision_plugin, "scaler", None) is None:  # a GradScaler handles inf itself
+            bad = nonfinite_gradient(params, terms)
+        self.update_skipped = bool(bad)
+        if bad:
+            for p in params:
+                p.grad = None  # the optimizer leaves parameters without a gradient (and their moments) alone
+            self.nonfinite_guard.handle(int(self.global_step), "training", bad)
+        self.nonfinite_guard.count("training", not bad)
+        self.log("train/skipped_updates", float(len(self.nonfinite_guard.skipped)))
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if not self.update_skipped:
+            self.on_update()
+
+    def on_update(self) -> None:
+        """Called after each applied optimizer update (automatic optimization), e.g. to update an EMA, so that
+        checkpoints written by callbacks at this step include it."""
 
     # --- sampling -----------------------------------------------------------------------------
     def sampling_denoiser(self) -> Denoiser:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from data.resumable import ResumableLoader
 from guidance.conditions import cond_cat
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
@@ -41,8 +42,8 @@ class ErasureSteps(L.LightningDataModule):
             raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
         self.steps_per_epoch = steps_per_epoch
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(torch.arange(self.steps_per_epoch), batch_size=1)
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(torch.arange(self.steps_per_epoch), batch_size=1, shuffle=False)  # resumes mid-epoch
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(torch.arange(1), batch_size=1)
@@ -55,12 +56,16 @@ class TrajectoryBank:
     This is ESD's x_t (Gandikota et al. 2023, sec. 4: sample the frozen model with the erased condition up to a
     random step), with t drawn from the schedule's training distribution, as ESD draws a DDPM step inside the
     chosen DDIM interval. Memory: 2 N S C H W floats per condition (0.7 MB per 100 digit trajectories).
+
+    The trajectories of a condition are a function of (condition, `generation`) only (their start noise has its
+    own seed), so a bank rebuilt after a restart, or first built during validation, is the same bank.
     """
 
     def __init__(self, guided: GuidedDenoiser, shape: tuple[int, ...], steps: int = 50, scale: float = 2.0,
                  size: int = 128):
         self.guided, self.shape, self.steps, self.scale, self.size = guided, tuple(shape), steps, scale, size
         self.banks: dict[int, tuple[Tensor, Tensor]] = {}  # label -> (x0, eps) [N, S, C, H, W]
+        self.generation = 0  # bumped (and the banks dropped) by the owner to draw fresh trajectories
         self.times: Tensor | None = None  # the S grid times, descending
 
     @torch.no_grad()
@@ -73,7 +78,8 @@ class TrajectoryBank:
         sched = self.guided.schedule
         times = sched.sampling_times(self.steps, device=device).float()
         a0, s0 = sched.alpha_sigma(times[:1])
-        x = torch.randn(self.size, *self.shape, device=device) * (a0**2 + s0**2).sqrt()  # as guidance.samplers.sample
+        noise = torch.Generator().manual_seed(hash((label, self.generation)) % 2**63)
+        x = torch.randn(self.size, *self.shape, generator=noise).to(device) * (a0**2 + s0**2).sqrt()  # as samplers.sample
         cond = torch.full((self.size,), label, device=device, dtype=torch.long)
         x0s, epss = [], []
         for i in range(self.steps):
@@ -136,6 +142,7 @@ class ConceptErasure(MethodModule):
     val_scale, val_steps, val_samples: CFG scale, steps and samples per erased class of `val/erased_rate`.
     model_config:     the teacher's config, filled in automatically, so the erased checkpoint rebuilds even
                       when `model` has moved (its weights are in the checkpoint).
+    nonfinite, max_skips: what a NaN/inf loss term or gradient does: "skip" the update or "stop" (train.nonfinite).
     """
 
     method_name = "erasure"
@@ -149,8 +156,8 @@ class ConceptErasure(MethodModule):
                  bank_size: int = 128, bank_refresh: int = 0, loss_space: str | None = None, lr: float = 1e-4,
                  weight_decay: float = 0.0, warmup_steps: int = 0, ema_decay: float = 0.0,
                  val_scale: float = 2.0, val_steps: int = 20, val_samples: int = 50,
-                 model_config: dict | None = None):
-        super().__init__()
+                 model_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10):
+        super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         _check_options(eta, t_window, concept_sampling, params, saliency_top_k, weight_decay, batch_size, loss_space)
         frozen, config = _load_teacher(model, model_config)
@@ -192,9 +199,14 @@ class ConceptErasure(MethodModule):
 
     # --- x_t and targets -------------------------------------------------------------------------
     def _bank(self) -> TrajectoryBank:
+        """The trajectory bank, rebuilt every `bank_refresh` steps: generation global_step // bank_refresh."""
         if self.bank is None:
             shape = self.sample_shape()
             self.bank = TrajectoryBank(GuidedDenoiser(self.frozen, CFG()), shape, *self._bank_args)
+        generation = self.global_step // self.bank_refresh if self.bank_refresh > 0 else 0
+        if generation != self.bank.generation:
+            self.bank.banks.clear()
+            self.bank.generation = generation
         return self.bank
 
     def _concept_labels(self, n: int, generator=None) -> Tensor:
@@ -265,6 +277,7 @@ class ConceptErasure(MethodModule):
         for k, v in terms.items():
             self.log(f"train/{k}", v)
         self.log("train/loss", loss, prog_bar=True)
+        self.record_terms(terms)
         return loss
 
     def on_train_start(self) -> None:
@@ -290,11 +303,9 @@ class ConceptErasure(MethodModule):
                     g.add_(gp)
         self.saliency.fit(grads, self.saliency_top_k)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def on_update(self):
         if self.ema is not None:
             self.ema.update(self.student.net)
-        if self.bank is not None and self.bank_refresh > 0 and (self.global_step % self.bank_refresh) == 0:
-            self.bank.banks.clear()
 
     def configure_optimizers(self):
         return adamw_with_warmup(self.trainable, self.lr, self.weight_decay, self.warmup_steps)

@@ -85,6 +85,7 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
                     `lora_targets` (plus the w-embedding). lora_alpha: LoRA scale numerator (default rank).
     lr, weight_decay, warmup_steps: AdamW with linear warm-up. ema_decay: EMA of the student (0 disables).
     val_scale, val_steps, val_samples: the scale and steps of validation samples (one evaluation per step).
+    nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.nonfinite).
     teacher_config: recorded from the teacher checkpoint on first use (leave unset); it lets a student
                     checkpoint be rebuilt without the teacher file.
     """
@@ -98,8 +99,8 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
                  lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: list[str] | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 100, ema_decay: float = 0.999,
                  val_scale: float = 3.0, val_steps: int = 20, val_samples: int = 200,
-                 teacher_config: dict | None = None):
-        super().__init__()
+                 teacher_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10):
+        super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         if not w_min <= w_max:
             raise ValueError(f"w_min ({w_min}) must not exceed w_max ({w_max})")
@@ -171,8 +172,7 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
+    def on_update(self):
         if self.ema is not None:  # here, not in on_train_batch_end, so checkpoints written by callbacks include it
             self.ema.update(self.student.net)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,10 @@ from models.discriminator import DiscriminatorHead, discriminator_logits, featur
 from models.ema import EMA
 from models.fake_score import FakeScore
 from train.base import CHECKPOINT_KEY, MethodModule
+from train.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
 from train.optim import adamw_with_warmup
 
 OBJECTIVES = ("dmd", "decoupled")
-
-
-class NonFiniteLoss(UserWarning):
-    """A loss term was NaN/inf (or its gradient was); the update it belonged to was skipped."""
 
 
 class OneStepDistillation(MethodModule):
@@ -44,7 +40,8 @@ class OneStepDistillation(MethodModule):
     only the generator's optimizer is stepped through its LightningOptimizer, which is what advances
     `trainer.global_step`; the other two are stepped through `trainer.strategy.optimizer_step` (same
     precision/strategy hooks, no step count). So `trainer.max_steps` and `global_step` count generator
-    updates. A step whose generator loss is non-finite is skipped (and reported) and does not count.
+    updates. An update with a NaN/inf loss term or gradient goes through the shared NaN/inf policy
+    (train.nonfinite): skipped and reported, or training stops; a skipped generator update does not count.
 
     Data: the generator needs none; each batch's labels are the classes the generator is asked for
     (so classes follow the data's frequencies), and its images are the discriminator's real branch.
@@ -77,6 +74,7 @@ class OneStepDistillation(MethodModule):
     lr, lr_fake, lr_disc, betas, weight_decay, warmup_steps: AdamW per network (lr_fake/lr_disc default lr).
     grad_clip:        max gradient norm per network (None: no clipping).
     ema_decay:        EMA of the generator used for sampling (0 disables).
+    nonfinite:        what a NaN/inf loss term or gradient does: "skip" the update or "stop" (train.nonfinite).
     max_skips:        consecutive skipped generator updates before training stops with an error.
     """
 
@@ -96,8 +94,8 @@ class OneStepDistillation(MethodModule):
                  lr: float = 1e-4, lr_fake: float | None = None, lr_disc: float | None = None,
                  betas: tuple[float, float] = (0.0, 0.999), weight_decay: float = 0.0, warmup_steps: int = 0,
                  grad_clip: float | None = 10.0, ema_decay: float = 0.99, max_skips: int = 10,
-                 val_samples: int = 200):
-        super().__init__()
+                 val_samples: int = 200, nonfinite: str = "skip"):
+        super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         self.objective, self.divergence = objective, check_divergence(divergence)
         self.pg_sb_range = _range("pg_sb_range", pg_sb_range, lo=-math.inf, hi=math.inf) if pg_sb_range else None
@@ -105,10 +103,10 @@ class OneStepDistillation(MethodModule):
         self.ca_t_range = _range("ca_t_range", ca_t_range or dmd_t_range)
         self.dm_t_range = _range("dm_t_range", dm_t_range or dmd_t_range)
         self.disc_t_range = _range("disc_t_range", disc_t_range or dmd_t_range)
-        self._validate(objective, guider, fake_updates, generator_steps, generator_times, discriminator_features, max_skips)
+        self._validate(objective, guider, fake_updates, generator_steps, generator_times, discriminator_features)
         self.guidance_scale, self.ratio_time_bins = guidance_scale, ratio_time_bins
         self.ca_weight, self.dm_weight, self.gan_weight = ca_weight, dm_weight, gan_weight
-        self.fake_updates, self.max_skips, self.grad_clip = fake_updates, max_skips, grad_clip
+        self.fake_updates, self.grad_clip = fake_updates, grad_clip
         self.fake_p_uncond = (0.1 if self.pg_sb_range else 0.0) if fake_p_uncond is None else fake_p_uncond
         self.lr, self.lr_fake, self.lr_disc = lr, lr_fake or lr, lr_disc or lr_fake or lr
         self.betas, self.weight_decay, self.warmup_steps = tuple(betas), weight_decay, warmup_steps
@@ -143,13 +141,11 @@ class OneStepDistillation(MethodModule):
         self.generator_steps = len(times)
         self.val_steps = self.generator_steps
         self.train()  # trainable networks in train mode, frozen ones in eval mode (see `train`)
-        self.skipped: list[dict] = []  # {"step", "phase", "terms"} of every skipped update
-        self._consecutive_skips = 0
         self.automatic_optimization = False
 
     # --- construction helpers ---------------------------------------------------------------------
     @staticmethod
-    def _validate(objective, guider, fake_updates, generator_steps, generator_times, features, max_skips):
+    def _validate(objective, guider, fake_updates, generator_steps, generator_times, features):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if objective == "decoupled" and guider != "cfg":
@@ -166,8 +162,6 @@ class OneStepDistillation(MethodModule):
                 raise ValueError(f"generator_times must be descending times in (0, 1], got {list(generator_times)}")
         if features not in ("fake", "teacher"):
             raise ValueError(f"discriminator_features must be 'fake' or 'teacher', got {features!r}")
-        if max_skips < 1:
-            raise ValueError(f"max_skips must be >= 1, got {max_skips}")
 
     def _disc_features(self) -> Denoiser:
         return self.fake_score if self.discriminator_features == "fake" else self.fake_score.teacher
@@ -330,12 +324,13 @@ class OneStepDistillation(MethodModule):
                 scheds[0].step()
                 if self.ema is not None:
                     self.ema.update(self.generator.net)
-        self._count_skip(ok)
-        self.log("train/skipped_updates", float(len(self.skipped)))
+        self.nonfinite_guard.count("generator", ok)
+        self.log("train/skipped_updates", float(len(self.nonfinite_guard.skipped)))
 
     def _backward(self, terms: dict[str, Tensor], opts: list, param_groups: list[list], phase: str) -> bool:
-        """Check every term, backprop their sum, clip each network's gradient; False (update skipped) on NaN/inf."""
-        bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v.detach()).all()}
+        """Check every term, backprop their sum, clip each network's gradient; on NaN/inf apply the module's
+        NaN/inf policy (train.nonfinite): False (update skipped) or a NonFiniteError."""
+        bad = nonfinite_terms(terms)
         if not bad:
             for k, v in terms.items():
                 self.log(f"train/{k}", v.detach(), prog_bar=k == "dmd")
@@ -343,13 +338,12 @@ class OneStepDistillation(MethodModule):
                 opt.zero_grad(set_to_none=True)
             self.manual_backward(sum(terms.values()))
             for params in param_groups:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
-                if not torch.isfinite(norm):
-                    bad = {f"{phase} gradient ({'+'.join(terms)})": float(norm)}
+                bad = bad or nonfinite_gradient(params, terms)
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
         if bad:
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
-            self._report_skip(phase, bad)
+            self.nonfinite_guard.handle(int(self.global_step), phase, bad)
             return False
         return True
 
@@ -357,18 +351,6 @@ class OneStepDistillation(MethodModule):
         """Step a fake-score / discriminator optimizer through the strategy (precision and strategy hooks
         apply) but not through its LightningOptimizer wrapper, whose step advances trainer.global_step."""
         self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure)
-
-    def _report_skip(self, phase: str, bad: dict[str, float]) -> None:
-        step = int(self.global_step)
-        self.skipped.append({"step": step, "phase": phase, "terms": bad})
-        desc = ", ".join(f"{k}={v}" for k, v in bad.items())
-        warnings.warn(f"step {step}: non-finite {desc}; skipped this {phase} update", NonFiniteLoss, stacklevel=2)
-
-    def _count_skip(self, generator_ok: bool) -> None:
-        self._consecutive_skips = 0 if generator_ok else self._consecutive_skips + 1
-        if self._consecutive_skips >= self.max_skips:
-            raise RuntimeError(f"{self._consecutive_skips} generator updates in a row had non-finite losses (last: "
-                               f"{self.skipped[-1]}); lower lr, set grad_clip, or check the teacher checkpoint")
 
     def validation_step(self, batch, batch_idx):
         """val/fake_score: the fake score's denoising loss on real validation digits (fixed t and noise):

@@ -56,6 +56,7 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
     ema_decay:       EMA of the student within a round (0 disables).
     val_scale, val_samples: validation samples use the current student's step count.
     student_config:  recorded from the stage-1 checkpoint on first use (leave unset).
+    nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.nonfinite).
     """
 
     method_name = "progressive_distillation"
@@ -64,8 +65,9 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
                  w_min: float | None = None, w_max: float | None = None, w_distribution: str | None = None,
                  loss_space: str = "x0", weighting: str = "snr_trunc", lr: float = 1e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 20, anneal_lr: bool = True, ema_decay: float = 0.99, val_scale: float = 3.0,
-                 val_samples: int = 200, student_config: dict | None = None):
-        super().__init__()
+                 val_samples: int = 200, student_config: dict | None = None, nonfinite: str = "skip",
+                 max_skips: int = 10):
+        super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         ratio = start_steps / end_steps if end_steps >= 1 else 0
         if end_steps < 1 or ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
@@ -140,8 +142,7 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
         if k != int(self.round_index):
             self._start_round(k)
 
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
+    def on_update(self):
         if self.ema is not None:  # here, not in on_train_batch_end, so checkpoints written by callbacks include it
             self.ema.update(self.student.net)
 
@@ -156,7 +157,7 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
                           f"({self.num_rounds} rounds x {self.steps_per_round} steps = {total})")
 
     def configure_callbacks(self):
-        return [RoundCheckpoint()]
+        return super().configure_callbacks() + [RoundCheckpoint()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

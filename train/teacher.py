@@ -23,14 +23,16 @@ class TeacherPretraining(MethodModule):
     lr, weight_decay, warmup_steps: AdamW with linear warm-up.
     ema_decay:        EMA of the weights used for sampling (0 disables).
     val_scale, val_steps, val_samples: the CFG scale, sampler steps and sample count of validation metrics.
+    nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.nonfinite).
     """
 
     method_name = "teacher"
 
     def __init__(self, net: ConditionalNetwork, schedule: Schedule | None = None, parameterization: str = "eps",
                  p_uncond: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
-                 ema_decay: float = 0.999, val_scale: float = 2.0, val_steps: int = 20, val_samples: int = 200):
-        super().__init__()
+                 ema_decay: float = 0.999, val_scale: float = 2.0, val_steps: int = 20, val_samples: int = 200,
+                 nonfinite: str = "skip", max_skips: int = 10):
+        super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
@@ -56,9 +58,8 @@ class TeacherPretraining(MethodModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def optimizer_step(self, *args, **kwargs):
+    def on_update(self):
         # EMA right after the weights change, so checkpoints written by callbacks at this step include it
-        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.denoiser.net)
 

@@ -162,7 +162,7 @@ def test_non_finite_losses_are_skipped_and_reported(tiny_teacher_ckpt, monkeypat
     assert len(messages) == 2
     assert messages[0].startswith("step 0: non-finite fake_score=inf") and "fake score update" in messages[0]
     assert messages[1].startswith("step 1: non-finite dmd=nan") and "generator update" in messages[1]
-    assert [(s["step"], s["phase"]) for s in module.skipped] == [(0, "fake score"), (1, "generator")]
+    assert [(s["step"], s["phase"]) for s in module.nonfinite_guard.skipped] == [(0, "fake score"), (1, "generator")]
     assert trainer.global_step == 3  # 4 batches, 3 generator updates
     opt_g, opt_f = module.optimizers()
     assert (adam_steps(opt_g), adam_steps(opt_f)) == (3, 3)
