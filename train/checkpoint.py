@@ -1,6 +1,7 @@
 """Reading guidedistill checkpoints safely (weights_only) and rebuilding the method they hold."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -55,3 +56,36 @@ def load_method(path: str | os.PathLike, expect: str | None = None) -> MethodMod
                               f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})")
     module.eval()
     return module
+
+
+def check_resume(path: str | os.PathLike, requested: dict, resumed: dict) -> None:
+    """Refuse to resume from `path` when the config asks for another model than the checkpoint holds.
+
+    LightningCLI builds a resumed run's model from the checkpoint's hyper-parameters (`resumed`), replacing the
+    config's model section (`requested`, both {class_path, init_args}) without a word; a different method, or any
+    setting the config gives (not null) that the checkpoint overrides, is a CheckpointError saying what to do."""
+    requested, resumed = (json.loads(json.dumps(c, default=str)) for c in (requested, resumed))  # tuples -> lists
+    run_config = Path(path).resolve().parent.parent / "config.yaml"
+    fix = (f"resume with the config it was trained with ({run_config if run_config.is_file() else 'its config.yaml'}) "
+           f"or drop --ckpt_path to start a new run")
+    if requested.get("class_path") != resumed.get("class_path"):
+        raise CheckpointError(f"{str(path)!r} holds a {resumed.get('class_path')} checkpoint but the config trains "
+                              f"{requested.get('class_path')}; {fix}")
+    diffs = [f"{key}: {mine} in the config, {theirs} in the checkpoint"
+             for key, mine, theirs in _differences(requested.get("init_args") or {}, resumed.get("init_args") or {})]
+    if diffs:
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        raise CheckpointError(f"{str(path)!r} was trained with other model settings than the config gives "
+                              f"({'; '.join(diffs[:3])}{more}); a resumed run continues the checkpoint's model, so {fix}")
+
+
+def _differences(mine: dict, theirs: dict, prefix: str = ""):
+    """(dotted key, mine, theirs) for every setting of `mine` that is not null and differs in `theirs`."""
+    for key, value in mine.items():
+        other = theirs.get(key)
+        if value is None or key not in theirs:
+            continue
+        if isinstance(value, dict) and isinstance(other, dict):
+            yield from _differences(value, other, f"{prefix}{key}.")
+        elif value != other:
+            yield f"{prefix}{key}", value, other

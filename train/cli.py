@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,19 +20,34 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")  # W&B stays offline unless the user sets WANDB_MODE=online
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from argparse import ArgumentError
+
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        from train.nonfinite import NonFiniteError
+
         try:
             for flag, value in zip(argv, argv[1:]):
                 if flag in ("--config", "-c"):
                     read_yaml(value)  # missing or malformed YAML: a one-line error before LightningCLI's usage dump
-            cli = lightning_cli(argv)
+            cli = lightning_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself, no warning
             _finish_wandb()
             return cli
         except USER_ERRORS as e:  # bad data path, bad config value: one line, no traceback
             print(f"error: {user_message(e)}", file=sys.stderr)
             raise SystemExit(2) from None
+        except ArgumentError as e:  # unknown class, option or value in the config: one line instead of the usage
+            print(f"error: {user_message(e)} (`python -m train {argv[0]} --help` lists the options)", file=sys.stderr)
+            raise SystemExit(2) from None
+        except NonFiniteError as e:  # NaN/inf under nonfinite: stop (or too many skipped updates)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except SIGTERMException as e:  # stopped by SIGTERM/SIGINT; train.interrupt wrote last.ckpt and said so
+            raise SystemExit(e.code if isinstance(e.code, int) else 128 + signal.SIGTERM) from None
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -51,7 +67,7 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def lightning_cli(argv: list[str]):
+def lightning_cli(argv: list[str] | None):
     """LightningCLI with the method and data module chosen by class_path in the config.
 
     Checkpoints go to <trainer.default_root_dir>/checkpoints and W&B files to <default_root_dir>/wandb
@@ -60,6 +76,8 @@ def lightning_cli(argv: list[str]):
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from train.base import MethodModule
+    from train.checkpoint import check_resume, read_checkpoint
+    from train.interrupt import InterruptCheckpoint
 
     class SaveAndLogConfig(SaveConfigCallback):
         """Write config.yaml to the run folder and log the whole resolved config to every logger (W&B)."""
@@ -69,8 +87,18 @@ def lightning_cli(argv: list[str]):
                 logger.log_hyperparams({"config": self.config.as_dict()})
 
     class GuidedCLI(LightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            cfg = self.config.get(self.config.get("subcommand") or "") or self.config
+            ckpt = cfg.get("ckpt_path")
+            if ckpt and ckpt not in ("last", "best", "hpc") and not Path(ckpt).is_dir():
+                read_checkpoint(ckpt)  # missing, corrupt, truncated or foreign: one line, before anything is built
+            self.requested_model = cfg.model.as_dict() if cfg.get("model") else None
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
+            if cfg.get("ckpt_path") and self.requested_model and Path(cfg.ckpt_path).is_file():
+                check_resume(cfg.ckpt_path, self.requested_model, cfg.model.as_dict())  # the checkpoint's model wins
             root = cfg.trainer.get("default_root_dir") or "runs/default"
             logger = cfg.trainer.get("logger")
             for lg in logger if isinstance(logger, list) else [logger]:
@@ -79,16 +107,23 @@ def lightning_cli(argv: list[str]):
                         lg.init_args["save_dir"] = root
                         Path(root).mkdir(parents=True, exist_ok=True)
 
+        def before_fit(self) -> None:
+            self.model.check_data(self.datamodule)  # images / classes the network cannot take, before any file
+
         def instantiate_trainer(self, **kwargs):
             trainer = super().instantiate_trainer(**kwargs)
             for cb in trainer.checkpoint_callbacks:
                 if cb.dirpath is None:
                     cb.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
+            if not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
+                trainer.callbacks.append(InterruptCheckpoint())  # SIGTERM / Ctrl+C: write last.ckpt, then stop
             return trainer
 
+    no_exit = {"exit_on_error": False}  # parse errors raise ArgumentError; main prints them as one line
     return GuidedCLI(MethodModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                      args=argv, save_config_callback=SaveAndLogConfig, save_config_kwargs={"overwrite": True},
-                     auto_configure_optimizers=False)
+                     auto_configure_optimizers=False,
+                     parser_kwargs={**no_exit, **{name: no_exit for name in LightningCLI.subcommands()}})
 
 
 def _parse_params(items: list[str]) -> dict:

@@ -1,6 +1,7 @@
 """Building methods and data modules from YAML/dict configs, with messages that say what to fix."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,12 @@ def user_message(e: BaseException) -> str:
     ("Does not validate against any of the Union subtypes ... Errors: - <the real message>"); pick the
     real message out of it."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    for ln in lines:
+    key = re.match(r'Parser key "([^"]+)":', lines[0]) if lines else None
+    for i, ln in enumerate(lines):
         if ln.startswith("- ") and "Expected a <class 'NoneType'>" not in ln:
-            return ln[2:]
+            if ln.endswith(":") and i + 1 < len(lines):  # "- Problem with given class_path 'x':" + the reason below
+                ln = f"{ln} {lines[i + 1]}"
+            return f"{key.group(1)}: {ln[2:]}" if key else ln[2:]
     return lines[0] if lines else type(e).__name__
 
 

@@ -103,3 +103,83 @@ def test_malformed_yaml_is_one_line(tmp_path, capsys):
     bad.write_text("model: [unclosed\n")
     err = run_error(capsys, ["fit", "--config", str(bad)])
     assert "bad.yaml" in err
+
+
+# --- bad inputs to `fit`: one line that says what to do, and nothing written -----------------------------------
+
+def fit_error(capsys, tmp_path, *extra, config=None) -> str:
+    from tests.conftest import TINY_TEACHER
+
+    run = tmp_path / "run"
+    err = run_error(capsys, ["fit", "--config", str(config or TINY_TEACHER), "--trainer.default_root_dir", str(run),
+                             "--trainer.max_steps", "2", *extra])
+    assert not run.exists()  # no config.yaml, checkpoint folder or W&B files left behind
+    return err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--model", "train.nope.Method"], "model: Expected a path but train.nope.Method either not accessible"),
+    (["--model.init_args.learning_rate", "0.1"], "Option 'learning_rate' is not accepted"),
+    (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
+])
+def test_unknown_method_or_field_is_one_line(tmp_path, capsys, extra, needle):
+    err = fit_error(capsys, tmp_path, *extra)
+    assert needle in err and "--help` lists the options" in err
+
+
+def test_unreadable_checkpoints_to_resume_from(tmp_path, capsys, tiny_teacher_ckpt):
+    truncated = tmp_path / "trunc.ckpt"
+    truncated.write_bytes(tiny_teacher_ckpt.read_bytes()[:5000])
+    assert "cannot be read" in fit_error(capsys, tmp_path, "--ckpt_path", str(truncated))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    assert "is not a guidedistill checkpoint" in fit_error(capsys, tmp_path, "--ckpt_path", str(foreign))
+    assert "does not exist" in fit_error(capsys, tmp_path, "--ckpt_path", str(tmp_path / "none.ckpt"))
+
+
+def test_resuming_another_method_or_architecture_is_refused(tmp_path, capsys, tiny_teacher_ckpt):
+    err = fit_error(capsys, tmp_path, "--model", "train.erasure.ConceptErasure", "--model.init_args.model",
+                    str(tiny_teacher_ckpt), "--model.init_args.concepts", "[3]", "--ckpt_path", str(tiny_teacher_ckpt))
+    assert "holds a train.teacher.TeacherPretraining checkpoint but the config trains train.erasure.ConceptErasure" in err
+    err = fit_error(capsys, tmp_path, "--model.init_args.net.init_args.block_out_channels", "[32, 64]",
+                    "--ckpt_path", str(tiny_teacher_ckpt))
+    assert "net.init_args.block_out_channels: [32, 64] in the config, [16, 32] in the checkpoint" in err
+    assert "config.yaml" in err
+
+
+def test_wrong_checkpoint_kind_as_the_model_to_distil(tmp_path, capsys, tiny_teacher_ckpt):
+    err = fit_error(capsys, tmp_path, "--model", "train.progressive.ProgressiveDistillation",
+                    "--model.init_args.student", str(tiny_teacher_ckpt), "--model.init_args.start_steps", "4")
+    assert "holds a 'teacher' checkpoint; this command needs a 'guidance_distillation' one" in err
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A folder of 12 classes of 16x16 RGB images (two each)."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for c in range(12):
+        (root / f"c{c:02d}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"c{c:02d}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("size, channels, needle", [
+    (16, 1, "the data gives 1-channel 16x16 images but the network takes 1-channel 8x8 ones"),
+    (8, 3, "the data gives 3-channel 8x8 images but the network takes 1-channel 8x8 ones"),
+    (8, 1, "the data has 12 classes but the network knows 10"),
+])
+def test_data_the_network_cannot_take(tmp_path, capsys, image_folder, size, channels, needle):
+    err = fit_error(capsys, tmp_path, "--data", "data.images.LabelledImageDataModule", "--data.path", str(image_folder),
+                    "--data.image_size", str(size), "--data.channels", str(channels), "--data.batch_size", "4")
+    assert needle in err
+
+
+def test_empty_dataset(tmp_path, capsys):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    err = fit_error(capsys, tmp_path, "--data", "data.images.LabelledImageDataModule", "--data.path",
+                    str(tmp_path / "empty"), "--data.image_size", "8", "--data.channels", "1")
+    assert "holds no images" in err
