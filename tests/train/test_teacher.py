@@ -45,8 +45,7 @@ def _losses(root):
 
 def test_resume_continues_from_the_checkpoint(tmp_path, classifier):
     """A run stopped at step 6 and resumed from last.ckpt trains steps 6..11 from the saved weights and
-    optimizer state. (Bit-exact equality with an uninterrupted run needs step-keyed randomness and a
-    resumable data order: issue 8.)"""
+    optimizer state. (Bit-exact equality with an uninterrupted run, for every method: tests/train/test_resume.py.)"""
     common = ["--config", str(TINY_TEACHER), "--trainer.log_every_n_steps", "1",
               "--trainer.logger", "lightning.pytorch.loggers.CSVLogger"]
     part = tmp_path / "part"
