@@ -47,7 +47,7 @@ class TextConditionalUNet(ConditionalNetwork):
 
         root = check_pipeline_folder(pretrained, subfolder)
         unet = UNet2DConditionModel.from_pretrained(root, subfolder=subfolder, local_files_only=True,
-                                                    torch_dtype=torch_dtype(dtype))
+                                                    torch_dtype=torch_dtype(dtype)).train()  # trainable, as a new module
         null = PromptEncoder.from_pretrained(str(root)).null(1)  # the encoder is dropped after this
         self._setup(unet, null, vae_scale_factor or vae_scale_factor_of(root), str(pretrained))
 
