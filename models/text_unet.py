@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.adapters import ConditionalNetwork
+from models.text_network import TextConditionalNetwork
 
 TEXT_KEYS = ("encoder_hidden_states", "text_embeds")  # condition entries replaced by the null condition
 
 
-class TextConditionalUNet(ConditionalNetwork):
+class TextConditionalUNet(TextConditionalNetwork):
     """`UNet2DConditionModel` on latents with a text condition dict (models.text_encoders):
 
         cond = {"encoder_hidden_states": [B, L, D]}                                  SD 1.x / 2.x
@@ -56,7 +56,7 @@ class TextConditionalUNet(ConditionalNetwork):
         """Wrap an existing UNet2DConditionModel; null_cond: the null text condition with batch size 1
         (e.g. `PromptEncoder.null(1)`)."""
         obj = cls.__new__(cls)
-        ConditionalNetwork.__init__(obj)
+        TextConditionalNetwork.__init__(obj)
         obj._setup(unet, null_cond, vae_scale_factor, None)
         return obj
 
@@ -65,16 +65,10 @@ class TextConditionalUNet(ConditionalNetwork):
         self.pretrained = pretrained
         self.vae_scale_factor = int(vae_scale_factor)
         self.sdxl = unet.config.addition_embed_type == "text_time"
-        missing = [k for k in (TEXT_KEYS if self.sdxl else TEXT_KEYS[:1]) if k not in null_cond]
-        if missing:
-            raise ValueError(f"the null condition lacks {missing}; an SDXL-style UNet (addition_embed_type="
-                             f"'text_time') needs a two-encoder PromptEncoder (kind 'sdxl')")
-        self._null_keys = [k for k in TEXT_KEYS if k in null_cond]
-        for k in self._null_keys:
-            v = null_cond[k]
-            if v.shape[0] != 1:
-                raise ValueError(f"null_cond[{k!r}] must have batch size 1, got shape {tuple(v.shape)}")
-            self.register_buffer(f"null_{k}", v.detach().to(unet.dtype), persistent=False)
+        if self.sdxl and "text_embeds" not in null_cond:
+            raise ValueError("an SDXL-style UNet (addition_embed_type='text_time') needs text_embeds in its null "
+                             "condition: use a two-encoder PromptEncoder (kind 'sdxl')")
+        self._set_null(null_cond, TEXT_KEYS if self.sdxl else TEXT_KEYS[:1], unet.dtype)
         d = null_cond["encoder_hidden_states"].shape[-1]
         if d != unet.config.cross_attention_dim:
             raise ValueError(f"text embeddings have D={d} but the UNet's cross_attention_dim is "
@@ -97,29 +91,6 @@ class TextConditionalUNet(ConditionalNetwork):
                      "time_ids": (self._time_ids(x) if time_ids is None else time_ids).to(dtype)}
         return self.unet(x.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                          added_cond_kwargs=added).sample
-
-    def null_cond(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
-        b = cond["encoder_hidden_states"].shape[0]
-        out = dict(cond)
-        for k in self._null_keys:
-            null = getattr(self, f"null_{k}")
-            out[k] = null.expand(b, *null.shape[1:]).to(cond[k].dtype) if k in cond else null.expand(b, *null.shape[1:])
-        return out
-
-    def drop_cond(self, cond: dict[str, Tensor], p: float, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Replace the text of a random fraction p of samples by the null text (Ho & Salimans 2022, Algorithm 1);
-        time_ids are kept."""
-        if p <= 0:
-            return cond
-        ref = cond["encoder_hidden_states"]
-        drop = torch.rand(ref.shape[0], generator=generator, device=generator.device if generator else ref.device) < p
-        drop = drop.to(ref.device)
-        null = self.null_cond(cond)
-        out = dict(cond)
-        for k in self._null_keys:
-            m = drop.reshape(-1, *([1] * (cond[k].ndim - 1)))
-            out[k] = torch.where(m, null[k], cond[k])
-        return out
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "text", "diffusers_class": "UNet2DConditionModel", "pretrained": self.pretrained,
