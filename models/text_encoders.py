@@ -7,7 +7,8 @@ batch it like any other condition:
     encoder_hidden_states [B, L, D]  the token embeddings cross-attention reads (every text model);
     text_embeds           [B, P]     SDXL: the pooled, projected embedding of the second encoder;
     time_ids              [B, 6]     SDXL micro-conditioning (original size, crop top-left, target size),
-                                     added by the network adapter when the condition lacks it.
+                                     added by the network adapter when the condition lacks it;
+    pooled_projections    [B, P]     SD3: both CLIP encoders' projected embeddings, concatenated.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-ENCODER_KINDS = ("clip", "sdxl")
+ENCODER_KINDS = ("clip", "sdxl", "sd3")
+NUM_ENCODERS = {"clip": 1, "sdxl": 2, "sd3": 3}
 
 
 def encode_clip(tokenizer, text_encoder: nn.Module, prompts: list[str], hidden_layer: int | None = None) -> tuple[Tensor, Tensor]:
@@ -42,9 +44,15 @@ def encode_clip(tokenizer, text_encoder: nn.Module, prompts: list[str], hidden_l
 class PromptEncoder(nn.Module):
     """Prompts -> text condition dicts, with a per-prompt cache.
 
-    kind:                  "clip" (one encoder: SD 1.x/2.x) or "sdxl" (two encoders, penultimate layers
-                           concatenated along D, pooled projection of the second as text_embeds).
-    tokenizers, encoders:  one or two of each, in the pipeline's order (tokenizer/text_encoder, then _2).
+    kind:                  "clip" (one encoder: SD 1.x/2.x), "sdxl" (two encoders, penultimate layers
+                           concatenated along D, pooled projection of the second as text_embeds) or "sd3"
+                           (CLIP-L and CLIP-G penultimate layers concatenated along D and zero-padded to T5's
+                           width, then T5's tokens appended along L; both pooled projections concatenated;
+                           Esser et al. 2024, arXiv 2403.03206, sec. 5.2 / Fig. 2).
+    tokenizers, encoders:  one per encoder, in the pipeline's order (tokenizer/text_encoder, _2, _3); SD3's
+                           T5 (third) may be None, and its tokens are then zeros, as diffusers does.
+    t5_dim, max_sequence_length: SD3 only: the T5 embedding width (the transformer's joint_attention_dim)
+                           and the number of T5 tokens (diffusers' max_sequence_length, 256 by default).
     zeros_for_empty:       SDXL's `force_zeros_for_empty_prompt`: the null condition is all zeros instead of
                            the embedding of "" (what diffusers' SDXL pipeline does without a negative prompt).
     cache:                 keep every prompt's embedding (detached, on the CPU) so a prompt is encoded once;
@@ -53,27 +61,34 @@ class PromptEncoder(nn.Module):
     The encoders are frozen (eval, requires_grad False): prompt embeddings are inputs, not trained.
     """
 
-    def __init__(self, kind: str, tokenizers: Sequence, encoders: Sequence[nn.Module], zeros_for_empty: bool = False,
-                 cache: bool = True):
+    def __init__(self, kind: str, tokenizers: Sequence, encoders: Sequence[nn.Module | None], zeros_for_empty: bool = False,
+                 cache: bool = True, t5_dim: int | None = None, max_sequence_length: int = 256):
         super().__init__()
         if kind not in ENCODER_KINDS:
             raise ValueError(f"unknown prompt encoder kind {kind!r}; choose one of {', '.join(ENCODER_KINDS)}")
-        need = 1 if kind == "clip" else 2
+        need = NUM_ENCODERS[kind]
         if len(tokenizers) != need or len(encoders) != need:
             raise ValueError(f"a {kind!r} prompt encoder takes {need} tokenizer(s) and {need} text encoder(s), "
                              f"got {len(tokenizers)} and {len(encoders)}")
+        if kind == "sd3" and encoders[2] is None and t5_dim is None:
+            raise ValueError("an SD3 prompt encoder without T5 needs t5_dim (the transformer's joint_attention_dim)")
         self.kind, self.zeros_for_empty, self.use_cache = kind, zeros_for_empty, cache
+        self.t5_dim, self.max_sequence_length = t5_dim, max_sequence_length
         self.tokenizers = list(tokenizers)
-        self.encoders = nn.ModuleList(encoders)
+        self.encoders = nn.ModuleList([e for e in encoders if e is not None])
+        self.has_t5 = kind == "sd3" and encoders[2] is not None
         self.encoders.eval().requires_grad_(False)
         self._cache: dict[str, dict[str, Tensor]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, kind: str | None = None, dtype: torch.dtype | None = None,
-                        cache: bool = True) -> "PromptEncoder":
+                        cache: bool = True, max_sequence_length: int = 256, use_t5: bool = True) -> "PromptEncoder":
         """Load tokenizer(s) and text encoder(s) from a local pipeline folder in diffusers layout
-        (tokenizer/, text_encoder/[, tokenizer_2/, text_encoder_2/]). kind defaults to "sdxl" when
-        text_encoder_2/ exists, else "clip". Nothing is downloaded (local_files_only)."""
+        (tokenizer/, text_encoder/[, tokenizer_2/, text_encoder_2/[, tokenizer_3/, text_encoder_3/]]). kind
+        defaults to "sd3" when the folder has a transformer/, "sdxl" when it has text_encoder_2/, else "clip".
+        use_t5=False runs SD3 without its T5 encoder (zeros in its place, diffusers' text_encoder_3=None).
+        Nothing is downloaded (local_files_only)."""
+        import json
         from pathlib import Path
 
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -82,15 +97,27 @@ class PromptEncoder(nn.Module):
         if not (root / "text_encoder").is_dir():
             raise FileNotFoundError(f"{path} has no text_encoder/ folder; give a pipeline folder in diffusers layout "
                                     f"(model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
-        kind = kind or ("sdxl" if (root / "text_encoder_2").is_dir() else "clip")
+        index = _model_index(root)
+        if kind is None:
+            kind = "sd3" if (root / "transformer").is_dir() else "sdxl" if (root / "text_encoder_2").is_dir() else "clip"
         kw = dict(local_files_only=True, **({"dtype": dtype} if dtype is not None else {}))
         toks = [CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)]
-        encs = [CLIPTextModel.from_pretrained(root / "text_encoder", **kw)]
-        if kind == "sdxl":
+        first = CLIPTextModelWithProjection if kind == "sd3" else CLIPTextModel
+        encs: list = [first.from_pretrained(root / "text_encoder", **kw)]
+        if kind in ("sdxl", "sd3"):
             toks.append(CLIPTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True))
             encs.append(CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", **kw))
-        zeros = kind == "sdxl" and _model_index(root).get("force_zeros_for_empty_prompt", True)
-        return cls(kind, toks, encs, zeros_for_empty=bool(zeros), cache=cache)
+        extra = {}
+        if kind == "sd3":
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            has_t5 = use_t5 and (root / "text_encoder_3").is_dir()
+            toks.append(AutoTokenizer.from_pretrained(root / "tokenizer_3", local_files_only=True) if has_t5 else None)
+            encs.append(T5EncoderModel.from_pretrained(root / "text_encoder_3", **kw) if has_t5 else None)
+            joint = json.loads((root / "transformer" / "config.json").read_text())["joint_attention_dim"]
+            extra = dict(t5_dim=joint, max_sequence_length=max_sequence_length)
+        zeros = kind == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
+        return cls(kind, toks, encs, zeros_for_empty=bool(zeros), cache=cache, **extra)
 
     @property
     def device(self) -> torch.device:
@@ -104,12 +131,25 @@ class PromptEncoder(nn.Module):
         if self.kind == "clip":
             hidden, _ = encode_clip(self.tokenizers[0], self.encoders[0], prompts)
             return {"encoder_hidden_states": hidden}
-        hiddens, pooled = [], None
-        for tok, enc in zip(self.tokenizers, self.encoders):
-            h, p = encode_clip(tok, enc, prompts, hidden_layer=-2)  # SDXL reads the penultimate layer
+        hiddens, pooled = [], []
+        for tok, enc in zip(self.tokenizers[:2], self.encoders[:2]):
+            h, p = encode_clip(tok, enc, prompts, hidden_layer=-2)  # SDXL and SD3 read the penultimate layer
             hiddens.append(h)
-            pooled = p  # the second encoder's projected embedding
-        return {"encoder_hidden_states": torch.cat(hiddens, -1), "text_embeds": pooled}
+            pooled.append(p)
+        clip = torch.cat(hiddens, -1)
+        if self.kind == "sdxl":
+            return {"encoder_hidden_states": clip, "text_embeds": pooled[1]}  # the second encoder's projection
+        t5 = self._encode_t5(prompts, clip)
+        clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # CLIP widths zero-padded to T5's
+        return {"encoder_hidden_states": torch.cat([clip, t5], -2), "pooled_projections": torch.cat(pooled, -1)}
+
+    def _encode_t5(self, prompts: list[str], like: Tensor) -> Tensor:
+        """SD3's T5 tokens [B, max_sequence_length, t5_dim]; zeros when the model runs without T5."""
+        if not self.has_t5:
+            return like.new_zeros(len(prompts), self.max_sequence_length, self.t5_dim)
+        ids = self.tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                                 add_special_tokens=True, return_tensors="pt").input_ids
+        return self.encoders[2](ids.to(_device(self.encoders[2])))[0]
 
     def encode(self, prompts: str | Sequence[str]) -> dict[str, Tensor]:
         """Text condition dict for a batch of prompts ([B, L, D] hidden states, + [B, P] text_embeds for SDXL),

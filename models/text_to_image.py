@@ -35,13 +35,26 @@ class TextToImage:
     parameterization: str
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str = "float32", with_vae: bool = True) -> "TextToImage":
-        """Load a Stable Diffusion 1.x/2.x or SDXL folder in diffusers layout (never downloads)."""
-        from models.pretrained import schedule_from_pretrained, torch_dtype
-        from models.text_unet import TextConditionalUNet
+    def from_pretrained(cls, path: str, dtype: str = "float32", with_vae: bool = True, use_t5: bool = True,
+                        max_sequence_length: int = 256) -> "TextToImage":
+        """Load a Stable Diffusion 1.x/2.x, SDXL (unet/) or SD3 (transformer/) folder in diffusers layout (never
+        downloads). use_t5, max_sequence_length: SD3's T5 encoder (off: zeros in its place) and token count."""
+        from pathlib import Path
 
-        encoder = PromptEncoder.from_pretrained(path, dtype=torch_dtype(dtype))
-        net = TextConditionalUNet(path, dtype=dtype)
+        from models.pretrained import schedule_from_pretrained, torch_dtype
+
+        if (Path(path) / "transformer").is_dir():
+            from models.text_transformer import SD3Transformer
+
+            encoder = PromptEncoder.from_pretrained(path, kind="sd3", dtype=torch_dtype(dtype), use_t5=use_t5,
+                                                    max_sequence_length=max_sequence_length)
+            net: ConditionalNetwork = SD3Transformer(path, dtype=dtype, use_t5=use_t5,
+                                                     max_sequence_length=max_sequence_length)
+        else:
+            from models.text_unet import TextConditionalUNet
+
+            encoder = PromptEncoder.from_pretrained(path, dtype=torch_dtype(dtype))
+            net = TextConditionalUNet(path, dtype=dtype)
         vae = LatentVAE.from_pretrained(path, dtype=torch_dtype(dtype)) if with_vae else None
         schedule, param = schedule_from_pretrained(path)
         return cls(net.eval(), encoder, vae, schedule, param)

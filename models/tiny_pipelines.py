@@ -4,7 +4,8 @@ a tiny UNet2DConditionModel and AutoencoderKL, and the model family's own schedu
 
 The folders are loaded exactly as a real snapshot is (`from_pretrained(local path)`), so they exercise
 the same code paths: SD 1.5 (one encoder, eps), SD 2 (v-prediction), SDXL (two encoders, pooled
-text_embeds, micro-conditioning time_ids).
+text_embeds, micro-conditioning time_ids), SD3 (MMDiT transformer, CLIP-L + CLIP-G + T5 or no T5,
+rectified flow with shift, a VAE with shift_factor).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd15", "sd2", "sdxl")
+TINY_KINDS = ("sd15", "sd2", "sdxl", "sd3")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -82,14 +83,31 @@ def tiny_unet(cross_attention_dim: int = 32, sdxl_pooled_dim: int | None = None,
         cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8, **extra).eval()
 
 
-def tiny_vae(seed: int = 0):
-    """A two-level AutoencoderKL (latents 2x smaller than images, 4 channels) with SD's scaling factor."""
+def tiny_vae(seed: int = 0, scaling_factor: float = 0.18215, shift_factor: float | None = None):
+    """A two-level AutoencoderKL (latents 2x smaller than images, 4 channels) with SD's scaling factor
+    (SD3's: scaling 1.5305 and shift 0.0609)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                         norm_num_groups=8, layers_per_block=1, sample_size=16, scaling_factor=0.18215).eval()
+                         norm_num_groups=8, layers_per_block=1, sample_size=16, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor).eval()
+
+
+def tiny_t5(d_model: int = 48, seed: int = 0):
+    """(T5 tokenizer, T5EncoderModel): a unigram vocabulary of letters and a few words, one tiny layer."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    words = ["\u2581" + w for w in ("a", "cat", "the", "dog", "of", "red", "car")]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("0"), ord("9") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(w, -3.0) for w in words] + [(c, -5.0) for c in letters] + [("\u2581" + c, -4.0) for c in letters]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
+    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    return tok, T5EncoderModel(cfg).eval()
 
 
 def sd_scheduler(kind: str):
@@ -102,13 +120,33 @@ def sd_scheduler(kind: str):
                          prediction_type="v_prediction" if kind == "sd2" else "epsilon")
 
 
+def tiny_sd3_pipeline(seed: int = 0):
+    """A tiny StableDiffusion3Pipeline: CLIP-L and CLIP-G with projections (16 + 16 wide, zero-padded to T5's 48),
+    T5 (leave it out at load time with text_encoder_3=None, as with the real model), an SD3Transformer2DModel of one joint block, the SD3 VAE factors, flow matching with shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    enc = tiny_clip_text_encoder(tok, hidden=16, projection=16, seed=seed + 1)
+    enc2 = tiny_clip_text_encoder(tok2, hidden=16, projection=16, seed=seed + 2)
+    tok3, enc3 = tiny_t5(48, seed + 4)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8).eval()
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=tiny_vae(seed + 3, 1.5305, 0.0609), text_encoder=enc, tokenizer=tok,
+                                    text_encoder_2=enc2, tokenizer_2=tok2, text_encoder_3=enc3, tokenizer_3=tok3)
+
+
 def build_tiny_pipeline(kind: str = "sd15", seed: int = 0):
     """A tiny diffusers pipeline of family `kind` ("sd15", "sd2": StableDiffusionPipeline; "sdxl":
-    StableDiffusionXLPipeline), randomly initialised from `seed`."""
+    StableDiffusionXLPipeline; "sd3": StableDiffusion3Pipeline), randomly initialised from `seed`."""
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if kind == "sd3":
+        return tiny_sd3_pipeline(seed)
     tok = tiny_clip_tokenizer()
     if kind == "sdxl":
         tok2 = tiny_clip_tokenizer()
