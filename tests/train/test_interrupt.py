@@ -1,5 +1,6 @@
 """SIGTERM / SIGINT during `python -m train fit`: the step under way finishes, last.ckpt is written, the process
-exits with 128 + the signal number and a one-line message, and the checkpoint resumes."""
+exits with 128 + the signal number and a one-line message, and the checkpoint resumes to the very weights an
+uninterrupted run reaches."""
 from __future__ import annotations
 
 import os
@@ -60,6 +61,10 @@ def test_signal_writes_a_checkpoint_that_resumes(sig, tmp_path):
     step = torch.load(ckpt, weights_only=True)["global_step"]
     assert 2 <= step < 1000 and f"step {step} " in last
 
-    resumed = main(["fit", "--config", str(TINY_TEACHER), "--trainer.default_root_dir", str(tmp_path / "resumed"),
-                    "--trainer.max_steps", str(step + 2), "--trainer.limit_val_batches", "0", "--ckpt_path", str(ckpt)])
+    common = ["--config", str(TINY_TEACHER), "--trainer.max_steps", str(step + 2), "--trainer.limit_val_batches", "0"]
+    resumed = main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "resumed"), "--ckpt_path", str(ckpt)])
     assert resumed.trainer.global_step == step + 2
+    main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "straight")])
+    final = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+             for run in ("resumed", "straight")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[1])  # as if never interrupted
