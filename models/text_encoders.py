@@ -8,7 +8,8 @@ batch it like any other condition:
     text_embeds           [B, P]     SDXL: the pooled, projected embedding of the second encoder;
     time_ids              [B, 6]     SDXL micro-conditioning (original size, crop top-left, target size),
                                      added by the network adapter when the condition lacks it;
-    pooled_projections    [B, P]     SD3: both CLIP encoders' projected embeddings, concatenated.
+    pooled_projections    [B, P]     SD3: both CLIP encoders' projected embeddings, concatenated; Flux: the
+                                     CLIP pooler output (Flux's token embeddings are T5's alone).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-ENCODER_KINDS = ("clip", "sdxl", "sd3")
-NUM_ENCODERS = {"clip": 1, "sdxl": 2, "sd3": 3}
+ENCODER_KINDS = ("clip", "sdxl", "sd3", "flux")
+NUM_ENCODERS = {"clip": 1, "sdxl": 2, "sd3": 3, "flux": 2}
 
 
 def encode_clip(tokenizer, text_encoder: nn.Module, prompts: list[str], hidden_layer: int | None = None) -> tuple[Tensor, Tensor]:
@@ -48,7 +49,8 @@ class PromptEncoder(nn.Module):
                            concatenated along D, pooled projection of the second as text_embeds) or "sd3"
                            (CLIP-L and CLIP-G penultimate layers concatenated along D and zero-padded to T5's
                            width, then T5's tokens appended along L; both pooled projections concatenated;
-                           Esser et al. 2024, arXiv 2403.03206, sec. 5.2 / Fig. 2).
+                           Esser et al. 2024, arXiv 2403.03206, sec. 5.2 / Fig. 2), or "flux" (CLIP-L's pooler
+                           output as pooled_projections, T5's tokens as encoder_hidden_states).
     tokenizers, encoders:  one per encoder, in the pipeline's order (tokenizer/text_encoder, _2, _3); SD3's
                            T5 (third) may be None, and its tokens are then zeros, as diffusers does.
     t5_dim, max_sequence_length: SD3 only: the T5 embedding width (the transformer's joint_attention_dim)
@@ -70,13 +72,15 @@ class PromptEncoder(nn.Module):
         if len(tokenizers) != need or len(encoders) != need:
             raise ValueError(f"a {kind!r} prompt encoder takes {need} tokenizer(s) and {need} text encoder(s), "
                              f"got {len(tokenizers)} and {len(encoders)}")
+        if kind == "flux" and encoders[1] is None:
+            raise ValueError("a Flux prompt encoder needs its T5 encoder (text_encoder_2)")
         if kind == "sd3" and encoders[2] is None and t5_dim is None:
             raise ValueError("an SD3 prompt encoder without T5 needs t5_dim (the transformer's joint_attention_dim)")
         self.kind, self.zeros_for_empty, self.use_cache = kind, zeros_for_empty, cache
         self.t5_dim, self.max_sequence_length = t5_dim, max_sequence_length
         self.tokenizers = list(tokenizers)
         self.encoders = nn.ModuleList([e for e in encoders if e is not None])
-        self.has_t5 = kind == "sd3" and encoders[2] is not None
+        self.has_t5 = (kind == "sd3" and encoders[2] is not None) or kind == "flux"
         self.encoders.eval().requires_grad_(False)
         self._cache: dict[str, dict[str, Tensor]] = {}
 
@@ -99,9 +103,18 @@ class PromptEncoder(nn.Module):
                                     f"(model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
         index = _model_index(root)
         if kind is None:
-            kind = "sd3" if (root / "transformer").is_dir() else "sdxl" if (root / "text_encoder_2").is_dir() else "clip"
+            from models.pretrained import pipeline_family
+
+            kind = pipeline_family(root)
         kw = dict(local_files_only=True, **({"dtype": dtype} if dtype is not None else {}))
         toks = [CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)]
+        if kind == "flux":
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            toks.append(AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True))
+            encs_flux = [CLIPTextModel.from_pretrained(root / "text_encoder", **kw),
+                         T5EncoderModel.from_pretrained(root / "text_encoder_2", **kw)]
+            return cls(kind, toks, encs_flux, cache=cache, max_sequence_length=max_sequence_length)
         first = CLIPTextModelWithProjection if kind == "sd3" else CLIPTextModel
         encs: list = [first.from_pretrained(root / "text_encoder", **kw)]
         if kind in ("sdxl", "sd3"):
@@ -131,6 +144,9 @@ class PromptEncoder(nn.Module):
         if self.kind == "clip":
             hidden, _ = encode_clip(self.tokenizers[0], self.encoders[0], prompts)
             return {"encoder_hidden_states": hidden}
+        if self.kind == "flux":
+            _, pooled = encode_clip(self.tokenizers[0], self.encoders[0], prompts)  # CLIPTextModel: pooler output
+            return {"encoder_hidden_states": self._encode_t5(prompts, pooled), "pooled_projections": pooled}
         hiddens, pooled = [], []
         for tok, enc in zip(self.tokenizers[:2], self.encoders[:2]):
             h, p = encode_clip(tok, enc, prompts, hidden_layer=-2)  # SDXL and SD3 read the penultimate layer
@@ -144,12 +160,13 @@ class PromptEncoder(nn.Module):
         return {"encoder_hidden_states": torch.cat([clip, t5], -2), "pooled_projections": torch.cat(pooled, -1)}
 
     def _encode_t5(self, prompts: list[str], like: Tensor) -> Tensor:
-        """SD3's T5 tokens [B, max_sequence_length, t5_dim]; zeros when the model runs without T5."""
+        """T5 tokens [B, max_sequence_length, t5_dim] (SD3, Flux); zeros when SD3 runs without T5."""
         if not self.has_t5:
             return like.new_zeros(len(prompts), self.max_sequence_length, self.t5_dim)
-        ids = self.tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+        tok, enc = self.tokenizers[-1], self.encoders[-1]
+        ids = tok(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                                  add_special_tokens=True, return_tensors="pt").input_ids
-        return self.encoders[2](ids.to(_device(self.encoders[2])))[0]
+        return enc(ids.to(_device(enc)))[0]
 
     def encode(self, prompts: str | Sequence[str]) -> dict[str, Tensor]:
         """Text condition dict for a batch of prompts ([B, L, D] hidden states, + [B, P] text_embeds for SDXL),

@@ -5,7 +5,8 @@ a tiny UNet2DConditionModel and AutoencoderKL, and the model family's own schedu
 The folders are loaded exactly as a real snapshot is (`from_pretrained(local path)`), so they exercise
 the same code paths: SD 1.5 (one encoder, eps), SD 2 (v-prediction), SDXL (two encoders, pooled
 text_embeds, micro-conditioning time_ids), SD3 (MMDiT transformer, CLIP-L + CLIP-G + T5 or no T5,
-rectified flow with shift, a VAE with shift_factor).
+rectified flow with shift, a VAE with shift_factor), Flux (CLIP pooled + T5 tokens, packed latents,
+guidance embedding, dynamic shift).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd15", "sd2", "sdxl", "sd3")
+TINY_KINDS = ("sd15", "sd2", "sdxl", "sd3", "flux")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -138,15 +139,36 @@ def tiny_sd3_pipeline(seed: int = 0):
                                     text_encoder_2=enc2, tokenizer_2=tok2, text_encoder_3=enc3, tokenizer_3=tok3)
 
 
+def tiny_flux_pipeline(seed: int = 0):
+    """A tiny FluxPipeline (FLUX.1-dev layout): CLIP-L pooled (32 wide) + T5 tokens (48), a FluxTransformer2DModel
+    of one double and one single block with the guidance embedding, 4-channel latents packed into 16-wide
+    tokens, Flux's VAE factors, the dynamic-shifting flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok = tiny_clip_tokenizer()
+    enc = tiny_clip_text_encoder(tok, hidden=32, seed=seed + 1)
+    tok2, enc2 = tiny_t5(48, seed + 4)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=tiny_vae(seed + 3, 0.3611, 0.1159), text_encoder=enc, tokenizer=tok,
+                        text_encoder_2=enc2, tokenizer_2=tok2, transformer=transformer)
+
+
 def build_tiny_pipeline(kind: str = "sd15", seed: int = 0):
     """A tiny diffusers pipeline of family `kind` ("sd15", "sd2": StableDiffusionPipeline; "sdxl":
-    StableDiffusionXLPipeline; "sd3": StableDiffusion3Pipeline), randomly initialised from `seed`."""
+    StableDiffusionXLPipeline; "sd3": StableDiffusion3Pipeline; "flux": FluxPipeline), randomly initialised from `seed`."""
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if kind == "sd3":
         return tiny_sd3_pipeline(seed)
+    if kind == "flux":
+        return tiny_flux_pipeline(seed)
     tok = tiny_clip_tokenizer()
     if kind == "sdxl":
         tok2 = tiny_clip_tokenizer()
