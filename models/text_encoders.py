@@ -86,11 +86,12 @@ class PromptEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, kind: str | None = None, dtype: torch.dtype | None = None,
-                        cache: bool = True, max_sequence_length: int = 256, use_t5: bool = True) -> "PromptEncoder":
+                        cache: bool = True, max_sequence_length: int | None = None, use_t5: bool = True) -> "PromptEncoder":
         """Load tokenizer(s) and text encoder(s) from a local pipeline folder in diffusers layout
         (tokenizer/, text_encoder/[, tokenizer_2/, text_encoder_2/[, tokenizer_3/, text_encoder_3/]]). kind
         defaults to "sd3" when the folder has a transformer/, "sdxl" when it has text_encoder_2/, else "clip".
         use_t5=False runs SD3 without its T5 encoder (zeros in its place, diffusers' text_encoder_3=None).
+        max_sequence_length: T5 tokens, default the pipelines' (SD3 256, Flux 512).
         Nothing is downloaded (local_files_only)."""
         import json
         from pathlib import Path
@@ -114,7 +115,7 @@ class PromptEncoder(nn.Module):
             toks.append(AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True))
             encs_flux = [CLIPTextModel.from_pretrained(root / "text_encoder", **kw),
                          T5EncoderModel.from_pretrained(root / "text_encoder_2", **kw)]
-            return cls(kind, toks, encs_flux, cache=cache, max_sequence_length=max_sequence_length)
+            return cls(kind, toks, encs_flux, cache=cache, max_sequence_length=max_sequence_length or 512)
         first = CLIPTextModelWithProjection if kind == "sd3" else CLIPTextModel
         encs: list = [first.from_pretrained(root / "text_encoder", **kw)]
         if kind in ("sdxl", "sd3"):
@@ -128,7 +129,7 @@ class PromptEncoder(nn.Module):
             toks.append(AutoTokenizer.from_pretrained(root / "tokenizer_3", local_files_only=True) if has_t5 else None)
             encs.append(T5EncoderModel.from_pretrained(root / "text_encoder_3", **kw) if has_t5 else None)
             joint = json.loads((root / "transformer" / "config.json").read_text())["joint_attention_dim"]
-            extra = dict(t5_dim=joint, max_sequence_length=max_sequence_length)
+            extra = dict(t5_dim=joint, max_sequence_length=max_sequence_length or 256)
         zeros = kind == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
         return cls(kind, toks, encs, zeros_for_empty=bool(zeros), cache=cache, **extra)
 

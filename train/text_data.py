@@ -36,6 +36,8 @@ class EncodedCaptionDataModule(L.LightningDataModule):
     batch_size: pairs per step (per process).
     cache_dir:  where the latents are written once (latents-<hash>.safetensors, keyed by the source, size
                 and model folder); None keeps them in memory only.
+    embedded_guidance: for guidance-distilled networks (FLUX.1-dev): the guidance INPUT given with every
+                caption (cond["guidance"]); None for every other model.
 
     The text condition is built after the batch reaches its device (`on_after_batch_transfer`), from the
     prompt encoder's per-prompt cache; the network's drop_cond then does the classifier-free caption dropout.
@@ -43,8 +45,9 @@ class EncodedCaptionDataModule(L.LightningDataModule):
 
     def __init__(self, path: str, pretrained: str | None = None, image_size: int = 512, batch_size: int = 4,
                  caption_column: str | None = None, image_column: str = "image", val_size: int = 8, seed: int = 0,
-                 cache_dir: str | None = None, num_workers: int = 0):
+                 cache_dir: str | None = None, num_workers: int = 0, embedded_guidance: float | None = None):
         super().__init__()
+        self.embedded_guidance = embedded_guidance
         self.captions = CaptionedImageDataModule(path, image_size, batch_size, caption_column, image_column,
                                                  val_size, seed, num_workers)
         self.pretrained, self.cache_dir, self.batch_size, self.num_workers = pretrained, cache_dir, batch_size, num_workers
@@ -102,4 +105,7 @@ class EncodedCaptionDataModule(L.LightningDataModule):
         latents, captions = batch
         if self.encoder.device != latents.device:
             self.encoder.to(latents.device)
-        return latents, self.encoder.encode(list(captions))
+        cond = self.encoder.encode(list(captions))
+        if self.embedded_guidance is not None:
+            cond["guidance"] = torch.full((latents.shape[0],), float(self.embedded_guidance), device=latents.device)
+        return latents, cond

@@ -17,17 +17,17 @@ model:
   class_path: train.teacher.TeacherPretraining
   init_args:
     net:
-      class_path: models.text_unet.TextConditionalUNet
+      class_path: {net}
       init_args: {{pretrained: {model}}}
-    schedule: {{class_path: guidance.schedules.VPLinear, init_args: {{num_steps: 1000, beta_start: 0.00085, beta_end: 0.012, scaled: true}}}}
-    parameterization: eps
+    schedule: {schedule}
+    parameterization: {param}
     p_uncond: 0.5
     lr: 0.0001
     warmup_steps: 1
     ema_decay: 0.0
 data:
   class_path: train.text_data.EncodedCaptionDataModule
-  init_args: {{path: {images}, image_size: 16, batch_size: 2, val_size: 2, cache_dir: {cache}}}
+  init_args: {{path: {images}, image_size: 16, batch_size: 2, val_size: 2, cache_dir: {cache}, embedded_guidance: {guidance}}}
 trainer:
   max_steps: 3
   accelerator: cpu
@@ -44,12 +44,22 @@ trainer:
 """
 
 
+FAMILIES = {  # net, schedule, parameterization, embedded guidance
+    "sd15": ("models.text_unet.TextConditionalUNet", "{class_path: guidance.schedules.VPLinear, init_args: "
+             "{num_steps: 1000, beta_start: 0.00085, beta_end: 0.012, scaled: true}}", "eps", "null"),
+    "sd3": ("models.text_transformer.SD3Transformer", "{class_path: guidance.schedules.RectifiedFlow, init_args: "
+            "{shift: 3.0, logit_normal: true}}", "flow", "null"),
+    "flux": ("models.text_transformer.FluxTransformer", "{class_path: guidance.schedules.RectifiedFlow, init_args: "
+             "{shift: 1.58, logit_normal: true}}", "flow", "1.0"),
+}
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     from models.tiny_pipelines import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("t2i")
-    model = save_tiny_pipeline(root / "sd15", "sd15")
+    model = {kind: save_tiny_pipeline(root / kind, kind) for kind in FAMILIES}
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -59,20 +69,29 @@ def folders(tmp_path_factory):
     return root, model, images
 
 
-def test_teacher_fine_tunes_a_text_model_from_one_config(folders):
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_teacher_fine_tunes_a_text_model_from_one_config(folders, kind):
     from train.cli import main
-    from train.text_data import EncodedCaptionDataModule
 
-    root, model, images = folders
-    cfg = root / "teacher.yaml"
-    cfg.write_text(CONFIG.format(model=model, images=images, cache=root / "cache", root=root / "run"))
+    root, models, images = folders
+    net, schedule, param, guidance = FAMILIES[kind]
+    cfg = root / f"{kind}.yaml"
+    cfg.write_text(CONFIG.format(model=models[kind], images=images, cache=root / f"cache-{kind}", root=root / kind / "run",
+                                 net=net, schedule=schedule, param=param, guidance=guidance))
     main(["fit", "--config", str(cfg)])
-    assert (root / "run" / "checkpoints" / "last.ckpt").is_file()
-    cached = list((root / "cache").glob("latents-*.safetensors"))
+    assert (root / kind / "run" / "checkpoints" / "last.ckpt").is_file()
+    cached = list((root / f"cache-{kind}").glob("latents-*.safetensors"))
     assert len(cached) == 2  # train and validation latents, each encoded once
 
+
+def test_batches_are_cached_latents_and_prompt_embeddings(folders):
+    from train.text_data import EncodedCaptionDataModule
+
+    root, models, images = folders
+    model = models["sd15"]
+
     dm = EncodedCaptionDataModule(str(images), pretrained=str(model), image_size=16, batch_size=2, val_size=2,
-                                  cache_dir=str(root / "cache"))
+                                  cache_dir=str(root / "cache-sd15"))
     raw_latents, captions = next(iter(dm.train_dataloader()))
     latents, cond = dm.on_after_batch_transfer((raw_latents, captions), 0)
     assert latents.shape == (2, 4, 8, 8) and cond["encoder_hidden_states"].shape == (2, 16, 32)
