@@ -32,6 +32,14 @@ class ConditionalNetwork(nn.Module):
         """What an export records about the network (config for from_pretrained, condition kind)."""
         raise NotImplementedError
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward instead of storing them (the diffusers network's own gradient
+        checkpointing; used by the DeepSpeed strategy's activation_checkpointing)."""
+        unet = getattr(self, "unet", None)
+        if unet is None or not hasattr(unet, "enable_gradient_checkpointing"):
+            raise ValueError(f"{type(self).__name__} wraps no diffusers network with gradient checkpointing")
+        unet.enable_gradient_checkpointing()
+
 
 class ClassConditionalUNet(ConditionalNetwork):
     """diffusers `UNet2DModel` with class labels; label -1 is the null (unconditional) class.

@@ -1,7 +1,9 @@
 """Exponential moving average of a network's weights."""
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -27,9 +29,10 @@ class EMA(nn.Module):
         n = int(self.num_updates)
         d = min(self.decay, (1 + n) / (10 + n))
         ema_params = dict(self.module.named_parameters())
-        for name, p in model.named_parameters():
-            e = ema_params[name]
-            e.lerp_(p.detach().to(e.dtype), 1 - d)
+        with gathered_weights(model):
+            for name, p in model.named_parameters():
+                e = ema_params[name]
+                e.lerp_(p.detach().to(e.dtype), 1 - d)
         ema_buffers = dict(self.module.named_buffers())
         for name, b in model.named_buffers():
             ema_buffers[name].copy_(b)
@@ -37,3 +40,17 @@ class EMA(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def gathered_weights(model: nn.Module) -> Iterator[None]:
+    """The full weights of `model` inside the block when DeepSpeed ZeRO-3 has partitioned them (its
+    partitioned parameters carry a `ds_id`); a no-op otherwise."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield

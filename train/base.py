@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
@@ -126,6 +126,23 @@ class MethodModule(L.LightningModule):
     def on_update(self) -> None:
         """Called after each applied optimizer update (automatic optimization), e.g. to update an EMA, so that
         checkpoints written by callbacks at this step include it."""
+
+    # --- what the DeepSpeed strategy wraps (train.strategy) -----------------------------------------
+    def trainable_networks(self) -> dict[str, nn.Module]:
+        """Attribute path -> network, one per optimizer returned by `configure_optimizers` and in the same
+        order; `train.strategy.MultiEngineDeepSpeed` gives each its own DeepSpeed engine. Networks not named
+        here (teacher, EMA) are frozen replicas."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its trainable networks, so it cannot run "
+                                  f"under the multi-engine DeepSpeed strategy")
+
+    def gradient_clip(self, name: str) -> float | None:
+        """Max gradient norm of trainable network `name` (None: the trainer's gradient_clip_val)."""
+        return None
+
+    @property
+    def strategy_clips(self) -> bool:
+        """True under the multi-engine DeepSpeed strategy, whose engines reduce, check and clip gradients."""
+        return self._trainer is not None and hasattr(self.trainer.strategy, "engine_backward")
 
     # --- sampling -----------------------------------------------------------------------------
     def sampling_denoiser(self) -> Denoiser:

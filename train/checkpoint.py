@@ -9,6 +9,7 @@ import torch
 
 from train.base import CHECKPOINT_KEY, MethodModule
 from train.config import ConfigError, instantiate
+from train.strategy import convert_zero_checkpoint, is_zero_checkpoint
 
 
 class CheckpointError(ValueError):
@@ -16,16 +17,26 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """torch.load(weights_only=True) with one-line errors for missing, corrupt and foreign files."""
+    """torch.load(weights_only=True) with one-line errors for missing, corrupt and foreign files.
+
+    A checkpoint directory of the multi-engine DeepSpeed strategy (ZeRO shards, train.strategy) is converted to
+    the plain checkpoint a single-process run would have written (without optimizer state)."""
     path = Path(path)
-    if not path.is_file():
+    if is_zero_checkpoint(path):
+        try:
+            ckpt = convert_zero_checkpoint(path)
+        except Exception as e:
+            raise CheckpointError(f"ZeRO checkpoint {str(path)!r} cannot be converted (missing or corrupt shards?): "
+                                  f"{str(e).strip().splitlines()[0][:200]}") from None
+    elif not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the .ckpt written by `python -m train fit` "
                               f"(e.g. runs/<name>/checkpoints/last.ckpt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any failure to unpickle safely means the file is unusable as a checkpoint
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt, truncated, or not a torch file): "
-                              f"{str(e).strip().splitlines()[0][:200]}") from None
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # any failure to unpickle safely means the file is unusable as a checkpoint
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt, truncated, or not a torch file): "
+                                  f"{str(e).strip().splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a guidedistill checkpoint (no {CHECKPOINT_KEY!r} entry); "
                               f"pass a checkpoint written by `python -m train fit`")

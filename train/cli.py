@@ -77,6 +77,7 @@ def lightning_cli(argv: list[str] | None):
 
     from train.base import MethodModule
     from train.checkpoint import check_resume, read_checkpoint
+    import train.strategy  # noqa: F401  (registers the zero1/zero2/zero3 strategy names)
     from train.interrupt import InterruptCheckpoint
 
     class SaveAndLogConfig(SaveConfigCallback):

@@ -307,6 +307,9 @@ class ConceptErasure(MethodModule):
         if self.ema is not None:
             self.ema.update(self.student.net)
 
+    def trainable_networks(self):
+        return {"student.net": self.student.net}
+
     def configure_optimizers(self):
         return adamw_with_warmup(self.trainable, self.lr, self.weight_decay, self.warmup_steps)
 

@@ -181,6 +181,9 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)  # same t, noise and w every validation
         self.log("val/loss", self._loss(x0, labels, gen), prog_bar=True)
 
+    def trainable_networks(self):
+        return {"student.net": self.student.net}
+
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
         return adamw_with_warmup(params, self.lr, self.weight_decay, self.warmup_steps)

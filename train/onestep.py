@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -141,6 +142,8 @@ class OneStepDistillation(MethodModule):
         self.generator_steps = len(times)
         self.val_steps = self.generator_steps
         self.train()  # trainable networks in train mode, frozen ones in eval mode (see `train`)
+        self._all_trainable = (list(self.generator.net.parameters()) + self.fake_score.trainable_parameters()
+                               + (list(self.disc_head.parameters()) if self.disc_head is not None else []))
         self.automatic_optimization = False
 
     # --- construction helpers ---------------------------------------------------------------------
@@ -308,15 +311,17 @@ class OneStepDistillation(MethodModule):
         opts = self.optimizers()
         scheds = self.lr_schedulers()
         opt_g, opt_f = opts[0], opts[1]
+        nets = [self.fake_score.trainable_parameters()] + ([list(self.disc_head.parameters())] if self.disc_head is not None else [])
+        aux = [(opt_f, scheds[1])] + ([(opts[2], scheds[2])] if self.disc_head is not None else [])
         for _ in range(self.fake_updates):
-            terms = self.fake_losses(x_real, labels)
-            nets = [self.fake_score.trainable_parameters()] + ([list(self.disc_head.parameters())] if self.disc_head is not None else [])
-            aux = [(opt_f, scheds[1])] + ([(opts[2], scheds[2])] if self.disc_head is not None else [])
-            if self._backward(terms, [o for o, _ in aux], nets, "fake score"):
+            with self._updating(nets):
+                terms = self.fake_losses(x_real, labels)
+                ok = self._backward(terms, [o for o, _ in aux], nets, "fake score")
+            if ok:
                 for opt, sched in aux:
                     self._aux_step(opt)
                     sched.step()
-        with self.toggled_optimizer(opt_g):  # other networks' weights stop requiring grad meanwhile
+        with self._updating([list(self.generator.net.parameters())]):
             terms = self.generator_losses(labels)
             ok = self._backward(terms, [opt_g], [list(self.generator.net.parameters())], "generator")
             if ok:
@@ -337,15 +342,31 @@ class OneStepDistillation(MethodModule):
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             self.manual_backward(sum(terms.values()))
-            for params in param_groups:
-                bad = bad or nonfinite_gradient(params, terms)
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
+            if not self.strategy_clips:  # under ZeRO the engines hold the reduced gradients, clip them and
+                # skip an update whose gradient norm is NaN/inf (reported by train.strategy.EnginePrecision)
+                for params in param_groups:
+                    bad = bad or nonfinite_gradient(params, terms)
+                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
         if bad:
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             self.nonfinite_guard.handle(int(self.global_step), phase, bad)
             return False
         return True
+
+    @contextmanager
+    def _updating(self, param_groups: list[list]) -> Iterator[None]:
+        """Inside the block only `param_groups` (the networks this update trains) require grad among the
+        trainable weights, so a backward pass computes and reduces no gradient for the others."""
+        updated = {id(p) for params in param_groups for p in params}
+        frozen = [p for p in self._all_trainable if id(p) not in updated]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
     def _aux_step(self, opt) -> None:
         """Step a fake-score / discriminator optimizer through the strategy (precision and strategy hooks
@@ -360,6 +381,15 @@ class OneStepDistillation(MethodModule):
         t = self.fake_score.schedule.sample_t(x0.shape[0], generator=gen, device=x0.device)
         eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         self.log("val/fake_score", fake_score_loss(self.fake_score, x0, labels, t, eps).mean())
+
+    def trainable_networks(self):
+        nets = {"generator.net": self.generator.net, "fake_score.net": self.fake_score.net}
+        if self.disc_head is not None:
+            nets["disc_head"] = self.disc_head
+        return nets
+
+    def gradient_clip(self, name: str) -> float | None:
+        return self.grad_clip or 0.0
 
     def configure_optimizers(self):
         def adamw(params, lr):

@@ -235,6 +235,11 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
         self.log("val/loss", self._loss(x0, labels, gen), prog_bar=True)
 
+    def trainable_networks(self):
+        raise NotImplementedError("progressive distillation reloads the student's weights at every round, which "
+                                  "ZeRO's partitioned master weights do not follow yet; run it without the "
+                                  "multi-engine DeepSpeed strategy")
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.student.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         spr, warm, anneal = self.steps_per_round, max(1, self.warmup_steps), self.anneal_lr

@@ -68,5 +68,8 @@ class TeacherPretraining(MethodModule):
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)  # same t and noise every validation
         self.log("val/loss", self._loss(x0, labels, gen), prog_bar=True)
 
+    def trainable_networks(self):
+        return {"denoiser.net": self.denoiser.net}
+
     def configure_optimizers(self):
         return adamw_with_warmup(self.denoiser.net.parameters(), self.lr, self.weight_decay, self.warmup_steps)

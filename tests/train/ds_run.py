@@ -1,0 +1,174 @@
+"""Fit one tiny method, optionally under the multi-engine DeepSpeed strategy; run as a script by
+tests/train/test_deepspeed.py (Lightning's launcher re-runs it once per extra process).
+
+Writes to --root: losses.rank<r>.json (every train/ metric per batch index), weights.pt (rank 0: the
+trainable networks' full weights at the end, gathered under ZeRO-3) and checkpoints/ (one per step).
+
+    python tests/train/ds_run.py --method teacher --teacher T.ckpt --stage 2 --devices 2 --steps 4 --root R
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from models.ema import gathered_weights  # noqa: E402
+from train.base import MethodModule  # noqa: E402
+from train.config import instantiate, read_yaml  # noqa: E402
+
+TINY_TEACHER = ROOT / "tests" / "configs" / "tiny_teacher.yaml"
+
+
+class TwoNetworks(MethodModule):
+    """A deterministic two-network method (no random draws): a classifier A trained on the digits and a head
+    B on A's intermediate features (taken by a forward aborted after the layer, as the one-step module's
+    discriminator does), one loss reaching both, two optimizers. With no randomness its losses and weights
+    under ZeRO on N processes must equal a single-process run on the same global batch."""
+
+    class _Stop(Exception):
+        pass
+
+    def __init__(self, lr: float = 1e-2, nan_at: int = -1):
+        super().__init__()
+        self.nan_at = nan_at  # batch whose loss is made NaN (the engines must skip that update)
+        torch.manual_seed(0)
+        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1), nn.SiLU(),
+                               nn.Flatten(), nn.Linear(512, 10))
+        self.b = nn.Linear(512, 1)
+        self.lr = lr
+        self.automatic_optimization = False
+
+    def features(self, x):
+        out = {}
+
+        def hook(module, inputs, output):
+            out["f"] = output
+            raise self._Stop
+
+        handle = self.a[2].register_forward_hook(hook)
+        try:
+            self.a(x)
+        except self._Stop:
+            pass
+        finally:
+            handle.remove()
+        return out["f"].flatten(1)
+
+    def training_step(self, batch, batch_idx):
+        x, labels = batch
+        opt_a, opt_b = self.optimizers()
+        loss = nn.functional.cross_entropy(self.a(x), labels) + (self.b(self.features(x)) ** 2).mean()
+        if batch_idx == self.nan_at:
+            loss = loss * float("nan")
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        self.manual_backward(loss)
+        self.trainer.strategy.optimizer_step(opt_b.optimizer, closure=lambda: None)
+        opt_a.step()
+        self.log("train/loss", loss.detach())
+
+    def trainable_networks(self):
+        return {"a": self.a, "b": self.b}
+
+    def check_data(self, datamodule) -> None:
+        """Not a diffusion network: nothing to check against the digits' image size."""
+
+    def configure_optimizers(self):
+        return [torch.optim.AdamW(self.a.parameters(), lr=self.lr), torch.optim.AdamW(self.b.parameters(), lr=self.lr)]
+
+
+def build(method: str, teacher: str | None, batch: int, nan_at: int = -1):
+    """(module, datamodule) of a tiny run of `method`."""
+    from data.digits import DigitsDataModule
+    from train.erasure import ErasureSteps
+
+    digits = DigitsDataModule(batch_size=batch)
+    if method == "two_networks":
+        return TwoNetworks(nan_at=nan_at), digits
+    if method == "teacher":
+        return instantiate(read_yaml(TINY_TEACHER)["model"]), digits
+    if method == "guidance_distillation":
+        return instantiate({"class_path": "train.guidance_distillation.GuidanceDistillation",
+                            "init_args": {"teacher": teacher, "w_min": 1.0, "w_max": 5.0, "lr": 1e-3,
+                                          "warmup_steps": 1, "ema_decay": 0.5}}), digits
+    if method == "onestep":  # generator, LoRA fake score and discriminator: three engines
+        return instantiate({"class_path": "train.onestep.OneStepDistillation",
+                            "init_args": {"teacher": teacher, "divergence": "jensen_shannon", "gan_weight": 0.1,
+                                          "fake_updates": 2, "lora_rank": 4, "discriminator_hidden": 16,
+                                          "ema_decay": 0.9}}), digits
+    if method == "erasure":
+        return instantiate({"class_path": "train.erasure.ConceptErasure",
+                            "init_args": {"model": teacher, "concepts": [3], "lr": 0.05, "batch_size": 4,
+                                          "trajectory_steps": 3, "bank_size": 4, "bank_refresh": 2,
+                                          "val_samples": 0}}), ErasureSteps(steps_per_epoch=10)
+    raise ValueError(f"unknown method {method!r}")
+
+
+class Record(L.Callback):
+    """Per-rank train/ metrics of every batch, and the trainable networks' full weights at the end."""
+
+    def __init__(self, root: Path):
+        self.root, self.rows = root, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows[trainer.fit_loop.epoch_loop.total_batch_idx] = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+
+    def on_train_end(self, trainer, pl_module):
+        (self.root / f"losses.rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+        (self.root / f"skipped.rank{trainer.global_rank}.json").write_text(json.dumps(pl_module.nonfinite_guard.skipped))
+        weights = {}
+        for name, net in pl_module.trainable_networks().items():
+            with gathered_weights(net):
+                weights.update({f"{name}.{k}": v.detach().clone().cpu() for k, v in net.state_dict().items()})
+        if trainer.is_global_zero:
+            torch.save(weights, self.root / "weights.pt")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--stage", type=int, default=0, help="ZeRO stage; 0: no DeepSpeed")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8, help="batch size per process")
+    p.add_argument("--root", required=True)
+    p.add_argument("--ckpt", help="resume from this checkpoint")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--offload", action="store_true", help="optimizer states (and at stage 3 weights) on CPU")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--nan-at", type=int, default=-1, help="two_networks: the batch whose loss is NaN")
+    args = p.parse_args()
+
+    torch.set_num_threads(1)
+    from train.strategy import MultiEngineDeepSpeed
+
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(0, verbose=False)
+    module, data = build(args.method, args.teacher, args.batch, args.nan_at)
+    strategy = MultiEngineDeepSpeed(stage=args.stage, offload_optimizer=args.offload,
+                                    offload_parameters=args.offload and args.stage == 3,
+                                    activation_checkpointing=args.checkpointing) if args.stage else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
+                        precision=args.precision,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, default_root_dir=str(root),
+                        callbacks=[Record(root), ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1,
+                                                                 save_top_k=-1, save_last=True,
+                                                                 filename="{step}")])
+    trainer.fit(module, data, ckpt_path=args.ckpt)
+
+
+if __name__ == "__main__":
+    main()

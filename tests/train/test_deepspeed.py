@@ -1,0 +1,189 @@
+"""The multi-engine DeepSpeed strategy (train.strategy) on CPU with two gloo processes.
+
+- a deterministic two-network method under ZeRO-2 and ZeRO-3 on 2 processes equals a single-process run
+  on the same global batch (losses to 1e-6, weights to 1e-6);
+- every method (teacher, guidance distillation, one-step with three engines, erasure) trains under ZeRO
+  stages 2 and 3, and the ZeRO checkpoint converted to one state dict equals the trained weights exactly;
+- a run resumed from a ZeRO checkpoint repeats the uninterrupted run's losses exactly;
+- the CLI entry point under torchrun (the multi-node launch path), and export from a ZeRO checkpoint.
+Each run is a subprocess (tests/train/ds_run.py or `python -m train`), so no process group leaks into pytest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY_TEACHER
+from train.strategy import EnginePrecision, MultiEngineDeepSpeed, trainable_state_dict
+
+RUN = ROOT / "tests" / "train" / "ds_run.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+
+
+def run(args: list[str], root: Path, timeout: int = 600) -> None:
+    proc = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    (root.parent / f"{root.name}.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+def fit(method: str, root: Path, stage: int = 0, devices: int = 1, steps: int = 3, batch: int = 8,
+        teacher: Path | None = None, ckpt: Path | None = None, extra: tuple[str, ...] = ()) -> list[dict]:
+    """Run ds_run.py; the per-rank losses {batch index: {metric: value}}."""
+    args = [sys.executable, str(RUN), "--method", method, "--stage", str(stage), "--devices", str(devices),
+            "--steps", str(steps), "--batch", str(batch), "--root", str(root), *extra]
+    args += ["--teacher", str(teacher)] if teacher else []
+    args += ["--ckpt", str(ckpt)] if ckpt else []
+    run(args, root)
+    return [{int(k): v for k, v in json.loads((root / f"losses.rank{r}.json").read_text()).items()}
+            for r in range(devices)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_teacher_ckpt):
+    """Two-process runs shared by the tests below, each started once: runs(method, stage) -> (root, losses)."""
+    base, done = tmp_path_factory.mktemp("zero_runs"), {}
+
+    def get(method: str, stage: int):
+        if (method, stage) not in done:
+            root = base / f"{method}-zero{stage}"
+            done[method, stage] = root, fit(method, root, stage=stage, devices=2, teacher=tiny_teacher_ckpt)
+        return done[method, stage]
+
+    return get
+
+
+def global_mean(per_rank: list[dict]) -> dict[int, dict[str, float]]:
+    """The mean over ranks of each metric (equal local batches: the global batch mean)."""
+    return {i: {k: sum(r[i][k] for r in per_rank) / len(per_rank) for k in per_rank[0][i]} for i in per_rank[0]}
+
+
+@pytest.fixture(scope="module")
+def single_two_networks(tmp_path_factory) -> tuple[Path, dict]:
+    """The deterministic two-network method on one process without DeepSpeed, global batch 16."""
+    root = tmp_path_factory.mktemp("single") / "run"
+    return root, fit("two_networks", root, devices=1, batch=16)[0]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_equal_one_process_on_the_same_global_batch(stage, single_two_networks, tmp_path):
+    """ZeRO's gradient reduction over two engines (one loss reaching both, one through an aborted forward)
+    gives the single-process update: same losses and weights, steps 0-2."""
+    single_root, single = single_two_networks
+    zero = global_mean(fit("two_networks", tmp_path / "zero", stage=stage, devices=2, batch=8))
+    assert sorted(zero) == sorted(single) == [0, 1, 2]
+    for i in single:
+        assert zero[i]["train/loss"] == pytest.approx(single[i]["train/loss"], rel=1e-6, abs=1e-6)
+    w_single = torch.load(single_root / "weights.pt")
+    w_zero = torch.load(tmp_path / "zero" / "weights.pt")
+    assert sorted(w_single) == sorted(w_zero)
+    for k in w_single:
+        torch.testing.assert_close(w_zero[k], w_single[k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("method", ["teacher", "guidance_distillation", "onestep", "erasure"])
+def test_every_method_trains_under_zero_and_its_checkpoint_converts_exactly(method, stage, runs):
+    root, losses = runs(method, stage)
+    for rank in losses:
+        assert sorted(rank) == [0, 1, 2] and rank[0]
+        assert all(torch.isfinite(torch.tensor(v)) for row in rank.values() for v in row.values())
+    assert losses[0] != losses[1]  # each process trained on its own share of the batch
+    trained = torch.load(root / "weights.pt")
+    converted = trainable_state_dict(root / "checkpoints" / "last.ckpt")
+    assert sorted(converted) == sorted(trained)
+    for k in trained:
+        assert torch.equal(converted[k], trained[k]), k
+
+
+@pytest.mark.parametrize(("method", "stage"), [("onestep", 3), ("teacher", 2)])
+def test_resume_from_a_zero_checkpoint_repeats_the_losses(method, stage, runs, tiny_teacher_ckpt, tmp_path):
+    """Stopped after step 1 and resumed from its ZeRO checkpoint (every engine's shards and optimizer
+    state), the run logs the uninterrupted run's losses, bit for bit, on every rank."""
+    root, straight = runs(method, stage)
+    resumed = fit(method, tmp_path / "resumed", stage=stage, devices=2, teacher=tiny_teacher_ckpt,
+                  ckpt=root / "checkpoints" / "step=1.ckpt")
+    for rank in range(2):
+        assert sorted(resumed[rank]) == [1, 2]
+        assert {i: straight[rank][i] for i in (1, 2)} == resumed[rank]
+
+
+def test_bf16_offload_and_activation_checkpointing(runs, tiny_teacher_ckpt, tmp_path):
+    """ZeRO-3 with optimizer states and weights offloaded to CPU, activations recomputed, bf16 autocast:
+    the losses are the fp32 run's up to bf16 rounding (close, not equal), the weights stay fp32."""
+    root = tmp_path / "bf16"
+    losses = fit("onestep", root, stage=3, devices=2, teacher=tiny_teacher_ckpt,
+                 extra=("--precision", "bf16-mixed", "--offload", "--checkpointing"))
+    fp32 = runs("onestep", 3)[1]
+    for rank in range(2):
+        for i, row in losses[rank].items():
+            for k, v in row.items():
+                assert v == pytest.approx(fp32[rank][i][k], rel=0.1, abs=1e-3), (i, k)
+    assert losses[0][0]["train/fake_score"] != fp32[0][0]["train/fake_score"]  # bf16 compute did happen
+    trained, converted = torch.load(root / "weights.pt"), trainable_state_dict(root / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(converted[k], trained[k]) and trained[k].dtype == torch.float32 for k in trained)
+
+
+def test_a_nonfinite_gradient_is_skipped_by_the_engines_and_reported(tmp_path):
+    """A NaN loss at batch 1: every engine skips that update (DeepSpeed's gradient-norm check), the module's
+    NaN/inf policy records it, and training goes on with finite weights."""
+    root = tmp_path / "nan"
+    fit("two_networks", root, stage=2, devices=2, batch=8, extra=("--nan-at", "1"))
+    for rank in range(2):
+        skipped = json.loads((root / f"skipped.rank{rank}.json").read_text())
+        assert [(s["step"], s["phase"]) for s in skipped] == [(1, "DeepSpeed engine"), (1, "DeepSpeed engine")]
+    assert all(torch.isfinite(v).all() for v in torch.load(root / "weights.pt").values())
+
+
+def test_cli_under_torchrun_then_export_from_the_zero_checkpoint(tmp_path):
+    """The entry point users launch on a cluster (torchrun sets the ranks; Lightning's TorchElastic
+    environment picks them up), with the strategy chosen by name; the ZeRO checkpoint exports directly."""
+    root = tmp_path / "run"
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "train", "fit", "--config", str(TINY_TEACHER), "--trainer.strategy", "zero2", "--trainer.devices", "2",
+         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+         "--trainer.default_root_dir", str(root)], root)
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert (ckpt / "lightning.pt").is_file() and (ckpt / "denoiser.net").is_dir()
+    out = tmp_path / "teacher.safetensors"
+    run([sys.executable, "-m", "train", "export", "--ckpt", str(ckpt), "--out", str(out), "--format", "safetensors"],
+        tmp_path / "export")
+    from safetensors.torch import load_file
+
+    from train.checkpoint import load_method
+
+    exported = load_file(out)
+    sampling = load_method(ckpt, expect="teacher").sampling_denoiser().net.state_dict()
+    assert sorted(exported) == sorted(sampling)
+    assert all(torch.equal(exported[k], sampling[k]) for k in sampling)
+
+
+# --- configuration errors, before any process starts ---------------------------------------------
+def test_configuration_errors_are_clear():
+    with pytest.raises(ValueError, match="ZeRO stage must be 1, 2 or 3"):
+        MultiEngineDeepSpeed(stage=4)
+    with pytest.raises(ValueError, match="offload_parameters needs ZeRO stage 3"):
+        MultiEngineDeepSpeed(stage=2, offload_parameters=True)
+    with pytest.raises(ValueError, match="use 32-true or bf16-mixed"):
+        EnginePrecision("16-mixed")
+
+
+def test_progressive_distillation_refuses_the_strategy_with_a_reason():
+    from train.progressive import ProgressiveDistillation
+
+    with pytest.raises(NotImplementedError, match="reloads the student's weights at every round"):
+        ProgressiveDistillation.trainable_networks(object.__new__(ProgressiveDistillation))
+
+
+def test_strategy_names_are_registered():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    for name in ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "guidedistill_deepspeed"):
+        assert StrategyRegistry[name]["strategy"] is MultiEngineDeepSpeed
+    assert StrategyRegistry["zero3_offload"]["init_params"] == {"stage": 3, "offload_optimizer": True,
+                                                               "offload_parameters": True}
