@@ -78,6 +78,38 @@ def windowed(target: Tensor, outside: Tensor, t: Tensor, t_window: float | None)
     return torch.where(inside, target, outside)
 
 
+def forget_target(guided: GuidedDenoiser, x_t: Tensor, t: Tensor, cond: Tensor, w: float | Tensor,
+                  concepts: list[int], eta: float = 1.0, targets: list[int] | None = None,
+                  space: str = "x0") -> Tensor:
+    """The real-score target of Score Forgetting Distillation (SFD, Chen et al. 2024, arXiv 2409.11219, sec. 3):
+    inside a distribution-matching objective, the guided teacher's prediction D_u + w (D_c - D_u) for every
+    sample, except those whose label is an erased concept, which get an erasure target instead, so the distilled
+    generator learns the erased score for them:
+
+    - `targets` None: ESD's target (`esd_target`: the frozen model guided at w = -eta, CFG);
+    - `targets` one class per concept: the guided teacher's prediction for that class at the sample's own scale w
+      with the same guider (`toward_target`, All but One's redirection).
+
+    guided: the guided teacher (its `denoiser` is the frozen model; a guider needing a weak model cannot build the
+    toward target); x_t [B, C, H, W]; t [B]; cond: class labels [B]; w: scalar or [B]. Returns [B, C, H, W] in
+    `space` (x0 for DMD's D_real).
+    """
+    target = teacher_target(guided, x_t, t, cond, w, space)
+    erased = torch.isin(cond, torch.as_tensor(concepts, device=cond.device))
+    if not bool(erased.any()):
+        return target
+    x_e, t_e, c_e = x_t[erased], t[erased], cond[erased]
+    if targets is None:
+        target[erased] = esd_target(guided.denoiser, x_e, t_e, c_e, eta, space).to(target.dtype)
+        return target
+    lut = torch.arange(int(max(concepts)) + 1, device=cond.device)
+    lut[torch.as_tensor(concepts, device=cond.device)] = torch.as_tensor(targets, device=cond.device)
+    w_e = torch.as_tensor(w, dtype=target.dtype, device=cond.device).expand(len(cond))[erased]
+    target[erased] = toward_target(guided.denoiser, x_e, t_e, lut[c_e], w_e, space,
+                                   guider=guided.guider).to(target.dtype)
+    return target
+
+
 def preservation_target(frozen: Denoiser, x_t: Tensor, t: Tensor, cond: Any, space: str = "eps") -> Tensor:
     """The frozen model's own prediction D(x_t, cond) in `space`, the target of the preservation terms:
 

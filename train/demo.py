@@ -2,9 +2,9 @@
 
 Stages (each a `python -m train fit` of a config under configs/digits, then an evaluation):
 teacher -> guidance distillation -> progressive distillation -> one-step DMD -> one-step f-distill (JS)
--> concept erasure (one digit, two digits, one toward another). Later stages start from the earlier
-stages' checkpoints. Every stage prints its metrics table; all tables go to <out>/metrics.json and
-<out>/tables.md.
+-> concept erasure (one digit, two digits, one toward another) -> an erased one-step generator (SFD).
+Later stages start from the earlier stages' checkpoints. Every stage prints its metrics table; all tables go to
+<out>/metrics.json and <out>/tables.md.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ STAGES = [
     ("erase_one", "erase_one.yaml", {"model": "teacher"}, 50, (2.0,)),
     ("erase_two", "erase_two.yaml", {"model": "teacher"}, 50, (2.0,)),
     ("erase_toward", "erase_toward.yaml", {"model": "teacher"}, 50, (2.0,)),
+    ("sfd", "sfd.yaml", {"teacher": "teacher"}, 1, (2.0,)),
 ]
 
 

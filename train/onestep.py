@@ -15,6 +15,7 @@ from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import build_guider
 from losses.dmd import decoupled_dmd_loss, dmd_loss, fake_score_loss
+from losses.erasure import forget_target
 from losses.fdiv import check_divergence, fdistill_loss
 from losses.gan import discriminator_loss, generator_gan_loss
 from models.discriminator import DiscriminatorHead, discriminator_logits, feature_channels
@@ -77,6 +78,12 @@ class OneStepDistillation(MethodModule):
     ema_decay:        EMA of the generator used for sampling (0 disables).
     nonfinite:        what a NaN/inf loss term or gradient does: "skip" the update or "stop" (train.nonfinite).
     max_skips:        consecutive skipped generator updates before training stops with an error.
+    erase_concepts:   classes the generator must not draw (Score Forgetting Distillation, arXiv 2409.11219): for
+                      samples of these labels the DMD term's teacher target is an erasure target (`dm_target`), so
+                      the one-step generator comes out erased; their GAN term is off. None: plain distillation.
+    erase_eta:        ESD strength of that target: the teacher guided at w = -erase_eta (losses.erasure.esd_target).
+    erase_targets:    instead of ESD, draw these classes (one per erased concept): the guided teacher's target for
+                      the target class at the generator's scale w (losses.erasure.toward_target).
     """
 
     method_name = "onestep"
@@ -95,7 +102,8 @@ class OneStepDistillation(MethodModule):
                  lr: float = 1e-4, lr_fake: float | None = None, lr_disc: float | None = None,
                  betas: tuple[float, float] = (0.0, 0.999), weight_decay: float = 0.0, warmup_steps: int = 0,
                  grad_clip: float | None = 10.0, ema_decay: float = 0.99, max_skips: int = 10,
-                 val_samples: int = 200, nonfinite: str = "skip"):
+                 val_samples: int = 200, nonfinite: str = "skip", erase_concepts: list[int] | None = None,
+                 erase_eta: float = 1.0, erase_targets: list[int] | None = None):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         self.objective, self.divergence = objective, check_divergence(divergence)
@@ -131,6 +139,9 @@ class OneStepDistillation(MethodModule):
                 raise ValueError("pg_sb_range guides the fake score with the teacher's guider, which cannot need a "
                                  "weak model; use a guider such as 'cfg' with PG-SB")
             self._guided["fake"] = GuidedDenoiser(self.fake_score, copy.deepcopy(g))
+        self.erase_concepts, self.erase_targets = _check_erase(erase_concepts, erase_eta, erase_targets, objective,
+                                                               divergence, g, teacher_den)
+        self.erase_eta = erase_eta
         self.uses_discriminator = gan_weight > 0 or divergence != "reverse_kl"
         self.disc_head = None
         if self.uses_discriminator:
@@ -278,7 +289,7 @@ class OneStepDistillation(MethodModule):
         if self.objective == "dmd":
             t = self._uniform_t(b, self.dmd_t_range, dev)
             x_t = sched.add_noise(x.detach(), torch.randn_like(x), t)
-            d_real = teacher_target(self._guided["teacher"], x_t, t, labels, w, space="x0")
+            d_real = self.dm_target(x_t, t, labels, w)
             d_fake = self._fake_x0(x_t, t, labels, w)
             if self.divergence == "reverse_kl":
                 terms["dmd"] = dmd_loss(x, d_real, d_fake).mean()
@@ -291,7 +302,7 @@ class OneStepDistillation(MethodModule):
         if self.gan_weight > 0:
             t_g = self._uniform_t(b, self.disc_t_range, dev)
             logits = self._disc_logits(sched.add_noise(x, torch.randn_like(x), t_g), t_g, labels)
-            terms["generator_gan"] = self.gan_weight * generator_gan_loss(logits).mean()
+            terms["generator_gan"] = self.gan_weight * (generator_gan_loss(logits) * self.gan_keep(labels)).mean()
         return terms
 
     def _decoupled_loss(self, x: Tensor, labels: Tensor, w: Tensor) -> Tensor:
@@ -304,6 +315,23 @@ class OneStepDistillation(MethodModule):
             d_fake = self.fake_score(x_dm, t_dm, labels).x0
             d_cond = teacher(x_dm, t_dm, labels).x0
         return decoupled_dmd_loss(x, both[:b], both[b:], w, d_fake, d_cond, self.ca_weight, self.dm_weight)
+
+    # --- score forgetting distillation (erase_concepts) ----------------------------------------------
+    def dm_target(self, x_t: Tensor, t: Tensor, labels: Tensor, w: Tensor) -> Tensor:
+        """D_real of the DMD term, x0 [B, C, H, W], at (x_t [B, C, H, W], t [B]) for labels [B] and scales w [B]:
+        the guided teacher's prediction (DMD Eq. 7) or, with erase_concepts, SFD's target, in which erased labels
+        get the ESD / toward target of the same frozen teacher (losses.erasure.forget_target)."""
+        if self.erase_concepts is None:
+            return teacher_target(self._guided["teacher"], x_t, t, labels, w, space="x0")
+        return forget_target(self._guided["teacher"], x_t, t, labels, w, self.erase_concepts, self.erase_eta,
+                             self.erase_targets, space="x0")
+
+    def gan_keep(self, labels: Tensor) -> Tensor | float:
+        """Per-sample weight [B] of the generator's GAN term: 0 for erased labels (the discriminator's real branch
+        holds real images of the concept, which would pull the generator back to it), else 1."""
+        if self.erase_concepts is None:
+            return 1.0
+        return (~torch.isin(labels, torch.tensor(self.erase_concepts, device=labels.device))).float()
 
     # --- optimisation --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -407,6 +435,35 @@ class OneStepDistillation(MethodModule):
 
 def _no_closure() -> None:
     return None
+
+
+def _check_erase(concepts, eta, targets, objective, divergence, guider, teacher) -> tuple[list | None, list | None]:
+    """Validated (erase_concepts, erase_targets) of Score Forgetting Distillation; (None, None) when off."""
+    if concepts is None:
+        if targets is not None:
+            raise ValueError("erase_targets needs erase_concepts (the classes to draw as the targets instead)")
+        return None, None
+    num_classes = getattr(teacher.net, "num_classes", None)
+    if num_classes is None:
+        raise ValueError("erase_concepts erases classes of a class-conditional teacher; this teacher takes no labels")
+    concepts = [int(c) for c in concepts]
+    if not concepts or len(set(concepts)) != len(concepts) or not all(0 <= c < num_classes for c in concepts):
+        raise ValueError(f"erase_concepts must be distinct classes in 0..{num_classes - 1}, got {concepts}")
+    if eta < 0:
+        raise ValueError(f"erase_eta must be >= 0 (the erased target is the teacher guided at w = -erase_eta), got {eta}")
+    if objective != "dmd" or divergence != "reverse_kl":
+        raise ValueError(f"erase_concepts replaces the teacher target of the DMD term; set objective: dmd and "
+                         f"divergence: reverse_kl (got {objective!r}, {divergence!r}: their CFG split and density "
+                         f"ratio come from the unerased teacher and real data)")
+    if targets is not None:
+        targets = [int(c) for c in targets]
+        if len(targets) != len(concepts) or not all(0 <= c < num_classes for c in targets) or set(targets) & set(concepts):
+            raise ValueError(f"erase_targets must give one class in 0..{num_classes - 1} per erased concept "
+                             f"{concepts}, none of them erased; got {targets}")
+        if any(b.model == "weak" for b in guider.branches(None)):
+            raise ValueError("erase_targets guides the frozen teacher toward the target classes with the module's "
+                             "guider, which cannot need a weak model; use a guider such as 'cfg'")
+    return concepts, targets
 
 
 def _range(name: str, value, lo: float = 0.0, hi: float = 1.0) -> tuple[float, float]:

@@ -11,8 +11,8 @@ from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import CFG
 from guidance.parameterization import from_x0
 from guidance.schedules import VPCosine
-from losses.erasure import (ant_target, esd_target, preservation_target, regression_loss, toward_target,
-                            window_scale, windowed)
+from losses.erasure import (ant_target, esd_target, forget_target, preservation_target, regression_loss,
+                            toward_target, window_scale, windowed)
 from tests.guidance.gmm import GaussianMixture, GMMNet, gmm_denoiser
 
 SCHEDULE = VPCosine()
@@ -115,6 +115,34 @@ def test_preservation_targets_are_the_frozen_unconditional_and_anchor_prediction
     close(preservation_target(den, x_t, t, NULL(c), space), analytic(gmm, x_t, t, NULL(c), space))  # All but One
     close(preservation_target(den, x_t, t, c, space), analytic(gmm, x_t, t, c, space))  # SPM anchors
     assert not torch.allclose(analytic(gmm, x_t, t, NULL(c), space), analytic(gmm, x_t, t, c, space))
+
+
+@pytest.mark.parametrize("space", ["x0", "eps"])
+def test_forget_target_is_esd_for_erased_labels_and_the_guided_teacher_for_the_others(gmm, space):
+    den = gmm_denoiser(gmm, SCHEDULE, "v")
+    guided = GuidedDenoiser(den, CFG())
+    x_t, t, c = inputs(gmm)  # labels 0, 2, 1, 1, 0, 2
+    w = torch.tensor([2.0, 3.0, 1.5, 2.0, 4.0, 2.0], dtype=torch.float64)
+    got = forget_target(guided, x_t, t, c, w, concepts=[1], eta=1.5, space=space)
+    erased = c == 1
+    close(got[erased], esd_target(den, x_t, t, c, 1.5, space)[erased])  # SFD: the erased score (ESD, w = -eta)
+    close(got[~erased], teacher_target(guided, x_t, t, c, w, space)[~erased])
+    y_c, y_u = analytic(gmm, x_t, t, c, space), analytic(gmm, x_t, t, NULL(c), space)
+    want = torch.where(erased.reshape(-1, 1, 1, 1), y_u - 1.5 * (y_c - y_u), y_u + w.reshape(-1, 1, 1, 1) * (y_c - y_u))
+    close(got, want)
+    close(forget_target(guided, x_t, t, c, w, concepts=[], space=space), teacher_target(guided, x_t, t, c, w, space))
+
+
+def test_forget_target_toward_is_the_guided_target_class_at_each_samples_scale(gmm):
+    den = gmm_denoiser(gmm, SCHEDULE, "eps")
+    guided = GuidedDenoiser(den, CFG())
+    x_t, t, c = inputs(gmm)
+    w = torch.tensor([2.0, 3.0, 1.5, 2.0, 4.0, 2.0], dtype=torch.float64)
+    got = forget_target(guided, x_t, t, c, w, concepts=[2, 1], targets=[0, 2], space="x0")
+    to = torch.tensor([0, 2, 0])[c]  # 1 -> 2, 2 -> 0, 0 stays
+    y_to, y_u = analytic(gmm, x_t, t, to, "x0"), analytic(gmm, x_t, t, NULL(c), "x0")
+    close(got, y_u + w.reshape(-1, 1, 1, 1) * (y_to - y_u))
+    assert not torch.allclose(got, teacher_target(guided, x_t, t, c, w, "x0"))
 
 
 class Scaled(nn.Module):

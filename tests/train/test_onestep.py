@@ -15,6 +15,9 @@ import train.onestep as onestep
 from data.digits import DigitsDataModule
 from train.checkpoint import CheckpointError, load_method
 from train.config import instantiate, read_yaml
+from guidance.guided import GuidedDenoiser, teacher_target
+from guidance.guiders import CFG
+from losses.erasure import esd_target, toward_target
 from train.onestep import NonFiniteLoss, OneStepDistillation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,7 +236,7 @@ def test_missing_teacher_says_how_to_train_one(tmp_path):
         OneStepDistillation(teacher=str(tmp_path / "missing.ckpt"))
 
 
-@pytest.mark.parametrize("name", ["dmd.yaml", "fdistill_js.yaml"])
+@pytest.mark.parametrize("name", ["dmd.yaml", "fdistill_js.yaml", "sfd.yaml"])
 def test_shipped_configs_build(name, tiny_teacher_ckpt):
     cfg = read_yaml(ROOT / "configs" / "digits" / name)
     assert cfg["model"]["class_path"] == "train.onestep.OneStepDistillation"
@@ -242,3 +245,70 @@ def test_shipped_configs_build(name, tiny_teacher_ckpt):
     assert module.generator_steps == 1
     assert (module.disc_head is not None) == (module.divergence != "reverse_kl" or module.gan_weight > 0)
     assert isinstance(instantiate(cfg["data"], base=L.LightningDataModule), DigitsDataModule)
+
+
+# --- Score Forgetting Distillation: erase_concepts ----------------------------------------------------------
+
+@pytest.mark.parametrize("targets", [None, [8]])
+def test_sfd_generator_target_is_the_erasure_target_for_erased_labels(tiny_teacher_ckpt, monkeypatch, targets):
+    module = build(tiny_teacher_ckpt, erase_concepts=[3, 7], erase_eta=1.5,
+                   erase_targets=None if targets is None else [8, 1], gan_weight=0.1)
+    seen, real_fake, real_dmd = {}, module._fake_x0, onestep.dmd_loss
+
+    def spy_fake(x_t, t, cond, w):
+        seen.update(x_t=x_t, t=t, w=w)
+        return real_fake(x_t, t, cond, w)
+
+    def spy_dmd(x, d_real, d_fake, *a, **k):
+        seen["d_real"] = d_real
+        return real_dmd(x, d_real, d_fake, *a, **k)
+
+    monkeypatch.setattr(module, "_fake_x0", spy_fake)
+    monkeypatch.setattr(onestep, "dmd_loss", spy_dmd)
+    labels = torch.tensor([3, 0, 7, 5, 9, 3])
+    terms = module.generator_losses(labels)
+    x_t, t, w, d_real = seen["x_t"], seen["t"], seen["w"], seen["d_real"]
+    erased, teacher = torch.isin(labels, torch.tensor([3, 7])), module.teacher
+    plain = teacher_target(GuidedDenoiser(teacher, CFG()), x_t, t, labels, w, space="x0")
+    if targets is None:  # ESD: the frozen teacher guided at w = -eta
+        want = esd_target(teacher, x_t[erased], t[erased], labels[erased], 1.5, space="x0")
+    else:  # toward: the guided teacher's target for 3 -> 8, 7 -> 1 at the sample's own scale
+        to = torch.where(labels[erased] == 3, 8, 1)
+        want = toward_target(teacher, x_t[erased], t[erased], to, w[erased], "x0", guider=module._guided["teacher"].guider)
+    assert torch.equal(d_real[erased], want)
+    assert torch.equal(d_real[~erased], plain[~erased])
+    assert not torch.allclose(d_real[erased], plain[erased])
+    reference = load_method(tiny_teacher_ckpt, expect="teacher").sampling_denoiser()  # the teacher itself, no LoRA view
+    torch.testing.assert_close(d_real[~erased], teacher_target(GuidedDenoiser(reference, CFG()), x_t, t, labels, 2.0,
+                                                                  "x0")[~erased], rtol=1e-5, atol=1e-5)
+    (terms["dmd"] + terms["generator_gan"]).backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.generator.net.parameters() if p.grad is not None)
+
+
+def test_sfd_turns_the_gan_term_off_for_erased_labels(tiny_teacher_ckpt):
+    module = build(tiny_teacher_ckpt, erase_concepts=[3], gan_weight=0.1)
+    assert module.gan_keep(torch.tensor([3, 1, 3])).tolist() == [0.0, 1.0, 0.0]
+    assert module.generator_losses(torch.tensor([3, 3]))["generator_gan"].item() == 0.0
+    assert module.generator_losses(torch.tensor([3, 4]))["generator_gan"].item() > 0.0
+    assert build(tiny_teacher_ckpt, gan_weight=0.1).gan_keep(torch.tensor([3])) == 1.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"erase_concepts": [3, 3]}, "distinct classes in 0..9"),
+    ({"erase_concepts": [10]}, "distinct classes in 0..9"),
+    ({"erase_concepts": [3], "erase_eta": -1.0}, "erase_eta must be >= 0"),
+    ({"erase_concepts": [3], "objective": "decoupled"}, "set objective: dmd"),
+    ({"erase_concepts": [3], "divergence": "jensen_shannon"}, "divergence: reverse_kl"),
+    ({"erase_concepts": [3, 4], "erase_targets": [8]}, "one class in 0..9 per erased concept"),
+    ({"erase_concepts": [3, 4], "erase_targets": [8, 3]}, "none of them erased"),
+    ({"erase_targets": [8]}, "erase_targets needs erase_concepts"),
+])
+def test_sfd_impossible_settings_are_refused(tiny_teacher_ckpt, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build(tiny_teacher_ckpt, **overrides)
+
+
+def test_sfd_toward_refuses_a_guider_that_needs_a_weak_model(tiny_teacher_ckpt):
+    with pytest.raises(ValueError, match="cannot need a weak model"):
+        build(tiny_teacher_ckpt, erase_concepts=[3], erase_targets=[8], guider="autoguidance",
+              weak_teacher=str(tiny_teacher_ckpt))
