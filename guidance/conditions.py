@@ -41,3 +41,17 @@ def cond_to(cond: Any, device) -> Any:
     if isinstance(cond, dict):
         return {k: cond_to(v, device) for k, v in cond.items()}
     return cond.to(device)
+
+
+def cond_size(cond: Any) -> int:
+    """Batch size of a condition (a tensor [B, ...] or a dict of them)."""
+    if isinstance(cond, dict):
+        return cond_size(next(v for v in cond.values() if v is not None))
+    return cond.shape[0]
+
+
+def cond_device(cond: Any) -> torch.device:
+    """Device of a condition (a tensor or a dict of tensors)."""
+    if isinstance(cond, dict):
+        return cond_device(next(v for v in cond.values() if v is not None))
+    return cond.device

@@ -5,7 +5,8 @@ erasure tied to the prompt) or everything else (ESD-u, erasure of the concept fr
 A class-conditional UNet (models.adapters.ClassConditionalUNet) has no cross-attention: its condition enters
 only through the class embedding `unet.class_embedding` (one row per class, the last row the null class),
 so that embedding plays the cross-attention role here: ESD-x trains it alone, ESD-u everything but it.
-Text-conditioned diffusers UNets name their cross-attention `attn2`.
+Text-conditioned diffusers UNets name their cross-attention `attn2`; SD3 / Flux transformers have joint attention
+whose text-stream projections (`add_q_proj`, `add_k_proj`, `add_v_proj`, `to_add_out`) play that role.
 """
 from __future__ import annotations
 
@@ -19,16 +20,24 @@ from torch import Tensor, nn
 SELECTIONS = ("esd-x", "esd-u", "all", "lora")
 
 
+MMDIT_TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
 def conditioning_parameter_names(net: nn.Module) -> list[str]:
     """Names of the parameters through which the condition enters `net`: the class embedding of a
-    class-conditional UNet, else the cross-attention (`attn2`) of a text-conditioned one."""
+    class-conditional UNet, else the cross-attention (`attn2`) of a text-conditioned one, else the text-stream
+    projections of an MMDiT's joint attention (SD3 / Flux: the text tokens' queries, keys, values and output,
+    the counterpart of cross-attention there, since image queries attend to text keys and values)."""
     names = [n for n, _ in net.named_parameters()]
     found = [n for n in names if ".class_embedding." in f".{n}"]
     if not found:
         found = [n for n in names if ".attn2." in f".{n}"]
+    if not found:  # MMDiT (SD3, Flux): joint attention; the text stream's projections are where the prompt enters
+        found = [n for n in names if any(f".attn.{k}." in f".{n}" for k in MMDIT_TEXT_PROJECTIONS)]
     if not found:
-        raise ValueError(f"{type(net).__name__} has neither a class embedding (`class_embedding`) nor cross-attention "
-                         f"(`attn2`) parameters, so ESD-x / ESD-u are undefined for it; use params='all' or 'lora'")
+        raise ValueError(f"{type(net).__name__} has neither a class embedding (`class_embedding`), cross-attention "
+                         f"(`attn2`) nor joint-attention text projections (`attn.add_k_proj`, ...), so ESD-x / ESD-u "
+                         f"are undefined for it; use params='all' or 'lora'")
     return found
 
 

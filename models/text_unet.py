@@ -50,6 +50,7 @@ class TextConditionalUNet(TextConditionalNetwork):
                                                     torch_dtype=torch_dtype(dtype)).train()  # trainable, as a new module
         null = PromptEncoder.from_pretrained(str(root)).null(1)  # the encoder is dropped after this
         self._setup(unet, null, vae_scale_factor or vae_scale_factor_of(root), str(pretrained))
+        self.prompt_encoder_kwargs = {}
 
     @classmethod
     def from_unet(cls, unet, null_cond: dict[str, Tensor], vae_scale_factor: int = 8) -> "TextConditionalUNet":
@@ -58,6 +59,7 @@ class TextConditionalUNet(TextConditionalNetwork):
         obj = cls.__new__(cls)
         TextConditionalNetwork.__init__(obj)
         obj._setup(unet, null_cond, vae_scale_factor, None)
+        obj.prompt_encoder_kwargs = {}
         return obj
 
     def _setup(self, unet, null_cond: dict[str, Tensor], vae_scale_factor: int, pretrained: str | None) -> None:
@@ -73,6 +75,11 @@ class TextConditionalUNet(TextConditionalNetwork):
         if d != unet.config.cross_attention_dim:
             raise ValueError(f"text embeddings have D={d} but the UNet's cross_attention_dim is "
                              f"{unet.config.cross_attention_dim}; the text encoder and UNet come from different models")
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latents the UNet generates by default (its config's sample_size)."""
+        cfg = self.unet.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
     def _time_ids(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor

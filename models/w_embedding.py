@@ -61,6 +61,22 @@ class GuidanceScaleEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(h)))
 
 
+def time_embedding_of(base: nn.Module) -> tuple[str, nn.Module, nn.Module]:
+    """(name, module, its timestep MLP) of the module whose output [B, D] is the network's time embedding:
+    `unet.time_embedding` of diffusers UNets (a TimestepEmbedding), else `unet.time_text_embed` of the SD3 / Flux
+    transformers (timestep + pooled text (+ Flux guidance) embedding, summed into the vector that modulates every
+    block, so a term added to its output enters exactly as one added to the timestep embedding)."""
+    unet = getattr(base, "unet", None)
+    for name in ("time_embedding", "time_text_embed"):
+        module = getattr(unet, name, None)
+        mlp = module if name == "time_embedding" else getattr(module, "timestep_embedder", None)
+        if module is not None and hasattr(mlp, "linear_1") and hasattr(mlp, "linear_2"):
+            return f"unet.{name}", module, mlp
+    raise ValueError(f"WConditionedNetwork needs a network with a diffusers model at `.unet` that has a "
+                     f"`time_embedding` (UNet2DModel, UNet2DConditionModel) or a `time_text_embed` (SD3, Flux "
+                     f"transformers); {type(base).__name__} has neither")
+
+
 class WConditionedNetwork(ConditionalNetwork):
     """A ConditionalNetwork that also takes the guidance scale w: net(x, t, {"cond": c, "w": w}) -> raw output.
 
@@ -79,18 +95,13 @@ class WConditionedNetwork(ConditionalNetwork):
     def __init__(self, base: ConditionalNetwork, embed_dim: int | None = None, hidden_dim: int | None = None,
                  w_scale: float = 1000.0):
         super().__init__()
-        unet = getattr(base, "unet", None)
-        time_embedding = getattr(unet, "time_embedding", None)
-        if time_embedding is None or not hasattr(time_embedding, "linear_2"):
-            raise ValueError(f"WConditionedNetwork needs a network with a diffusers UNet at `.unet` whose "
-                             f"`time_embedding` is a TimestepEmbedding (UNet2DModel, UNet2DConditionModel); "
-                             f"{type(base).__name__} has none")
-        out_dim = time_embedding.linear_2.out_features
-        embed_dim = embed_dim or time_embedding.linear_1.in_features
+        self.hooked, hooked, timestep_mlp = time_embedding_of(base)
+        out_dim = timestep_mlp.linear_2.out_features
+        embed_dim = embed_dim or timestep_mlp.linear_1.in_features
         self.base = base
         self.w_embedding = GuidanceScaleEmbedding(embed_dim, out_dim, hidden_dim, w_scale)
         self._pending: Tensor | None = None  # w embedding of the current forward, read by the hook
-        time_embedding.register_forward_hook(self._add_w_embedding)
+        hooked.register_forward_hook(self._add_w_embedding)
 
     # The hook is a bound method, so `copy.deepcopy(wrapper)` (EMA, frozen round teachers) re-binds it to the copy.
     def _add_w_embedding(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
@@ -127,7 +138,7 @@ class WConditionedNetwork(ConditionalNetwork):
         return {**self.base.describe(), "w_embedding": {
             "embed_dim": e.embed_dim, "hidden_dim": e.hidden_dim, "out_dim": e.out_dim, "w_scale": e.w_scale,
             "code": "sinusoidal [cos, sin], max_period 10000", "mlp": "linear_1 -> SiLU -> linear_2",
-            "added_to": "unet.time_embedding output", "condition_keys": ["cond", "w"],
+            "added_to": f"{self.hooked} output", "condition_keys": ["cond", "w"],
             "w_convention": "D_u + w (D_c - D_u)"}}
 
 

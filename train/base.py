@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from guidance.conditions import cond_index, cond_to
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
 from guidance.guiders import Guider, build_guider
@@ -154,28 +155,78 @@ class MethodModule(L.LightningModule):
         return GuidedDenoiser(self.sampling_denoiser(), g)
 
     @torch.no_grad()
-    def generate(self, labels: Tensor, scale: float = 2.0, steps: int = 50, sampler: str = "ddim",
+    def generate(self, labels: Tensor | Sequence[str], scale: float = 2.0, steps: int = 50, sampler: str = "ddim",
                  guider: Guider | str = "cfg", seed: int = 0, batch_size: int = 500, progress: bool = False,
+                 negative_prompt: str | Sequence[str] | None = None, embedded_guidance: float = 1.0,
                  **guider_params) -> tuple[Tensor, float]:
-        """Samples [N, C, H, W] for class labels [N] and network evaluations per sample.
+        """Samples [N, C, H, W] for class labels [N] (or, for a text model, latents [N, C, h, w] for N prompts;
+        `decode_latents` turns them into images) and network evaluations per sample.
 
+        negative_prompt, embedded_guidance: text models only, see `conditions`.
         Noise comes from a CPU generator seeded with `seed`, so samples are identical across devices."""
         guided = self.guided(guider, **guider_params)
         shape = self.sample_shape()
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(len(labels), *shape, generator=gen)
+        cond, neg = self.conditions(labels, negative_prompt, embedded_guidance)
         out = []
         for i in range(0, len(labels), batch_size):
-            lab = labels[i:i + batch_size].to(self.device)
-            out.append(sample(guided, noise[i:i + batch_size].to(self.device), lab, scale, steps, sampler,
+            part = slice(i, i + batch_size)
+            lab, neg_part = cond_to(cond_index(cond, part), self.device), cond_to(cond_index(neg, part), self.device)
+            out.append(sample(guided, noise[part].to(self.device), lab, scale, steps, sampler, neg_cond=neg_part,
                               generator=gen, progress=progress).cpu())
         nfe = guided.nfe / max(1, math.ceil(len(labels) / batch_size))
         return torch.cat(out), nfe
 
     def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one sample; read from the network's config."""
-        cfg = self.sampling_denoiser().net.unet.config
+        """(C, H, W) of one sample; read from the network's config (a text model's latent shape)."""
+        net = self.sampling_denoiser().net
+        inner = getattr(net, "base", net)  # a w-conditioned student's network
+        if hasattr(inner, "latent_shape"):
+            return inner.latent_shape()
+        cfg = net.unet.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    # --- text models ------------------------------------------------------------------------------
+    def prompt_encoder(self):
+        """The text model's prompt encoder (models.text_encoders.prompt_encoder_for), loaded once and kept outside
+        the module tree (its weights are not the method's)."""
+        if getattr(self, "_prompt_encoder", None) is None:
+            from models.text_encoders import prompt_encoder_for
+
+            object.__setattr__(self, "_prompt_encoder", prompt_encoder_for(self.sampling_denoiser().net))
+        return self._prompt_encoder
+
+    def conditions(self, labels: Tensor | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                   embedded_guidance: float = 1.0) -> tuple[Any, Any]:
+        """(cond, neg_cond) of `generate`: class labels [N] as they are (no negative); prompts (a list of N
+        strings) encoded into a text condition dict, negative_prompt (one string or N) into the condition the
+        guider's negative branch uses instead of the null text; a guidance-distilled Flux network also gets
+        its guidance input `embedded_guidance` per sample (the value its data gave it when fine-tuned)."""
+        if isinstance(labels, Tensor):
+            return labels, None
+        prompts = list(labels)
+        enc = self.prompt_encoder()
+        cond = {k: v.cpu() for k, v in enc.encode(prompts).items()}
+        neg = None
+        if negative_prompt is not None:
+            negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            neg = {k: v.cpu() for k, v in enc.encode(negs).items()}
+        if getattr(getattr(self.sampling_denoiser().net, "base", self.sampling_denoiser().net), "guidance_embeds", False):
+            g = torch.full((len(prompts),), float(embedded_guidance))
+            cond = {**cond, "guidance": g}
+            neg = None if neg is None else {**neg, "guidance": g}
+        return cond, neg
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor, batch_size: int = 16) -> Tensor:
+        """A text model's latents [N, C, h, w] -> images [N, 3, H, W] in about [-1, 1], by the VAE of its folder."""
+        if getattr(self, "_vae", None) is None:
+            from models.vae import LatentVAE
+
+            net = self.sampling_denoiser().net
+            object.__setattr__(self, "_vae", LatentVAE.from_pretrained(getattr(net, "base", net).pretrained))
+        return torch.cat([self._vae.decode(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)])
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

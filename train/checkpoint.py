@@ -22,6 +22,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     A checkpoint directory of the multi-engine DeepSpeed strategy (ZeRO shards, train.strategy) is converted to
     the plain checkpoint a single-process run would have written (without optimizer state)."""
     path = Path(path)
+    if is_pipeline_folder(path):
+        return {CHECKPOINT_KEY: {"format": 1, "method": "teacher", "config": pipeline_teacher_config(path)},
+                "state_dict": None}
     if is_zero_checkpoint(path):
         try:
             ckpt = convert_zero_checkpoint(path)
@@ -43,10 +46,52 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def is_pipeline_folder(path: str | os.PathLike) -> bool:
+    """True for a diffusers pipeline folder (model_index.json), which methods take as their teacher directly."""
+    return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
+
+
+ADAPTERS = {"clip": "models.text_unet.TextConditionalUNet", "sdxl": "models.text_unet.TextConditionalUNet",
+            "sd3": "models.text_transformer.SD3Transformer", "flux": "models.text_transformer.FluxTransformer"}
+
+
+def pipeline_teacher_config(path: str | os.PathLike) -> dict:
+    """The config (as a teacher checkpoint records it) of a TeacherPretraining module over a pipeline folder: the
+    family's network adapter loaded from the folder, the schedule and parameterisation of its scheduler config
+    (models.pretrained.schedule_from_pretrained; flow models train t logit-normal, Esser et al. 2024 sec. 3.1;
+    Flux's dynamic shift for its default latent size), no EMA. Distillation and erasure configs name such a
+    folder where they name a teacher checkpoint, so a text-to-image job has one `pretrained:` path."""
+    from guidance.schedules import RectifiedFlow, VPCosine, VPLinear
+    from models.pretrained import pipeline_family, schedule_from_pretrained
+
+    path = str(Path(path).expanduser().absolute())
+    family = pipeline_family(path)
+    seq = None
+    if family == "flux":
+        from models.text_transformer import default_latent_size
+
+        seq = (default_latent_size(Path(path)) // 2) ** 2  # packed 2x2 tokens
+    sched, param = schedule_from_pretrained(path, image_seq_len=seq)
+    if isinstance(sched, VPLinear):
+        schedule = {"class_path": "guidance.schedules.VPLinear", "init_args": {
+            "num_steps": sched.num_steps, "beta_start": sched.beta_start, "beta_end": sched.beta_end, "scaled": sched.scaled}}
+    elif isinstance(sched, VPCosine):
+        schedule = {"class_path": "guidance.schedules.VPCosine", "init_args": {"num_steps": sched.num_steps}}
+    elif isinstance(sched, RectifiedFlow):
+        schedule = {"class_path": "guidance.schedules.RectifiedFlow",
+                    "init_args": {"shift": float(sched.shift), "logit_normal": True}}
+    else:
+        raise CheckpointError(f"{path}: no config for its schedule {type(sched).__name__}")
+    return {"_class_path": "train.teacher.TeacherPretraining",
+            "net": {"class_path": ADAPTERS[family], "init_args": {"pretrained": path}},
+            "schedule": schedule, "parameterization": param, "ema_decay": 0.0}
+
+
 def load_method(path: str | os.PathLike, expect: str | None = None) -> MethodModule:
     """Rebuild the method module stored in a checkpoint and load its weights (eval mode, CPU).
 
-    expect: a method name ('teacher', ...) the caller needs; another kind is refused with a message."""
+    expect: a method name ('teacher', ...) the caller needs; another kind is refused with a message.
+    A diffusers pipeline folder reads as a teacher checkpoint (pipeline_teacher_config)."""
     ckpt = read_checkpoint(path)
     meta = ckpt[CHECKPOINT_KEY]
     if expect is not None and meta.get("method") != expect:
@@ -61,6 +106,8 @@ def load_method(path: str | os.PathLike, expect: str | None = None) -> MethodMod
         module = instantiate({"class_path": class_path, "init_args": cfg})
     except ConfigError as e:
         raise CheckpointError(f"{str(path)!r}: its stored config no longer builds ({e})") from None
+    if ckpt["state_dict"] is None:  # a pipeline folder: the network loaded its own weights
+        return module.eval()
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{str(path)!r}: weights do not match the network its config builds "

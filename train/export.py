@@ -4,6 +4,7 @@ One writer per format, all behind the same atomic write (a hidden temporary fold
 rename; an existing target is refused unless `force`):
 
 - diffusers:   `unet/` (UNet2DModel.from_pretrained; LoRA adapters merged in), `scheduler/` (DDIM, "trailing"),
+               for text-to-image models a full pipeline folder (train.text_export),
                `w_embedding/` for guidance-distilled students (see train.model_card.WHY_W_EMBEDDING_IS_SEPARATE),
                `guidedistill.json` (method, parameterisation, schedule, sampling recipe, one-step times) and a
                model card `README.md` whose code samples the folder with diffusers alone;
@@ -101,7 +102,11 @@ def export_meta(module, den: Denoiser, fmt: str, metrics: dict | None) -> dict:
 # ------------------------------------------------------------------------------------------------ writers
 
 def write_diffusers(module, den: Denoiser, meta: dict, tmp: Path) -> Path:
+    from train.text_export import text_base, write_text_pipeline
+
     net = plain_network(den.net)
+    if text_base(den.net) is not None:  # a text-to-image model: a full pipeline folder
+        return write_text_pipeline(module, den, meta, tmp, net)
     scheduler = diffusers_scheduler(den.schedule, den.parameterization)
     net.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     scheduler.save_pretrained(tmp / "scheduler")

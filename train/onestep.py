@@ -5,12 +5,12 @@ import copy
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from guidance.conditions import cond_cat
+from guidance.conditions import cond_cat, cond_device, cond_index, cond_size, cond_to
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import build_guider
@@ -145,6 +145,9 @@ class OneStepDistillation(MethodModule):
         self.uses_discriminator = gan_weight > 0 or divergence != "reverse_kl"
         self.disc_head = None
         if self.uses_discriminator:
+            if getattr(teacher_den.net, "num_classes", None) is None:
+                raise ValueError("the GAN term and f-divergences other than reverse_kl need a discriminator, which is "
+                                 "not implemented for text models yet; set gan_weight: 0 and divergence: reverse_kl")
             probe_cond = torch.zeros(1, dtype=torch.long)
             ch = feature_channels(self._disc_features(), discriminator_layer, self.sample_shape(), probe_cond)
             self.disc_head = DiscriminatorHead(ch, discriminator_hidden, time_conditioned=True)
@@ -222,25 +225,28 @@ class OneStepDistillation(MethodModule):
 
     def _train_sample(self, labels: Tensor, grad: bool) -> Tensor:
         """Generator samples for a training update: a random step of the k-step chain (k = 1: the one step)."""
-        z = torch.randn(labels.shape[0], *self.sample_shape(), device=labels.device)
+        z = torch.randn(cond_size(labels), *self.sample_shape(), device=cond_device(labels))
         last = int(torch.randint(self.generator_steps, ())) if self.generator_steps > 1 else 0
         return self.run_generator(self.generator, z, labels, last, grad)
 
     @torch.no_grad()
-    def generate(self, labels: Tensor, scale: float = 2.0, steps: int = 50, sampler: str = "ddim",
+    def generate(self, labels: Tensor | Sequence[str], scale: float = 2.0, steps: int = 50, sampler: str = "ddim",
                  guider: Any = "cfg", seed: int = 0, batch_size: int = 500, progress: bool = False,
-                 **guider_params) -> tuple[Tensor, float]:
-        """Generator samples [N, C, H, W] for labels [N] and network evaluations per sample (k: 1 for one step).
+                 negative_prompt: Any = None, embedded_guidance: float = 1.0, **guider_params) -> tuple[Tensor, float]:
+        """Generator samples [N, C, H, W] for labels [N] (or latents for N prompts of a text model) and network
+        evaluations per sample (k: 1 for one step).
 
-        scale, steps, sampler and guider are accepted for the CLI's sake and ignored: guidance was distilled
-        into the generator at training time. Noise comes from a CPU generator seeded with `seed`."""
+        scale, steps, sampler, guider and negative_prompt are accepted for the CLI's sake and ignored: guidance
+        was distilled into the generator at training time. Noise comes from a CPU generator seeded with `seed`."""
         den = self.sampling_denoiser()
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(len(labels), *self.sample_shape(), generator=gen)
+        cond = self.conditions(labels, None, embedded_guidance)[0]
         out, calls = [], 0
         for i in range(0, len(labels), batch_size):
             z = noise[i:i + batch_size].to(self.device)
-            out.append(self.run_generator(den, z, labels[i:i + batch_size].to(self.device), generator=gen).cpu())
+            part = cond_to(cond_index(cond, slice(i, i + batch_size)), self.device)
+            out.append(self.run_generator(den, z, part, generator=gen).cpu())
             calls += self.generator_steps
         return torch.cat(out), calls / max(1, math.ceil(len(labels) / batch_size))
 
@@ -405,6 +411,8 @@ class OneStepDistillation(MethodModule):
         """val/fake_score: the fake score's denoising loss on real validation digits (fixed t and noise):
         how far the fake score has moved from the data (the teacher's fit)."""
         x0, labels = batch
+        if x0 is None:  # prompt-only data (train.text_data.EncodedPromptDataModule): no real latents to score
+            return
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
         t = self.fake_score.schedule.sample_t(x0.shape[0], generator=gen, device=x0.device)
         eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
@@ -483,10 +491,10 @@ def load_teacher(path: str | None, config: dict | None) -> tuple[Denoiser, dict 
     When `path` does not exist but `config` (a teacher config recorded by an earlier run) is given, the
     teacher is rebuilt from the config with untrained weights: the caller then loads its own checkpoint's
     copy of the teacher weights (this is how `load_method` reloads a onestep checkpoint)."""
-    from train.checkpoint import load_method, read_checkpoint
+    from train.checkpoint import is_pipeline_folder, load_method, read_checkpoint
     from train.config import instantiate
 
-    if path and Path(path).is_file():
+    if path and (Path(path).is_file() or is_pipeline_folder(path)):
         stored = read_checkpoint(path)[CHECKPOINT_KEY].get("config")
         den = load_method(path, expect="teacher").sampling_denoiser()
     elif config:

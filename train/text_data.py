@@ -1,6 +1,6 @@
-"""Image-caption batches as a latent diffusion model trains on them: (latents [B, C, h, w], text condition
-dict), latents encoded once by the model's VAE and cached, captions encoded by its text encoder(s) and
-cached per prompt."""
+"""Text batches as latent diffusion methods train on them: image-caption pairs as (latents [B, C, h, w], text
+condition dict), latents encoded once by the model's VAE and cached, captions encoded by its text encoder(s)
+and cached per prompt; and prompt sets as (None, text condition dict) for data-free methods."""
 from __future__ import annotations
 
 import hashlib
@@ -57,9 +57,7 @@ class EncodedCaptionDataModule(L.LightningDataModule):
     def _model_path(self) -> str:
         if self.pretrained is not None:
             return self.pretrained
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        net = getattr(getattr(module, "denoiser", None), "net", None)
-        path = getattr(net, "pretrained", None) or getattr(getattr(net, "base", None), "pretrained", None)
+        path = getattr(_trained_network(self.trainer), "pretrained", None)
         if path is None:
             raise ValueError("EncodedCaptionDataModule needs the model folder: set data `pretrained:` or train a "
                              "network loaded from one (models.text_unet.TextConditionalUNet with `pretrained:`)")
@@ -109,3 +107,75 @@ class EncodedCaptionDataModule(L.LightningDataModule):
         if self.embedded_guidance is not None:
             cond["guidance"] = torch.full((latents.shape[0],), float(self.embedded_guidance), device=latents.device)
         return latents, cond
+
+
+def _trained_network(trainer):
+    """The text adapter of the method module a trainer runs (unwrapping a w-conditioned student's `.base`), or None."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    if module is None or not hasattr(module, "sampling_denoiser"):
+        return None
+    try:
+        net = module.sampling_denoiser().net
+    except (NotImplementedError, AttributeError):
+        return None
+    return getattr(net, "base", net)
+
+
+class EncodedPromptDataModule(L.LightningDataModule):
+    """Batches of (None, text condition dict) for data-free methods on text models (one-step distillation,
+    erasure): data.prompts.PromptDataModule's prompts, encoded per prompt (cached) after the batch reaches its
+    device. The first element stands where image methods get real images: there are none.
+
+    path, column, batch_size, val_size, seed, split: the prompt set (data.prompts.PromptDataModule).
+    pretrained: the pipeline folder whose text encoder(s) encode the prompts; None: the trained network's own
+                (its `pretrained`, with the same T5 settings), so a config names the model path once.
+    embedded_guidance: for guidance-distilled networks (FLUX.1-dev): the guidance INPUT given with every prompt
+                (cond["guidance"]); None for every other model.
+    """
+
+    def __init__(self, path: str, pretrained: str | None = None, batch_size: int = 4, column: str | None = None,
+                 val_size: int = 4, seed: int = 0, split: str = "train", num_workers: int = 0,
+                 embedded_guidance: float | None = None):
+        super().__init__()
+        from data.prompts import PromptDataModule
+
+        self.prompts = PromptDataModule(path, column, batch_size, val_size, seed, split, num_workers)
+        self.pretrained, self.embedded_guidance = pretrained, embedded_guidance
+        self.encoder = None
+
+    @property
+    def val_prompts(self) -> list[str]:
+        return self.prompts.val_prompts
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prompts.setup()
+        if self.encoder is not None:
+            return
+        from models.text_encoders import PromptEncoder, prompt_encoder_for
+
+        net = _trained_network(self.trainer)
+        if self.pretrained is None and getattr(net, "pretrained", None) is not None:
+            self.encoder = prompt_encoder_for(net)
+        elif self.pretrained is not None:
+            self.encoder = PromptEncoder.from_pretrained(self.pretrained)
+        else:
+            raise ValueError("EncodedPromptDataModule needs the model folder: set data `pretrained:` or train a "
+                             "network loaded from one (a text adapter with `pretrained:`)")
+
+    def train_dataloader(self) -> ResumableLoader:
+        self.prompts.trainer = self.trainer
+        return self.prompts.train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self.prompts.val_dataloader()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.encoder is None:
+            self.setup()
+        device = self.trainer.lightning_module.device if self.trainer is not None else self.encoder.device
+        if self.encoder.device != device:
+            self.encoder.to(device)
+        cond = self.encoder.encode(list(batch))
+        if self.embedded_guidance is not None:
+            cond["guidance"] = torch.full((len(batch),), float(self.embedded_guidance), device=device)
+        return None, cond

@@ -1,0 +1,261 @@
+"""The three methods on tiny text-to-image folders (SD 1.5 UNet, SD3 MMDiT, Flux): fit two steps through the CLI
+with the teacher named by its pipeline folder, sample with prompts (and negative prompts), export a full pipeline
+folder and generate from it with the diffusers pipeline class alone, in a fresh interpreter."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+KINDS = ("sd15", "sd3", "flux")
+PROMPTS = ["a cat", "the dog"]
+TRAINER = """
+trainer:
+  max_steps: 2
+  accelerator: cpu
+  default_root_dir: {root}
+  limit_val_batches: 1
+  check_val_every_n_epoch: null
+  val_check_interval: 2
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{save_last: true, save_top_k: 0}}
+"""
+MODELS = {
+    "gd": """
+model:
+  class_path: train.guidance_distillation.GuidanceDistillation
+  init_args: {{teacher: {model}, w_min: 1.0, w_max: 4.0, lr: 0.0001, warmup_steps: 1, ema_decay: 0.0, val_samples: 0}}
+data:
+  class_path: train.text_data.EncodedCaptionDataModule
+  init_args: {{path: {images}, image_size: 16, batch_size: 2, val_size: 2, embedded_guidance: {guidance}}}
+""",
+    "dmd": """
+model:
+  class_path: train.onestep.OneStepDistillation
+  init_args: {{teacher: {model}, guidance_scale: 3.0, fake_score: lora, lora_rank: 4, lr: 0.001, ema_decay: 0.0,
+              val_samples: 0}}
+data:
+  class_path: train.text_data.EncodedPromptDataModule
+  init_args: {{path: {prompts}, batch_size: 2, val_size: 2, embedded_guidance: {guidance}}}
+""",
+    "erase": """
+model:
+  class_path: train.text_erasure.TextConceptErasure
+  init_args:
+    model: {model}
+    concepts: {{concepts: [{{name: cat, prompts: [a cat, the cat]}}, {{name: car, prompts: [a red car], alternative: a car}}],
+               anchors: [the dog]}}
+    params: esd-x
+    uncond_weight: 1.0
+    batch_size: 2
+    trajectory_steps: 3
+    bank_size: 2
+    lr: 0.01
+data:
+  class_path: train.erasure.ErasureSteps
+  init_args: {{steps_per_epoch: 4}}
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from models.tiny_pipelines import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("t2i-methods")
+    models = {kind: save_tiny_pipeline(root / kind, kind) for kind in KINDS}
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(["a cat", "the dog", "a red car"][i % 3])
+    prompts = root / "prompts.txt"
+    prompts.write_text("a cat\nthe dog\na red car\na cat of the dog\nthe red dog\na car\n")
+    return {"root": root, "models": models, "images": images, "prompts": prompts, "runs": {}}
+
+
+def fitted(ws, method: str, kind: str):
+    """The last.ckpt of `method` fitted 2 steps on the tiny `kind` folder (fitted once per module)."""
+    from train.cli import main
+
+    key = (method, kind)
+    if key not in ws["runs"]:
+        run = ws["root"] / f"run-{method}-{kind}"
+        cfg = ws["root"] / f"{method}-{kind}.yaml"
+        cfg.write_text("seed_everything: 0\n" + MODELS[method].format(
+            model=ws["models"][kind], images=ws["images"], prompts=ws["prompts"],
+            guidance="1.0" if kind == "flux" else "null") + TRAINER.format(root=run))
+        main(["fit", "--config", str(cfg)])
+        ws["runs"][key] = run / "checkpoints" / "last.ckpt"
+    return ws["runs"][key]
+
+
+def test_a_pipeline_folder_reads_as_a_teacher(workspace):
+    from guidance.schedules import RectifiedFlow, VPLinear
+    from train.checkpoint import load_method
+
+    sd15, flux = load_method(workspace["models"]["sd15"], expect="teacher"), load_method(workspace["models"]["flux"])
+    assert isinstance(sd15.denoiser.schedule, VPLinear) and sd15.denoiser.parameterization == "eps"
+    assert sd15.sample_shape() == (4, 8, 8) and sd15.ema is None
+    assert isinstance(flux.denoiser.schedule, RectifiedFlow) and flux.sample_shape() == (4, 8, 8)
+    # Flux's dynamic shift at its default size (16 px, 16 packed tokens): exp(0.5 + 0.65 (16 - 256) / 3840)
+    assert flux.denoiser.schedule.shift == pytest.approx(np.exp(0.5 + 0.65 * (16 - 256) / 3840))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_guidance_distillation_on_text_models(workspace, kind):
+    from train.checkpoint import load_method
+
+    student = load_method(fitted(workspace, "gd", kind))
+    latents, nfe = student.generate(PROMPTS, scale=3.0, steps=2)
+    assert latents.shape == (2, 4, 8, 8) and nfe == 2 and torch.isfinite(latents).all()
+    assert student.decode_latents(latents).shape == (2, 3, 16, 16)
+    # w enters the network (UNet time_embedding or the transformers' time_text_embed): a w-embedding that is no
+    # longer zero changes the output with w
+    net = student.student.net
+    assert net.hooked == ("unet.time_embedding" if kind == "sd15" else "unet.time_text_embed")
+    torch.nn.init.normal_(net.w_embedding.linear_2.weight)
+    a, _ = student.generate(PROMPTS, scale=1.0, steps=1)
+    b, _ = student.generate(PROMPTS, scale=5.0, steps=1)
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_step_distillation_on_prompts(workspace, kind):
+    from train.checkpoint import load_method
+
+    module = load_method(fitted(workspace, "dmd", kind))
+    latents, nfe = module.generate(PROMPTS)
+    assert latents.shape == (2, 4, 8, 8) and nfe == 1 and torch.isfinite(latents).all()
+    lora = [n for n, _ in module.fake_score.named_parameters() if "lora_" in n]
+    assert lora  # the fake score is a LoRA on the teacher's network
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_erasure_trains_cross_attention_only(workspace, kind):
+    from train.checkpoint import load_method
+
+    module = load_method(fitted(workspace, "erase", kind))
+    changed = [n for (n, p), q in zip(module.student.net.named_parameters(), module.frozen.net.parameters())
+               if not torch.equal(p, q)]
+    assert changed
+    assert all(".attn2." in n or ".attn.add_" in n or ".attn.to_add_out." in n for n in changed), changed
+    latents, nfe = module.generate(["a cat"], scale=3.0, steps=2, negative_prompt="the dog")
+    assert latents.shape == (1, 4, 8, 8) and nfe == 4
+
+
+def test_a_text_erasure_config_error_names_the_fix(workspace):
+    from train.text_erasure import TextConceptErasure
+
+    with pytest.raises(ValueError, match="params must be one of"):
+        TextConceptErasure(str(workspace["models"]["sd15"]), {"concepts": ["a cat"]}, params="bogus")
+
+
+PIPELINE_SCRIPT = """
+import json, sys, torch
+import diffusers
+folder, cls, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+pipe = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True)
+pipe.set_progress_bar_config(disable=True)
+latents = torch.load(args.pop("latents_file"))
+w = args.pop("w_input", None)
+if w is not None:  # the model card's hook: the student's w-embedding added to the UNet's time embedding
+    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+    from safetensors.torch import load_file
+    cfg = json.load(open(folder + "/w_embedding/config.json"))
+    emb = TimestepEmbedding(cfg["in_channels"], cfg["time_embed_dim"], out_dim=cfg["out_dim"])
+    emb.load_state_dict(load_file(folder + "/w_embedding/diffusion_pytorch_model.safetensors"))
+    code = Timesteps(cfg["in_channels"], True, 0)
+    pipe.unet.time_embedding.register_forward_hook(
+        lambda m, i, out: out + emb(code(torch.full((out.shape[0],), w * cfg["w_scale"])).to(out)))
+out = pipe(**args, latents=latents.clone(), output_type="latent").images
+image = pipe(**args, latents=latents.clone(), output_type="pil").images[0]
+assert image.size == (16, 16), image.size
+torch.save(out, args_out := sys.argv[4])
+assert "guidedistill" not in sys.modules and "train" not in sys.modules
+"""
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def run_pipeline(folder, kind, latents, args, tmp_path):
+    from models.text_transformer import pack_latents
+
+    lat = tmp_path / "latents.pt"
+    torch.save(pack_latents(latents) if kind == "flux" else latents, lat)
+    out = tmp_path / "out.pt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(folder), PIPELINES[kind],
+                    json.dumps({**args, "latents_file": str(lat)}), str(out)], check=True, env=env, cwd=tmp_path)
+    theirs = torch.load(out)
+    if kind == "flux":
+        from models.text_transformer import unpack_latents
+
+        theirs = unpack_latents(theirs, 8, 8)
+    return theirs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_loads_in_the_diffusers_pipeline_and_generates_what_we_sample(workspace, kind, tmp_path):
+    """An erased model (CFG with a negative prompt, 4 steps) and a one-step generator, exported as full pipeline
+    folders, generate in the family's diffusers pipeline (a fresh interpreter, diffusers only) the latents our
+    sampler gives from the same noise."""
+    from train.checkpoint import load_method
+    from train.export import export
+
+    flux = kind == "flux"
+    erased = load_method(fitted(workspace, "erase", kind))
+    folder = export(fitted(workspace, "erase", kind), tmp_path / "erased")
+    assert (folder / ("transformer" if kind != "sd15" else "unet")).is_dir() and (folder / "README.md").is_file()
+    ours, _ = erased.generate(PROMPTS, scale=4.0, steps=4, negative_prompt="a red car", seed=3)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cfg = {"true_cfg_scale": 4.0, "guidance_scale": 1.0} if flux else {"guidance_scale": 4.0}
+    args = {"prompt": PROMPTS, "negative_prompt": ["a red car"] * 2, "num_inference_steps": 4, **cfg}
+    if flux:
+        args.update(height=16, width=16)
+    if kind == "sd3":  # its pipeline's default grid ends at sigma 1/1000; ours is 1 - i/N (shifted), as the card says
+        args["sigmas"] = [1 - i / 4 for i in range(4)]
+        del args["num_inference_steps"]
+    theirs = run_pipeline(folder, kind, noise, args, tmp_path)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+    generator = load_method(fitted(workspace, "dmd", kind))
+    folder = export(fitted(workspace, "dmd", kind), tmp_path / "onestep")
+    ours, _ = generator.generate(PROMPTS, seed=5)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    z = z * generator.generator.schedule.sigma(generator.generator_times[:1])  # the generator's input sigma(t_0) z
+    args = {"prompt": PROMPTS, "num_inference_steps": 1, "guidance_scale": 1.0, **({"height": 16, "width": 16} if flux else {})}
+    theirs = run_pipeline(folder, kind, z, args, tmp_path)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_a_guidance_distilled_export_samples_with_the_cards_hook(workspace, tmp_path):
+    """The SD 1.5 w-student exported as a pipeline folder + w_embedding/: StableDiffusionPipeline without CFG
+    (guidance_scale 1, one evaluation per step) and the card's hook reproduce our student at w = 5."""
+    from train.checkpoint import load_method
+    from train.export import export
+
+    ckpt = fitted(workspace, "gd", "sd15")
+    student = load_method(ckpt)
+    torch.nn.init.normal_(student.student.net.w_embedding.linear_2.weight, std=0.1)  # a w-embedding that matters
+    torch.save({**torch.load(ckpt, weights_only=True), "state_dict": student.state_dict()}, tmp_path / "w.ckpt")
+    folder = export(tmp_path / "w.ckpt", tmp_path / "student")
+    assert (folder / "w_embedding" / "config.json").is_file() and "register_forward_hook" in (folder / "README.md").read_text()
+    ours, nfe = student.generate(PROMPTS, scale=5.0, steps=4, seed=7)
+    assert nfe == 4
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    args = {"prompt": PROMPTS, "num_inference_steps": 4, "guidance_scale": 1.0, "w_input": 5.0}
+    theirs = run_pipeline(folder, "sd15", noise, args, tmp_path)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
