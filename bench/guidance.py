@@ -8,8 +8,8 @@ same batch); below 1 when branches share a batched forward, above 1 for guider o
 backward passes, projections, sequential branches). PAG's perturbed pass runs the unperturbed UNet
 (the adapters do not implement `perturb="pag"` yet), so its row measures the cost, not the effect.
 Autoguidance's weak network is the main one at half width, so its ratio counts a cheaper second pass.
-The "branches_at hook" row uses the GuidedDenoiser change proposed for guidance/guided.py. One torch
-thread by default: on a shared 2-core machine more threads oversubscribe and timings scatter by 10x.
+`python -m bench` runs this as part of its speed table. One torch thread by default: on a shared 2-core
+machine more threads oversubscribe and timings scatter by 10x.
 """
 from __future__ import annotations
 
@@ -110,44 +110,53 @@ def timed(fn) -> float:
 
 
 @torch.no_grad()
-def bench_network(label, net, weak, shape, args) -> str:
-    """One Markdown table for one network. Repeats run round-robin over the guiders, and every timed
-    sampling run is paired with a bare-forward timing taken just before it, so load from other
-    processes shifts both alike."""
+def measure(label, net, weak, shape, steps: int = 8, repeats: int = 5, batch: int = 8) -> dict:
+    """Guider timings for one network: {"network", "batch", "steps", "repeats", "bare_ms", "rows"}, each row
+    {"guider", "nfe", "step_ms": [per repeat], "rel": [per repeat]}. Repeats run round-robin over the guiders,
+    and every timed sampling run is paired with a bare-forward timing taken just before it, so load from
+    other processes shifts both alike."""
     sched = RectifiedFlow()
     den, weak_den = Denoiser(net.eval(), sched, "flow"), Denoiser(weak.eval(), sched, "flow")
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(args.batch, *shape, generator=g)
-    labels = torch.arange(args.batch) % NUM_CLASSES
+    noise = torch.randn(batch, *shape, generator=g)
+    labels = torch.arange(batch) % NUM_CLASSES
     negs = [(labels + 1) % NUM_CLASSES, (labels + 2) % NUM_CLASSES]
-    nt = sched.net_time(torch.full((args.batch,), 0.5))
+    nt = sched.net_time(torch.full((batch,), 0.5))
     bare_pass = lambda: net(noise, nt, labels)  # noqa: E731
     bare_pass()  # warm-up
     runs = []
     for name, guider, kw in configs(shape):
         guided = GuidedDenoiser(den, guider, weak=weak_den if kw.get("weak") else None,
-                     batch_branches=kw.get("batch_branches", True))
+                                batch_branches=kw.get("batch_branches", True))
         neg = negs if guider.name == "perp_neg" else None
-        run = (lambda gd=guided, n=neg: sample(gd, noise, labels, w=3.0, steps=args.steps, sampler="ddim", neg_cond=n))
+        run = (lambda gd=guided, n=neg: sample(gd, noise, labels, w=3.0, steps=steps, sampler="ddim", neg_cond=n))
         run()  # warm-up
         guided.reset_nfe()
-        runs.append((name, guided, run, [], [], []))
-    for _ in range(args.repeats):
-        for name, guided, run, step_times, rel, nfes in runs:
+        runs.append({"guider": name, "guided": guided, "run": run, "step_ms": [], "rel": [], "nfe": []})
+    for _ in range(repeats):
+        for r in runs:
             bare = min(timed(bare_pass) for _ in range(3))
-            step = timed(run) / args.steps
-            nfe = guided.nfe / args.steps  # per sample and step
-            guided.reset_nfe()
-            step_times.append(step)
-            nfes.append(nfe)
-            rel.append(step / (nfe * bare))
+            step = timed(r["run"]) / steps
+            nfe = r["guided"].nfe / steps  # per sample and step
+            r["guided"].reset_nfe()
+            r["step_ms"].append(1e3 * step)
+            r["nfe"].append(nfe)
+            r["rel"].append(step / (nfe * bare))
     bare_ms = 1e3 * min(timed(bare_pass) for _ in range(5))
-    lines = [f"### {label}: batch {args.batch}, {args.steps} DDIM steps, {args.repeats} repeats, "
-             f"bare forward {bare_ms:.2f} ms", "",
+    rows = [{"guider": r["guider"], "nfe": statistics.mean(r["nfe"]), "step_ms": r["step_ms"], "rel": r["rel"]}
+            for r in runs]
+    return {"network": label, "batch": batch, "steps": steps, "repeats": repeats, "bare_ms": bare_ms, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    """One Markdown table for one `measure` result."""
+    lines = [f"### {result['network']}: batch {result['batch']}, {result['steps']} DDIM steps, "
+             f"{result['repeats']} repeats, bare forward {result['bare_ms']:.2f} ms", "",
              "| guider | NFE / sample / step | ms / step (median) | rel. to bare passes: median | min | max |",
              "|---|---|---|---|---|---|"]
-    for name, guided, run, step_times, rel, nfes in runs:
-        lines.append(f"| {name} | {statistics.mean(nfes):.2f} | {1e3 * statistics.median(step_times):.2f} | "
+    for r in result["rows"]:
+        rel = r["rel"]
+        lines.append(f"| {r['guider']} | {r['nfe']:.2f} | {statistics.median(r['step_ms']):.2f} | "
                      f"{statistics.median(rel):.2f} | {min(rel):.2f} | {max(rel):.2f} |")
     return "\n".join(lines)
 
@@ -169,7 +178,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     for label, (net, weak, shape) in networks(args.size).items():
-        print(bench_network(label, net, weak, shape, args))
+        print(markdown(measure(label, net, weak, shape, args.steps, args.repeats, args.batch)))
         print()
 
 

@@ -1,0 +1,147 @@
+"""Quality on the digits default: FD, class accuracy, precision/recall, erased-class rate and network
+evaluations per sample for the teacher, the guidance-distilled students, the one-step students and the
+erased models, read from trained checkpoints (nothing is trained here).
+
+Checkpoints are looked up under `--runs DIR` in the layout `python -m train demo --out DIR` writes
+(`DIR/<stage>/checkpoints/last.ckpt`; progressive rounds `DIR/progressive/checkpoints/round_<k>_<n>steps.ckpt`)
+and can be given one by one with `--ckpt ROW=PATH` (repeatable; ROW is a row name below). A row whose
+checkpoint is absent stays in the table, marked absent, with the path it looked for.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.report import Table
+
+# row -> (group, path under --runs, sampler steps; None: the model's own). Teacher and erased models sample
+# with CFG (2 evaluations per step), students with one evaluation per step, one-step generators once.
+ROWS: dict[str, tuple[str, str, int | None]] = {
+    "teacher": ("teacher (CFG)", "teacher/checkpoints/last.ckpt", 50),
+    "guidance_distill": ("guidance-distilled", "guidance_distill/checkpoints/last.ckpt", 50),
+    "progressive_8": ("guidance-distilled", "progressive/checkpoints/round_*_8steps.ckpt", 8),
+    "progressive_4": ("guidance-distilled", "progressive/checkpoints/round_*_4steps.ckpt", 4),
+    "progressive_2": ("guidance-distilled", "progressive/checkpoints/round_*_2steps.ckpt", 2),
+    "progressive_1": ("guidance-distilled", "progressive/checkpoints/round_*_1steps.ckpt", 1),
+    "dmd": ("one-step", "dmd/checkpoints/last.ckpt", None),
+    "dmd_pgsb": ("one-step", "dmd_pgsb/checkpoints/last.ckpt", None),
+    "fdistill_js": ("one-step", "fdistill_js/checkpoints/last.ckpt", None),
+    "fdistill_js_pgsb": ("one-step", "fdistill_js_pgsb/checkpoints/last.ckpt", None),
+    "fdistill_fkl": ("one-step", "fdistill_fkl/checkpoints/last.ckpt", None),
+    "erase_one": ("erased", "erase_one/checkpoints/last.ckpt", 50),
+    "erase_two": ("erased", "erase_two/checkpoints/last.ckpt", 50),
+    "erase_toward": ("erased", "erase_toward/checkpoints/last.ckpt", 50),
+}
+COLUMNS = [("row", "row"), ("model", "model"), ("steps", "steps"), ("nfe", "evaluations / sample"),
+           ("fd", "FD"), ("accuracy", "class accuracy"), ("precision", "precision"), ("recall", "recall"),
+           ("erased_rate", "erased-class rate"), ("checkpoint", "checkpoint")]
+
+
+def parse_ckpts(items: list[str]) -> dict[str, str]:
+    """`ROW=PATH` flags -> {row: path}, refusing unknown rows with the list of known ones."""
+    out = {}
+    for item in items or []:
+        row, sep, path = item.partition("=")
+        if not sep or row not in ROWS:
+            raise ValueError(f"--ckpt takes ROW=PATH with ROW one of {', '.join(ROWS)}; got {item!r}")
+        out[row] = path
+    return out
+
+
+def locate(row: str, runs: Path | None, given: dict[str, str]) -> tuple[Path | None, str]:
+    """(checkpoint or None, where it was looked for)."""
+    if row in given:
+        path = Path(given[row])
+        return (path if path.exists() else None), str(path)
+    if runs is None:
+        return None, f"--ckpt {row}=PATH"
+    pattern = ROWS[row][1]
+    hits = sorted(runs.glob(pattern))
+    return (hits[-1] if hits else None), str(runs / pattern)
+
+
+def describe(module) -> str:
+    """What a checkpoint holds, in the table's words (read from the rebuilt module)."""
+    name = module.method_name
+    if name == "teacher":
+        return f"teacher, {module.denoiser.parameterization}-prediction, CFG"
+    if name == "guidance_distillation":
+        return f"w-conditioned student of {module.distilled_guider}"
+    if name == "progressive_distillation":
+        n = module.default_steps
+        return f"progressive w-student, {n} step{'s' if n != 1 else ''}"
+    if name == "onestep":
+        bits = ["DMD" if module.divergence == "reverse_kl" else f"f-distill {module.divergence}",
+                f"{module.fake_score.mode} fake score"]
+        bits += [f"GAN {module.gan_weight:g}"] if module.gan_weight else []
+        bits += [f"PG-SB w~U[{module.pg_sb_range[0]:g}, {module.pg_sb_range[1]:g}]"] if module.pg_sb_range else []
+        return ", ".join(bits)
+    if name == "erasure":
+        how = f"toward {module.targets}" if module.targets else f"ESD eta {module.eta:g}"
+        return f"erased {module.concepts}, {how}, {module.hparams.get('params') or 'esd-x'}"
+    return name
+
+
+@torch.no_grad()
+def evaluate(module, steps: int | None, scale: float, num_per_class: int, seed: int = 0) -> dict[str, Any]:
+    """FD, accuracy, precision/recall over the classes a model keeps, and for erased models the erased-class
+    rate (the fraction of samples requested as an erased class that the classifier assigns to it)."""
+    from train.evaluation import load_digits_classifier
+    from train.evaluation.evaluate import classify, reference_features
+    from train.evaluation.metrics import frechet_distance, precision_recall
+
+    steps = steps or getattr(module, "default_steps", None) or getattr(module, "generator_steps", 1)
+    classes = module.sampling_denoiser().net.num_classes
+    labels = torch.arange(classes).repeat_interleave(num_per_class)
+    images, nfe = module.generate(labels, scale, steps, seed=seed)
+    clf = load_digits_classifier()
+    feats, logits = classify(clf, images)
+    erased = torch.tensor(list(getattr(module, "concepts", []) or []), dtype=torch.long)
+    kept = ~torch.isin(labels, erased)
+    ref = reference_features(clf)
+    if len(erased):  # references of the kept classes only
+        from data.digits import digits_tensors
+
+        real, real_labels = digits_tensors("validation")
+        ref = classify(clf, real[~torch.isin(real_labels, erased)])[0]
+    pred = logits.argmax(1)
+    precision, recall = precision_recall(ref, feats[kept])
+    return {"steps": steps, "nfe": nfe, "fd": frechet_distance(feats[kept], ref),
+            "accuracy": (pred[kept] == labels[kept]).double().mean().item(), "precision": precision, "recall": recall,
+            "erased_rate": (pred[~kept] == labels[~kept]).double().mean().item() if len(erased) else None,
+            "samples": len(labels)}
+
+
+def run(runs: Path | None, given: dict[str, str], scale: float, num_per_class: int, log=print) -> list[Table]:
+    from train.checkpoint import load_method
+
+    rows = []
+    for row, (group, _, steps) in ROWS.items():
+        path, where = locate(row, runs, given)
+        if path is None:
+            rows.append({"row": row, "group": group, "model": "absent", "checkpoint": f"absent: {where}",
+                         "status": "absent"})
+            continue
+        log(f"[bench] quality: {row} ({path})")
+        try:
+            module = load_method(path)
+            result = evaluate(module, steps, scale, num_per_class)
+        except Exception as e:  # an unreadable or foreign checkpoint: say so in its row, go on with the others
+            rows.append({"row": row, "group": group, "model": f"error: {str(e).splitlines()[0][:120]}",
+                         "checkpoint": str(path), "status": "error"})
+            continue
+        rows.append({"row": row, "group": group, "model": describe(module), "checkpoint": str(path),
+                     "status": "ok", **result})
+    found = sum(r["status"] == "ok" for r in rows)
+    notes = [f"CFG scale w = {scale:g} (D_u + w (D_c - D_u)) for every guided model and every w-student; "
+             f"{num_per_class} samples per class, DDIM from seed 0; FD, precision and recall in the digits "
+             "classifier's feature space against the 300 held-out digits",
+             "erased models: FD, accuracy, precision and recall over the classes they keep (references of those "
+             "classes only); erased-class rate: the fraction of samples requested as an erased class that the "
+             "classifier still assigns to it",
+             f"{found} of {len(rows)} checkpoints found; give the others with --runs DIR (the layout of "
+             "`python -m train demo --out DIR`) or --ckpt ROW=PATH"]
+    return [Table(f"Quality on the digits default (w = {scale:g}, {10 * num_per_class} samples per model)",
+                  COLUMNS, rows, notes)]
