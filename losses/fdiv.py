@@ -84,30 +84,42 @@ def density_ratio(logits: Tensor, logit_clamp: float = LOGIT_CLAMP, r_min: float
     return torch.exp(z.clamp(-logit_clamp, logit_clamp)).clamp(r_min, r_max)
 
 
-def normalize_weights(h: Tensor, t: Tensor | None = None, time_bins: int = 0) -> Tensor:
+def normalize_weights(h: Tensor, t: Tensor | None = None, time_bins: int = 0,
+                      gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """h / mean(h) over the batch, or, with time_bins > 0 and t [B] in [0, 1], over the samples of each
-    of `time_bins` equal-width t bins (so every noise level keeps unit mean weight). h: [B] -> [B]."""
+    of `time_bins` equal-width t bins (so every noise level keeps unit mean weight). h: [B] -> [B].
+
+    gather: maps a per-process [B] tensor to the global batch's values (all processes' samples), so that
+    the means are those of the global batch, as one process on the whole batch would compute them."""
+    h_all = h if gather is None else gather(h)
     if time_bins <= 0 or t is None:
-        return h / h.mean()
-    bins = (t.detach().clamp(0, 1) * time_bins).long().clamp(max=time_bins - 1)
-    sums = torch.zeros(time_bins, dtype=h.dtype, device=h.device).index_add_(0, bins, h)
-    counts = torch.zeros(time_bins, dtype=h.dtype, device=h.device).index_add_(0, bins, torch.ones_like(h))
-    return h / (sums / counts.clamp(min=1))[bins]
+        return h / h_all.mean()
+    t_all = t if gather is None else gather(t)
+
+    def bin_of(v: Tensor) -> Tensor:
+        return (v.detach().clamp(0, 1) * time_bins).long().clamp(max=time_bins - 1)
+
+    bins_all = bin_of(t_all)
+    sums = torch.zeros(time_bins, dtype=h.dtype, device=h.device).index_add_(0, bins_all, h_all)
+    counts = torch.zeros(time_bins, dtype=h.dtype, device=h.device).index_add_(0, bins_all, torch.ones_like(h_all))
+    return h / (sums / counts.clamp(min=1))[bin_of(t)]
 
 
-def fdistill_weights(name: str, logits: Tensor, t: Tensor | None = None, time_bins: int = 0) -> Tensor:
+def fdistill_weights(name: str, logits: Tensor, t: Tensor | None = None, time_bins: int = 0,
+                     gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalised per-sample weights [B]: h(r(logits)) divided by its batch (or per-time-bin) mean."""
-    return normalize_weights(f_weight(name, density_ratio(logits)), t, time_bins)
+    return normalize_weights(f_weight(name, density_ratio(logits)), t, time_bins, gather)
 
 
 def fdistill_loss(x: Tensor, d_real: Tensor, d_fake: Tensor, logits: Tensor, divergence: str = "jensen_shannon",
-                  t: Tensor | None = None, time_bins: int = 0) -> Tensor:
+                  t: Tensor | None = None, time_bins: int = 0, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """f-distill generator loss per sample [B]: the DMD loss with g weighted by normalised h(r).
 
     x, d_real, d_fake: [B, C, H, W] as in `losses.dmd.dmd_loss`; logits: discriminator logits [B] at the
-    same (x_t, t); t: [B] for per-time-bin normalisation. reverse_kl gives exactly `dmd_loss`.
+    same (x_t, t); t: [B] for per-time-bin normalisation; gather: see `normalize_weights` (multi-process).
+    reverse_kl gives exactly `dmd_loss`.
     """
-    return dmd_loss(x, d_real, d_fake, weight=fdistill_weights(divergence, logits, t, time_bins))
+    return dmd_loss(x, d_real, d_fake, weight=fdistill_weights(divergence, logits, t, time_bins, gather))
 
 
 __all__ = ["DIVERGENCES", "check_divergence", "f_function", "f_weight", "density_ratio", "normalize_weights",

@@ -25,7 +25,9 @@ class ConditionalNetwork(nn.Module):
     def null_cond(self, cond: Any) -> Any:
         raise NotImplementedError
 
-    def drop_cond(self, cond: Any, p: float, generator: torch.Generator | None = None) -> Any:
+    def drop_cond(self, cond: Any, p: float, generator: torch.Generator | None = None, u: Tensor | None = None) -> Any:
+        """cond with the condition of a random fraction p of samples replaced by the null condition; `u` [B]:
+        the uniform draws to use (drop where u < p) instead of drawing them here."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -102,10 +104,10 @@ class ClassConditionalUNet(ConditionalNetwork):
     def null_cond(self, cond: Tensor) -> Tensor:
         return torch.full_like(cond, NULL_LABEL)
 
-    def drop_cond(self, cond: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    def drop_cond(self, cond: Tensor, p: float, generator: torch.Generator | None = None, u: Tensor | None = None) -> Tensor:
         if p <= 0:
             return cond
-        drop = torch.rand(cond.shape, generator=generator, device=cond.device) < p
+        drop = (torch.rand(cond.shape, generator=generator, device=cond.device) if u is None else u.to(cond.device)) < p
         return torch.where(drop, torch.full_like(cond, NULL_LABEL), cond)
 
     def describe(self) -> dict:

@@ -40,13 +40,16 @@ class TextConditionalNetwork(ConditionalNetwork):
             out[k] = null.to(cond[k].dtype) if k in cond else null
         return out
 
-    def drop_cond(self, cond: dict[str, Tensor], p: float, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Replace the text of a random fraction p of samples by the null text (Ho & Salimans 2022, Algorithm 1)."""
+    def drop_cond(self, cond: dict[str, Tensor], p: float, generator: torch.Generator | None = None,
+                  u: Tensor | None = None) -> dict[str, Tensor]:
+        """Replace the text of a random fraction p of samples by the null text (Ho & Salimans 2022, Algorithm 1);
+        `u` [B]: the uniform draws to use (drop where u < p) instead of drawing them here."""
         if p <= 0:
             return cond
         ref = cond[self._null_keys[0]]
-        drop = torch.rand(ref.shape[0], generator=generator, device=generator.device if generator else ref.device) < p
-        drop = drop.to(ref.device)
+        if u is None:
+            u = torch.rand(ref.shape[0], generator=generator, device=generator.device if generator else ref.device)
+        drop = (u < p).to(ref.device)
         null = self.null_cond(cond)
         out = dict(cond)
         for k in self._null_keys:

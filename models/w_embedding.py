@@ -80,8 +80,9 @@ def time_embedding_of(base: nn.Module) -> tuple[str, nn.Module, nn.Module]:
 class WConditionedNetwork(ConditionalNetwork):
     """A ConditionalNetwork that also takes the guidance scale w: net(x, t, {"cond": c, "w": w}) -> raw output.
 
-    base:       the network to extend (a ConditionalNetwork with a diffusers UNet at `.unet`, e.g.
-                models.adapters.ClassConditionalUNet); it is used as given, so pass a copy of the teacher.
+    base:       the network to extend (a ConditionalNetwork with a diffusers model at `.unet`, e.g.
+                models.adapters.ClassConditionalUNet, models.text_unet.TextConditionalUNet or the SD3 / Flux
+                adapters, see time_embedding_of); it is used as given, so pass a copy of the teacher.
     embed_dim:  size of the sinusoidal code of w (default: the UNet's timestep-projection size,
                 block_out_channels[0]).
     hidden_dim: width of the w MLP (default: the time-embedding size).
@@ -130,8 +131,8 @@ class WConditionedNetwork(ConditionalNetwork):
     def null_cond(self, cond: dict) -> dict:
         return {"cond": self.base.null_cond(cond["cond"]), "w": cond["w"]}
 
-    def drop_cond(self, cond: dict, p: float, generator: torch.Generator | None = None) -> dict:
-        return {"cond": self.base.drop_cond(cond["cond"], p, generator), "w": cond["w"]}
+    def drop_cond(self, cond: dict, p: float, generator: torch.Generator | None = None, u: Tensor | None = None) -> dict:
+        return {"cond": self.base.drop_cond(cond["cond"], p, generator, u), "w": cond["w"]}
 
     def describe(self) -> dict:
         e = self.w_embedding

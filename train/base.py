@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -144,6 +144,39 @@ class MethodModule(L.LightningModule):
     def strategy_clips(self) -> bool:
         """True under the multi-engine DeepSpeed strategy, whose engines reduce, check and clip gradients."""
         return self._trainer is not None and hasattr(self.trainer.strategy, "engine_backward")
+
+    # --- training randomness, the same on 1 or N processes ----------------------------------------------
+    def per_sample(self, draw: Callable[[int], Tensor], n: int) -> Tensor:
+        """Random values for this process's n samples: `draw(N)` for the whole global batch of N = n x world
+        size samples, of which this process keeps rows rank, rank + W, rank + 2W, ... (the samples the
+        distributed data sharding gives it: data.resumable.ResumableSampler).
+
+        Every process draws the same global tensor (train.resume.StepSeed seeds a batch identically on every
+        rank), so a run on W processes computes, sample for sample, what one process computes on the global
+        batch: training draws made through here make multi-process runs match single-process ones."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return draw(n)
+        return draw(n * world)[self.global_rank::world]
+
+    def global_batch(self, v: Tensor) -> Tensor:
+        """Per-sample values [B, ...] of every process, in global-batch order (the order per_sample slices);
+        v itself on one process. For batch statistics that must not depend on the number of processes."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return v
+        gathered = self.all_gather(v.detach())  # [W, B, ...]: process r's sample j is global sample j W + r
+        return gathered.transpose(0, 1).reshape(-1, *v.shape[1:])
+
+    def noise_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Standard normal noise shaped like the batch x [B, ...] (per_sample)."""
+        return self.per_sample(lambda n: torch.randn(n, *x.shape[1:], generator=generator, dtype=x.dtype,
+                                                     device=generator.device if generator else x.device), x.shape[0]).to(x.device)
+
+    def uniform(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
+        """U[0, 1) values [n], one per sample (per_sample)."""
+        return self.per_sample(lambda m: torch.rand(m, generator=generator, device=generator.device if generator else device),
+                               n).to(device)
 
     # --- sampling -----------------------------------------------------------------------------
     def sampling_denoiser(self) -> Denoiser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -92,17 +92,22 @@ class TrajectoryBank:
         self.banks[label] = (torch.stack(x0s, 1), torch.stack(epss, 1))
         self.times = times
 
-    def draw(self, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(x_t [B, C, H, W], t [B]) for condition labels [B], building missing banks first."""
+    def draw(self, labels: Tensor, generator: torch.Generator | None = None,
+             per_sample: Callable[[Callable[[int], Tensor], int], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(x_t [B, C, H, W], t [B]) for condition labels [B], building missing banks first.
+
+        per_sample(draw, n): how the per-sample draws are made (MethodModule.per_sample); default draw(n)."""
+        per_sample = per_sample or (lambda fn, n: fn(n))
         device = labels.device
         for c in labels.unique().tolist():
             if c not in self.banks:
                 self.build(int(c), device)
         sched = self.guided.schedule
-        t = sched.sample_t(len(labels), generator=generator).float().to(device)  # CPU draws: same on every device
+        n = len(labels)
+        t = per_sample(lambda m: sched.sample_t(m, generator=generator), n).float().to(device)  # CPU draws: same on every device
         t = t.clamp(max=float(self.times[0]))
         step = ((self.times[None, :] >= t[:, None]).sum(1) - 1).clamp(min=0)
-        traj = torch.randint(0, self.size, (len(labels),), generator=generator).to(device)
+        traj = per_sample(lambda m: torch.randint(0, self.size, (m,), generator=generator), n).to(device)
         x0 = torch.empty(len(labels), *self.shape, device=device)
         eps = torch.empty_like(x0)
         for c in labels.unique().tolist():
@@ -212,8 +217,11 @@ class ConceptErasure(MethodModule):
     def _concept_labels(self, n: int, generator=None) -> Tensor:
         """Erased concepts [n]: one concept for the whole step ("one") or one per sample ("all")."""
         k = len(self.concepts)
-        idx = torch.randint(0, k, (1 if self.concept_sampling == "one" else n,), generator=generator)
-        return torch.tensor(self.concepts)[idx].expand(n).to(self.device)
+        if self.concept_sampling == "one":  # the same on every process
+            idx = torch.randint(0, k, (1,), generator=generator).expand(n)
+        else:
+            idx = self.per_sample(lambda m: torch.randint(0, k, (m,), generator=generator), n)
+        return torch.tensor(self.concepts)[idx].to(self.device)
 
     def _groups(self, batch, generator=None) -> list[tuple[str, Tensor, Tensor, Tensor]]:
         """(term, x_t, t, cond) per loss term: from the frozen model's trajectories, or from real images when the
@@ -221,8 +229,10 @@ class ConceptErasure(MethodModule):
         n = self.batch_size
         if isinstance(batch, (list, tuple)):
             x0, labels = batch
-            t = self.student.schedule.sample_t(len(labels), generator=generator, device=x0.device).to(x0.dtype)
-            x_all = self.student.schedule.add_noise(x0, torch.randn(x0.shape, generator=generator).to(x0), t)
+            t = self.per_sample(lambda m: self.student.schedule.sample_t(m, generator=generator, device=x0.device),
+                                len(labels)).to(x0.dtype)
+            eps = self.per_sample(lambda m: torch.randn(m, *x0.shape[1:], generator=generator), len(labels)).to(x0)
+            x_all = self.student.schedule.add_noise(x0, eps, t)
             one = self.concept_sampling == "one"
             concepts = self._concept_labels(1, generator) if one else torch.tensor(self.concepts)
             sel = {"erase": torch.isin(labels, concepts.to(labels.device)),
@@ -230,12 +240,12 @@ class ConceptErasure(MethodModule):
                    "uncond": torch.ones_like(labels, dtype=torch.bool)}
             conds = {"erase": labels, "anchor": labels, "uncond": torch.full_like(labels, NULL_LABEL)}
             return [(k, x_all[m], t[m], conds[k][m]) for k, m in sel.items() if self._weight(k) > 0 and m.any()]
-        pick = torch.randint(0, max(1, len(self.anchors)), (n,), generator=generator)
+        pick = self.per_sample(lambda m: torch.randint(0, max(1, len(self.anchors)), (m,), generator=generator), n)
         anchors = torch.tensor(self.anchors or [NULL_LABEL])[pick]
         wanted = {"erase": self._concept_labels(n, generator), "anchor": anchors.to(self.device),
                   "uncond": torch.full((n,), NULL_LABEL, device=self.device)}
         use = [k for k in wanted if self._weight(k) > 0 and (k != "anchor" or self.anchors)]
-        return [(k, *self._bank().draw(wanted[k], generator), wanted[k]) for k in use]
+        return [(k, *self._bank().draw(wanted[k], generator, self.per_sample), wanted[k]) for k in use]
 
     def _weight(self, term: str) -> float:
         return {"erase": 1.0, "anchor": self.anchor_weight, "uncond": self.uncond_weight}[term]

@@ -161,9 +161,9 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
 
     def _loss(self, x0: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, dev = x0.shape[0], x0.device
-        t = self.student.schedule.sample_t(b, generator=generator, device=dev)
-        eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
-        w = sample_guidance_scale(b, self.w_min, self.w_max, self.w_distribution, generator, dev)
+        t = self.per_sample(lambda n: self.student.schedule.sample_t(n, generator=generator, device=dev), b)
+        eps = self.noise_like(x0, generator)
+        w = self.per_sample(lambda n: sample_guidance_scale(n, self.w_min, self.w_max, self.w_distribution, generator, dev), b)
         return self.distillation_loss(x0, labels, t, eps, w).mean()
 
     def training_step(self, batch, batch_idx):

@@ -217,7 +217,8 @@ class OneStepDistillation(MethodModule):
             if j == 0:
                 x_in = z * den.schedule.sigma(times[:1]).to(z)
             else:
-                noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+                noise = (self.noise_like(z) if generator is None else
+                         torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device))
                 x_in = den.schedule.add_noise(x, noise, t)
             with torch.set_grad_enabled(grad and j == last):
                 x = den(x_in, t, cond).x0
@@ -225,7 +226,7 @@ class OneStepDistillation(MethodModule):
 
     def _train_sample(self, labels: Tensor, grad: bool) -> Tensor:
         """Generator samples for a training update: a random step of the k-step chain (k = 1: the one step)."""
-        z = torch.randn(cond_size(labels), *self.sample_shape(), device=cond_device(labels))
+        z = self.per_sample(lambda n: torch.randn(n, *self.sample_shape(), device=cond_device(labels)), cond_size(labels))
         last = int(torch.randint(self.generator_steps, ())) if self.generator_steps > 1 else 0
         return self.run_generator(self.generator, z, labels, last, grad)
 
@@ -255,7 +256,7 @@ class OneStepDistillation(MethodModule):
         if self.pg_sb_range is None:
             return torch.full((b,), float(self.guidance_scale), device=device)
         lo, hi = self.pg_sb_range
-        return lo + (hi - lo) * torch.rand(b, device=device)
+        return lo + (hi - lo) * self.uniform(b, device)
 
     @torch.no_grad()
     def _fake_x0(self, x_t: Tensor, t: Tensor, cond: Tensor, w: Tensor) -> Tensor:
@@ -265,7 +266,7 @@ class OneStepDistillation(MethodModule):
 
     def _uniform_t(self, b: int, rng: tuple[float, float], device) -> Tensor:
         lo, hi = rng
-        return lo + (hi - lo) * torch.rand(b, device=device)
+        return lo + (hi - lo) * self.uniform(b, device)
 
     def _disc_logits(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return discriminator_logits(self.disc_head, self._disc_features(), self.discriminator_layer, x_t, t, cond)
@@ -275,14 +276,15 @@ class OneStepDistillation(MethodModule):
         """The fake score's denoising loss on fresh generator samples and, with a discriminator, its loss."""
         x_fake = self._train_sample(labels, grad=False)
         b, sched = x_fake.shape[0], self.fake_score.schedule
-        cond = self.fake_score.net.drop_cond(labels, self.fake_p_uncond)
-        t, eps = sched.sample_t(b, device=x_fake.device), torch.randn_like(x_fake)
+        cond = self.fake_score.net.drop_cond(labels, self.fake_p_uncond, u=self.uniform(b, cond_device(labels)))
+        t = self.per_sample(lambda n: sched.sample_t(n, device=x_fake.device), b)
+        eps = self.noise_like(x_fake)
         terms = {"fake_score": fake_score_loss(self.fake_score, x_fake, cond, t, eps).mean()}
         if self.disc_head is not None:
             t_f = self._uniform_t(b, self.disc_t_range, x_fake.device)
             t_r = self._uniform_t(x_real.shape[0], self.disc_t_range, x_real.device)
-            logits_f = self._disc_logits(sched.add_noise(x_fake, torch.randn_like(x_fake), t_f), t_f, labels)
-            logits_r = self._disc_logits(sched.add_noise(x_real, torch.randn_like(x_real), t_r), t_r, labels)
+            logits_f = self._disc_logits(sched.add_noise(x_fake, self.noise_like(x_fake), t_f), t_f, labels)
+            logits_r = self._disc_logits(sched.add_noise(x_real, self.noise_like(x_real), t_r), t_r, labels)
             terms["discriminator"] = discriminator_loss(logits_f, logits_r)
         return terms
 
@@ -294,7 +296,7 @@ class OneStepDistillation(MethodModule):
         terms = {}
         if self.objective == "dmd":
             t = self._uniform_t(b, self.dmd_t_range, dev)
-            x_t = sched.add_noise(x.detach(), torch.randn_like(x), t)
+            x_t = sched.add_noise(x.detach(), self.noise_like(x), t)
             d_real = self.dm_target(x_t, t, labels, w)
             d_fake = self._fake_x0(x_t, t, labels, w)
             if self.divergence == "reverse_kl":
@@ -302,20 +304,21 @@ class OneStepDistillation(MethodModule):
             else:
                 with torch.no_grad():
                     logits = self._disc_logits(x_t, t, labels)
-                terms["dmd"] = fdistill_loss(x, d_real, d_fake, logits, self.divergence, t, self.ratio_time_bins).mean()
+                terms["dmd"] = fdistill_loss(x, d_real, d_fake, logits, self.divergence, t, self.ratio_time_bins,
+                                              self.global_batch).mean()
         else:
             terms["dmd"] = self._decoupled_loss(x, labels, w).mean()
         if self.gan_weight > 0:
             t_g = self._uniform_t(b, self.disc_t_range, dev)
-            logits = self._disc_logits(sched.add_noise(x, torch.randn_like(x), t_g), t_g, labels)
+            logits = self._disc_logits(sched.add_noise(x, self.noise_like(x), t_g), t_g, labels)
             terms["generator_gan"] = self.gan_weight * (generator_gan_loss(logits) * self.gan_keep(labels)).mean()
         return terms
 
     def _decoupled_loss(self, x: Tensor, labels: Tensor, w: Tensor) -> Tensor:
         b, dev, sched, teacher = x.shape[0], x.device, self.generator.schedule, self.fake_score.teacher
         t_ca, t_dm = self._uniform_t(b, self.ca_t_range, dev), self._uniform_t(b, self.dm_t_range, dev)
-        x_ca = sched.add_noise(x.detach(), torch.randn_like(x), t_ca)
-        x_dm = sched.add_noise(x.detach(), torch.randn_like(x), t_dm)
+        x_ca = sched.add_noise(x.detach(), self.noise_like(x), t_ca)
+        x_dm = sched.add_noise(x.detach(), self.noise_like(x), t_dm)
         with torch.no_grad():
             both = teacher(torch.cat([x_ca, x_ca]), torch.cat([t_ca, t_ca]), cond_cat([labels, teacher.null_cond(labels)])).x0
             d_fake = self.fake_score(x_dm, t_dm, labels).x0

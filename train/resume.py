@@ -1,4 +1,4 @@
-"""Exact resume: the random state of each training batch is a function of (seed, batch index, rank) only."""
+"""Exact resume: the random state of each training batch is a function of (seed, batch index) only."""
 from __future__ import annotations
 
 import os
@@ -9,14 +9,16 @@ import numpy as np
 import torch
 
 
-def batch_seed(seed: int, batch: int, rank: int) -> int:
-    """A 64-bit seed for one training batch, well mixed from the run seed, the batch index and the rank."""
-    return int(np.random.SeedSequence([seed, batch, rank]).generate_state(1, np.uint64)[0])
+def batch_seed(seed: int, batch: int) -> int:
+    """A 64-bit seed for one training batch, well mixed from the run seed and the batch index."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1, np.uint64)[0])
 
 
 class StepSeed(L.Callback):
     """Seeds torch (CPU and every GPU), numpy and `random` before each training batch with
-    batch_seed(seed, index of the batch since the start of training, global rank).
+    batch_seed(seed, index of the batch since the start of training), the same on every process: each
+    process takes its own samples' values from draws made for the whole global batch
+    (MethodModule.per_sample), so N processes compute what one process computes on the global batch.
 
     What a training step draws (timesteps, noise, scales w, label dropout, dropout masks) then depends only on
     where in training it is, not on what ran before it in this process (validation, a sanity check, or the
@@ -42,7 +44,7 @@ class StepSeed(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         index = trainer.fit_loop.epoch_loop.total_batch_idx
-        s = batch_seed(self.seed, index, trainer.global_rank)
+        s = batch_seed(self.seed, index)
         torch.manual_seed(s)  # also seeds every CUDA device
         np.random.seed(s % 2**32)
         random.seed(s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from guidance.conditions import cond_device, cond_size
 from guidance.denoiser import Denoiser
 from guidance.schedules import Schedule, VPCosine
 from losses.denoising import denoising_loss
@@ -47,13 +48,13 @@ class TeacherPretraining(MethodModule):
         return Denoiser(self.ema.module, self.denoiser.schedule, self.denoiser.parameterization, self.denoiser.sigma_data)
 
     def _loss(self, x0: Tensor, cond, generator=None) -> Tensor:
-        t = self.denoiser.schedule.sample_t(x0.shape[0], generator=generator, device=x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = self.per_sample(lambda n: self.denoiser.schedule.sample_t(n, generator=generator, device=x0.device), x0.shape[0])
+        eps = self.noise_like(x0, generator)
         return denoising_loss(self.denoiser, x0, cond, t, eps).mean()
 
     def training_step(self, batch, batch_idx):
         x0, labels = batch
-        cond = self.denoiser.net.drop_cond(labels, self.p_uncond)
+        cond = self.denoiser.net.drop_cond(labels, self.p_uncond, u=self.uniform(cond_size(labels), cond_device(labels)))
         loss = self._loss(x0, cond)
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -164,3 +164,22 @@ def test_forward_kl_upweights_samples_the_teacher_finds_likely():
     (g,) = torch.autograd.grad(fdistill_loss(x, d_real, d_fake, logits, "forward_kl").sum(), x)
     (g0,) = torch.autograd.grad(dmd_loss(x, d_real, d_fake).sum(), x)
     assert torch.allclose(g[0], 1.5 * g0[0]) and torch.allclose(g[1], 0.5 * g0[1])
+
+
+@pytest.mark.parametrize("time_bins", [0, 3])
+def test_weights_normalised_over_the_global_batch_match_one_process(time_bins):
+    """Split over two processes (samples interleaved as the distributed sampler deals them), the weights
+    normalised with the gathered global batch equal those of one process holding the whole batch."""
+    torch.manual_seed(0)
+    logits, t = torch.randn(12), torch.rand(12)
+    whole = fdistill_weights("jensen_shannon", logits, t, time_bins)
+    h = f_weight("jensen_shannon", density_ratio(logits))
+
+    def gather(v):  # MethodModule.global_batch on either process: every process's values, global order
+        return h if any(torch.equal(v, h[r::2]) for r in range(2)) else t
+
+    for r in range(2):
+        got = fdistill_weights("jensen_shannon", logits[r::2], t[r::2], time_bins, gather=gather)
+        torch.testing.assert_close(got, whole[r::2])
+    local = fdistill_weights("jensen_shannon", logits[0::2], t[0::2], time_bins)
+    assert not torch.allclose(local, whole[0::2])  # normalising per process would differ

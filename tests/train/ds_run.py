@@ -100,14 +100,15 @@ def build(method: str, teacher: str | None, batch: int, nan_at: int = -1):
         return instantiate({"class_path": "train.guidance_distillation.GuidanceDistillation",
                             "init_args": {"teacher": teacher, "w_min": 1.0, "w_max": 5.0, "lr": 1e-3,
                                           "warmup_steps": 1, "ema_decay": 0.5}}), digits
-    if method == "onestep":  # generator, LoRA fake score and discriminator: three engines
+    if method == "onestep":  # generator, LoRA fake score and discriminator (f-distill JS + GAN): three engines
         return instantiate({"class_path": "train.onestep.OneStepDistillation",
                             "init_args": {"teacher": teacher, "divergence": "jensen_shannon", "gan_weight": 0.1,
                                           "fake_updates": 2, "lora_rank": 4, "discriminator_hidden": 16,
                                           "ema_decay": 0.9}}), digits
     if method == "erasure":
         return instantiate({"class_path": "train.erasure.ConceptErasure",
-                            "init_args": {"model": teacher, "concepts": [3], "lr": 0.05, "batch_size": 4,
+                            "init_args": {"model": teacher, "concepts": [3], "params": "esd-u", "lr": 1e-3,
+                                          "batch_size": batch // 2,
                                           "trajectory_steps": 3, "bank_size": 4, "bank_refresh": 2,
                                           "val_samples": 0}}), ErasureSteps(steps_per_epoch=10)
     raise ValueError(f"unknown method {method!r}")

@@ -2,8 +2,9 @@
 
 - a deterministic two-network method under ZeRO-2 and ZeRO-3 on 2 processes equals a single-process run
   on the same global batch (losses to 1e-6, weights to 1e-6);
-- every method (teacher, guidance distillation, one-step with three engines, erasure) trains under ZeRO
-  stages 2 and 3, and the ZeRO checkpoint converted to one state dict equals the trained weights exactly;
+- every method (teacher, guidance distillation, one-step with three engines, erasure) under ZeRO stages 2
+  and 3 on 2 processes equals one process on the same global batch (losses to 1e-5, weights to 1e-4), and
+  the ZeRO checkpoint converted to one state dict equals the trained weights exactly;
 - a run resumed from a ZeRO checkpoint repeats the uninterrupted run's losses exactly;
 - the CLI entry point under torchrun (the multi-node launch path), and export from a ZeRO checkpoint.
 Each run is a subprocess (tests/train/ds_run.py or `python -m train`), so no process group leaks into pytest.
@@ -50,9 +51,12 @@ def runs(tmp_path_factory, tiny_teacher_ckpt):
     base, done = tmp_path_factory.mktemp("zero_runs"), {}
 
     def get(method: str, stage: int):
+        """stage 0: one process without DeepSpeed on the global batch (16); else two processes x 8."""
         if (method, stage) not in done:
             root = base / f"{method}-zero{stage}"
-            done[method, stage] = root, fit(method, root, stage=stage, devices=2, teacher=tiny_teacher_ckpt)
+            devices, batch = (1, 16) if stage == 0 else (2, 8)
+            done[method, stage] = root, fit(method, root, stage=stage, devices=devices, batch=batch,
+                                            teacher=tiny_teacher_ckpt)
         return done[method, stage]
 
     return get
@@ -88,13 +92,23 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(stage, single_
 
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("method", ["teacher", "guidance_distillation", "onestep", "erasure"])
-def test_every_method_trains_under_zero_and_its_checkpoint_converts_exactly(method, stage, runs):
+def test_every_method_under_zero_equals_one_process_and_converts_exactly(method, stage, runs):
+    """Two processes x 8 samples under ZeRO compute what one process computes on the 16-sample global batch
+    (every random draw is made for the global batch and sliced per process: MethodModule.per_sample), so
+    every loss term agrees to float rounding (1e-5) and the trained weights to 1e-4 (Adam magnifies rounding
+    where a gradient is near zero);
+    the ZeRO checkpoint converted to one state dict equals the trained weights exactly."""
     root, losses = runs(method, stage)
-    for rank in losses:
-        assert sorted(rank) == [0, 1, 2] and rank[0]
-        assert all(torch.isfinite(torch.tensor(v)) for row in rank.values() for v in row.values())
+    single_root, single = runs(method, 0)
     assert losses[0] != losses[1]  # each process trained on its own share of the batch
+    zero = global_mean(losses)
+    assert sorted(zero) == sorted(single[0]) == [0, 1, 2]
+    for i, row in single[0].items():
+        for k, v in row.items():
+            assert zero[i][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (i, k)
     trained = torch.load(root / "weights.pt")
+    for k, v in torch.load(single_root / "weights.pt").items():
+        torch.testing.assert_close(trained[k], v, rtol=1e-3, atol=1e-4)
     converted = trainable_state_dict(root / "checkpoints" / "last.ckpt")
     assert sorted(converted) == sorted(trained)
     for k in trained:
