@@ -1,4 +1,4 @@
-"""Callbacks: validation samples (grid PNG, W&B image, FD and accuracy) at fixed seeds."""
+"""Callbacks: validation samples (grid PNG, W&B image, FD and accuracy, a W&B metrics table) at fixed seeds."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +7,16 @@ import lightning as L
 import torch
 
 
+TABLE_COLUMNS = ["step", "w", "steps", "nfe", "fd", "accuracy", "precision", "recall", "erased_rate",
+                 *(f"accuracy_{c}" for c in range(10))]
+
+
 class SampleMetrics(L.Callback):
     """At the end of each validation: sample `num_per_class` images per class at fixed seeds with the
     module's validation scale and steps, save a grid PNG (and log it to W&B), and log `val/fd`,
-    `val/accuracy`, `val/precision`, `val/recall`, `val/nfe` from the digits classifier.
+    `val/accuracy`, `val/precision`, `val/recall`, `val/nfe` from the digits classifier. W&B also gets
+    `val/metrics_table`: one row per validation so far (step, w, sampler steps, NFE, the metrics, the erased
+    classes' rate for an erasure module, per-class accuracy).
 
     num_per_class: samples per class for the metrics (the grid shows the first 8 of each class).
     metrics:       set False for networks the digits classifier cannot judge (other data sets).
@@ -19,6 +25,7 @@ class SampleMetrics(L.Callback):
     def __init__(self, num_per_class: int = 20, metrics: bool = True, seed: int = 0):
         super().__init__()
         self.num_per_class, self.metrics, self.seed = num_per_class, metrics, seed
+        self.table_rows: list[list] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if self.metrics:  # train or load the cached digits classifier once, before the first validation
@@ -40,6 +47,21 @@ class SampleMetrics(L.Callback):
             m = evaluate_samples(images, labels, nfe_per_sample=nfe)
             for key in ("fd", "accuracy", "precision", "recall", "nfe_per_sample"):
                 pl_module.log(f"val/{key.replace('_per_sample', '')}", float(m[key]), sync_dist=True)
+            if trainer.is_global_zero:
+                self._log_table(trainer, pl_module, m)
+
+    def _log_table(self, trainer: L.Trainer, pl_module, m: dict) -> None:
+        """Add this validation's row to `val/metrics_table` and log the whole table to W&B."""
+        erased = list(getattr(pl_module, "concepts", None) or [])
+        per_class = list(m["per_class_accuracy"]) + [None] * (10 - len(m["per_class_accuracy"]))
+        erased_rate = (sum(per_class[c] for c in erased) / len(erased)) if erased else None
+        self.table_rows.append([trainer.global_step, float(pl_module.val_scale), int(pl_module.val_steps),
+                                m["nfe_per_sample"], m["fd"], m["accuracy"], m["precision"], m["recall"],
+                                erased_rate, *per_class[:10]])
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_table("val/metrics_table", columns=TABLE_COLUMNS, data=[list(r) for r in self.table_rows],
+                                 step=trainer.global_step)
 
     def _save_grid(self, trainer: L.Trainer, images: torch.Tensor) -> None:
         from train.images import grid_array, save_grid

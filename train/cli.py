@@ -79,6 +79,7 @@ def lightning_cli(argv: list[str] | None):
     from train.checkpoint import check_resume, read_checkpoint
     import train.strategy  # noqa: F401  (registers the zero1/zero2/zero3 strategy names)
     from train.interrupt import InterruptCheckpoint
+    from train.tracking import TrainingDiagnostics
 
     class SaveAndLogConfig(SaveConfigCallback):
         """Write config.yaml to the run folder and log the whole resolved config to every logger (W&B)."""
@@ -102,11 +103,19 @@ def lightning_cli(argv: list[str] | None):
                 check_resume(cfg.ckpt_path, self.requested_model, cfg.model.as_dict())  # the checkpoint's model wins
             root = cfg.trainer.get("default_root_dir") or "runs/default"
             logger = cfg.trainer.get("logger")
+            mode = cfg.get("wandb") or os.environ.get("WANDB_MODE") or "offline"
+            os.environ["WANDB_MODE"] = mode
             for lg in logger if isinstance(logger, list) else [logger]:
                 if lg is not None and not isinstance(lg, bool) and "Wandb" in str(lg.get("class_path", "")):
+                    # the mode decides, passed to wandb.init; WandbLogger(offline=True) would force offline over it
+                    lg.init_args["offline"], lg.init_args["mode"] = False, mode
                     if lg.init_args.get("save_dir") in (None, "."):
                         lg.init_args["save_dir"] = root
                         Path(root).mkdir(parents=True, exist_ok=True)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None,
+                                help="W&B mode of a WandbLogger (default: $WANDB_MODE, else offline)")
 
         def before_fit(self) -> None:
             self.model.check_data(self.datamodule)  # images / classes the network cannot take, before any file
@@ -118,6 +127,8 @@ def lightning_cli(argv: list[str] | None):
                     cb.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
             if not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
                 trainer.callbacks.append(InterruptCheckpoint())  # SIGTERM / Ctrl+C: write last.ckpt, then stop
+            if trainer.loggers and not any(isinstance(cb, TrainingDiagnostics) for cb in trainer.callbacks):
+                trainer.callbacks.append(TrainingDiagnostics())  # learning rates and gradient norms per network
             return trainer
 
     no_exit = {"exit_on_error": False}  # parse errors raise ArgumentError; main prints them as one line
