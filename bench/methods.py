@@ -29,6 +29,8 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
                               {"w_min": 1.0, "w_max": 6.0, "warmup_steps": 0, "ema_decay": 0.995}),
     "dmd_lora": ("one-step DMD, LoRA r32 fake score, 4 fake updates", "train.onestep.OneStepDistillation",
                  {"fake_score": "lora", "lora_rank": 32, "fake_updates": 4, "gan_weight": 0.0, "ema_decay": 0.99}),
+    "dmd_lora8": ("one-step DMD, LoRA r8 fake score, 4 fake updates", "train.onestep.OneStepDistillation",
+                  {"fake_score": "lora", "lora_rank": 8, "fake_updates": 4, "gan_weight": 0.0, "ema_decay": 0.99}),
     "dmd_copy": ("one-step DMD, full-copy fake score, 4 fake updates", "train.onestep.OneStepDistillation",
                  {"fake_score": "copy", "fake_updates": 4, "gan_weight": 0.0, "ema_decay": 0.99}),
     "fdistill_js": ("f-distill JS + GAN, LoRA r32 fake score", "train.onestep.OneStepDistillation",
