@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip setuptools wheel numpy
 	$(PIP) install --quiet "$(TORCH)"
 	# DeepSpeed's setup.py imports torch, so it builds against the torch installed above.
-	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation "deepspeed>=0.15"
+	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation "deepspeed>=0.19.8,<0.20"
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
@@ -31,8 +31,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow and not distributed"
 
+# quality reads the checkpoints `make demo` wrote to $(RUNS); BENCH_ARGS passes more (e.g. --quick, --ckpt ROW=PATH)
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench --runs $(RUNS) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
