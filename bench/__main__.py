@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         settings["num_per_class"] = args.num_per_class
     from bench.quality import parse_ckpts
 
-    ckpts = parse_ckpts(args.ckpt)  # refuse a bad ROW before any work
+    try:
+        ckpts = parse_ckpts(args.ckpt)  # refuse a bad ROW before any work
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.dry_run:
         print({**vars(args), **settings})
         return
