@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.images import _image_files, image_to_tensor, load_source
-from data.resumable import ResumableLoader, replica_kwargs
+from data.resumable import ResumableLoader, training_loader
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 CAPTION_SOURCES = ("an image folder with captions (metadata.jsonl with file_name and text, or a .txt beside each "
@@ -131,8 +131,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         self.setup()
         data = self.sets["train"]
-        return ResumableLoader(data, self.batch_size, shuffle=True, num_workers=self.num_workers,
-                               drop_last=len(data) >= self.batch_size, **replica_kwargs(self.trainer))
+        return training_loader(data, self.batch_size, self.num_workers, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from data.resumable import ResumableLoader, replica_kwargs
+from data.resumable import ResumableLoader, training_loader
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
@@ -89,9 +89,7 @@ class DigitsDataModule(L.LightningDataModule):
         """Shuffled batches in an order fixed by (seed, epoch) that a resumed run continues mid-epoch."""
         self.setup()
         data = self._sets["train"]
-        return ResumableLoader(data, self.batch_size, shuffle=True, num_workers=self.num_workers,
-                               drop_last=len(data) >= self.batch_size,  # a batch larger than the set: keep it
-                               **replica_kwargs(self.trainer))
+        return training_loader(data, self.batch_size, self.num_workers, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
-from data.resumable import ResumableLoader, replica_kwargs
+from data.resumable import ResumableLoader, training_loader
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".pnm", ".ppm", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
@@ -315,9 +315,7 @@ class LabelledImageDataModule(L.LightningDataModule):
         """Shuffled batches in an order fixed by (seed, epoch) that a resumed run continues mid-epoch."""
         self.setup()
         data = self.sets["train"]
-        return ResumableLoader(data, self.batch_size, shuffle=True, num_workers=self.num_workers,
-                               drop_last=len(data) >= self.batch_size,  # a batch larger than the set: keep it
-                               **replica_kwargs(self.trainer))
+        return training_loader(data, self.batch_size, self.num_workers, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation")

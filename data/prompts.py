@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from data.resumable import ResumableLoader, replica_kwargs
+from data.resumable import ResumableLoader, training_loader
 
 PROMPT_SOURCES = ("a .txt file (one prompt per line), a .csv/.tsv, .jsonl or .parquet file with a prompt column, "
                   "a .json list, a folder written by save_to_disk, or a datasets name")
@@ -187,8 +187,7 @@ class PromptDataModule(L.LightningDataModule):
         """Shuffled prompt batches, order fixed by (seed, epoch), resumable mid-epoch."""
         self.setup()
         data = self._sets["train"]
-        return ResumableLoader(data, self.batch_size, shuffle=True, num_workers=self.num_workers,
-                               drop_last=len(data) >= self.batch_size, **replica_kwargs(self.trainer))
+        return training_loader(data, self.batch_size, self.num_workers, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

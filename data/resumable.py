@@ -74,3 +74,10 @@ def replica_kwargs(trainer) -> dict[str, int]:
     """{num_replicas, rank} of a (possibly distributed) Lightning Trainer; {} without one or when not distributed."""
     kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
     return {"num_replicas": kwargs["num_replicas"], "rank": kwargs["rank"]} if kwargs else {}
+
+
+def training_loader(data, batch_size: int, num_workers: int, trainer) -> ResumableLoader:
+    """The training loader of every data module: shuffled, resumable mid-epoch, this process's share under
+    distributed training; a batch larger than the whole set keeps the set as one batch instead of dropping it."""
+    return ResumableLoader(data, batch_size, shuffle=True, num_workers=num_workers,
+                           drop_last=len(data) >= batch_size, **replica_kwargs(trainer))

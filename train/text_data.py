@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from data.captions import CaptionedImageDataModule
-from data.resumable import ResumableLoader, replica_kwargs
+from data.resumable import ResumableLoader, training_loader
 
 
 class _LatentsWithCaptions(torch.utils.data.Dataset):
@@ -92,8 +92,7 @@ class EncodedCaptionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         self.setup()
         data = self.sets["train"]
-        return ResumableLoader(data, self.batch_size, shuffle=True, num_workers=self.num_workers,
-                               drop_last=len(data) >= self.batch_size, **replica_kwargs(self.trainer))
+        return training_loader(data, self.batch_size, self.num_workers, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
