@@ -83,8 +83,8 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(stage, single_
     assert sorted(zero) == sorted(single) == [0, 1, 2]
     for i in single:
         assert zero[i]["train/loss"] == pytest.approx(single[i]["train/loss"], rel=1e-6, abs=1e-6)
-    w_single = torch.load(single_root / "weights.pt")
-    w_zero = torch.load(tmp_path / "zero" / "weights.pt")
+    w_single = torch.load(single_root / "weights.pt", weights_only=True)
+    w_zero = torch.load(tmp_path / "zero" / "weights.pt", weights_only=True)
     assert sorted(w_single) == sorted(w_zero)
     for k in w_single:
         torch.testing.assert_close(w_zero[k], w_single[k], rtol=1e-6, atol=1e-6)
@@ -106,8 +106,8 @@ def test_every_method_under_zero_equals_one_process_and_converts_exactly(method,
     for i, row in single[0].items():
         for k, v in row.items():
             assert zero[i][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (i, k)
-    trained = torch.load(root / "weights.pt")
-    for k, v in torch.load(single_root / "weights.pt").items():
+    trained = torch.load(root / "weights.pt", weights_only=True)
+    for k, v in torch.load(single_root / "weights.pt", weights_only=True).items():
         torch.testing.assert_close(trained[k], v, rtol=1e-3, atol=1e-4)
     converted = trainable_state_dict(root / "checkpoints" / "last.ckpt")
     assert sorted(converted) == sorted(trained)
@@ -139,7 +139,7 @@ def test_bf16_offload_and_activation_checkpointing(runs, tiny_teacher_ckpt, tmp_
             for k, v in row.items():
                 assert v == pytest.approx(fp32[rank][i][k], rel=0.1, abs=1e-3), (i, k)
     assert losses[0][0]["train/fake_score"] != fp32[0][0]["train/fake_score"]  # bf16 compute did happen
-    trained, converted = torch.load(root / "weights.pt"), trainable_state_dict(root / "checkpoints" / "last.ckpt")
+    trained, converted = torch.load(root / "weights.pt", weights_only=True), trainable_state_dict(root / "checkpoints" / "last.ckpt")
     assert all(torch.equal(converted[k], trained[k]) and trained[k].dtype == torch.float32 for k in trained)
 
 
@@ -151,7 +151,7 @@ def test_a_nonfinite_gradient_is_skipped_by_the_engines_and_reported(tmp_path):
     for rank in range(2):
         skipped = json.loads((root / f"skipped.rank{rank}.json").read_text())
         assert [(s["step"], s["phase"]) for s in skipped] == [(1, "DeepSpeed engine"), (1, "DeepSpeed engine")]
-    assert all(torch.isfinite(v).all() for v in torch.load(root / "weights.pt").values())
+    assert all(torch.isfinite(v).all() for v in torch.load(root / "weights.pt", weights_only=True).values())
 
 
 def test_cli_under_torchrun_then_export_from_the_zero_checkpoint(tmp_path):
