@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from guidance.denoiser import Denoiser
 from train.base import CHECKPOINT_KEY, MethodModule
 from train.config import ConfigError, instantiate
 from train.strategy import convert_zero_checkpoint, is_zero_checkpoint
@@ -147,3 +148,22 @@ def _differences(mine: dict, theirs: dict, prefix: str = ""):
             yield from _differences(value, other, f"{prefix}{key}.")
         elif value != other:
             yield f"{prefix}{key}", value, other
+
+
+def load_teacher(path: str | None, config: dict | None) -> tuple[Denoiser, dict | None]:
+    """The frozen sampling Denoiser of a teacher checkpoint (eval, requires_grad off) and its stored config.
+
+    When `path` does not exist but `config` (a teacher config recorded by an earlier run) is given, the
+    teacher is rebuilt from the config with untrained weights: the caller then loads its own checkpoint's
+    copy of the teacher weights (this is how `load_method` reloads a onestep checkpoint)."""
+    if path and (Path(path).is_file() or is_pipeline_folder(path)):
+        stored = read_checkpoint(path)[CHECKPOINT_KEY].get("config")
+        den = load_method(path, expect="teacher").sampling_denoiser()
+    elif config:
+        cfg = {k: v for k, v in config.items() if k not in ("_class_path", "_instantiator")}
+        den = instantiate({"class_path": config["_class_path"], "init_args": cfg}).sampling_denoiser()
+        stored = config
+    else:
+        raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist; train one with "
+                                f"`python -m train fit --config configs/digits/teacher.yaml` and pass its last.ckpt")
+    return den.requires_grad_(False).eval(), stored

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -22,6 +21,7 @@ from models.discriminator import DiscriminatorHead, discriminator_logits, featur
 from models.ema import EMA
 from models.fake_score import FakeScore
 from train.base import CHECKPOINT_KEY, MethodModule
+from train.checkpoint import load_teacher
 from train.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
 from train.optim import adamw_with_warmup
 
@@ -486,25 +486,3 @@ def _range(name: str, value, lo: float = 0.0, hi: float = 1.0) -> tuple[float, f
     if not lo <= a <= b <= hi:
         raise ValueError(f"{name} must satisfy {lo} <= lo <= hi <= {hi}, got [{a}, {b}]")
     return a, b
-
-
-def load_teacher(path: str | None, config: dict | None) -> tuple[Denoiser, dict | None]:
-    """The frozen sampling Denoiser of a teacher checkpoint (eval, requires_grad off) and its stored config.
-
-    When `path` does not exist but `config` (a teacher config recorded by an earlier run) is given, the
-    teacher is rebuilt from the config with untrained weights: the caller then loads its own checkpoint's
-    copy of the teacher weights (this is how `load_method` reloads a onestep checkpoint)."""
-    from train.checkpoint import is_pipeline_folder, load_method, read_checkpoint
-    from train.config import instantiate
-
-    if path and (Path(path).is_file() or is_pipeline_folder(path)):
-        stored = read_checkpoint(path)[CHECKPOINT_KEY].get("config")
-        den = load_method(path, expect="teacher").sampling_denoiser()
-    elif config:
-        cfg = {k: v for k, v in config.items() if k not in ("_class_path", "_instantiator")}
-        den = instantiate({"class_path": config["_class_path"], "init_args": cfg}).sampling_denoiser()
-        stored = config
-    else:
-        raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist; train one with "
-                                f"`python -m train fit --config configs/digits/teacher.yaml` and pass its last.ckpt")
-    return den.requires_grad_(False).eval(), stored

@@ -90,7 +90,7 @@ class TextConceptErasure(MethodModule):
                  model_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
-        from train.onestep import load_teacher
+        from train.checkpoint import load_teacher
 
         if params not in TEXT_SELECTIONS:
             raise ValueError(f"params must be one of {', '.join(TEXT_SELECTIONS)}, got {params!r}")
