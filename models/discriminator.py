@@ -1,5 +1,13 @@
 """A discriminator head on intermediate features of a diffusion network (the fake score or the frozen
-teacher), read through a forward hook: one logit per noisy sample, optionally time-conditioned."""
+teacher), read through a forward hook: one logit per noisy sample, optionally time-conditioned.
+
+Where the features come from, per network (`default_feature_layer`):
+- UNets (class-conditional UNet2DModel, text UNet2DConditionModel of SD 1.x/2.x/SDXL): the output of
+  `unet.mid_block`, the bottleneck [B, C, h, w] (DMD2, arXiv 2405.14867, sec. 4.3);
+- SD3 / Flux transformers: the image tokens' hidden states after the last transformer block (joint blocks for
+  SD3, single blocks for Flux), read as the INPUT of `transformer.norm_out` ([B, N, D]: both networks hand only
+  the image stream to their final norm), laid back on the token grid [B, D, h/p, w/p] (`feature_map`).
+"""
 from __future__ import annotations
 
 import math
@@ -15,23 +23,38 @@ class _Stop(Exception):
     """Raised by the hook once the features are captured, so the rest of the network is not run."""
 
 
+INPUT_SUFFIX = ":input"
+
+
+def default_feature_layer(net: nn.Module) -> str:
+    """The tapped layer of `net` (see the module docstring): "unet.mid_block" for UNets,
+    "transformer.norm_out:input" for the SD3 / Flux transformer adapters."""
+    base = getattr(net, "_base", net)
+    base = getattr(base, "base", base)  # a w-conditioned student's network
+    return "transformer.norm_out" + INPUT_SUFFIX if hasattr(base, "transformer") else "unet.mid_block"
+
+
 class FeatureTap:
-    """Context manager that records the output of `net.get_submodule(layer)` during a forward.
+    """Context manager that records the output (or the input) of `net.get_submodule(layer)` during a forward.
 
     net:   the network (an `AdaptersOff` view is unwrapped to its base network).
-    layer: dotted submodule path, e.g. "unet.mid_block" (diffusers UNet2DModel's bottleneck).
-    stop:  abort the forward right after the layer (the layers after it are not needed); the
-           forward call must then be made through `tap.run(fn, *args)`.
-    After the block, `features` holds the layer's output [B, C, h, w] (with its autograd graph).
+    layer: dotted submodule path, e.g. "unet.mid_block" (diffusers UNet2DModel's bottleneck); ending in
+           ":input" ("transformer.norm_out:input") records the layer's first input instead of its output.
+    stop:  abort the forward right after the layer (right before it for ":input"; the rest is not
+           needed); the forward call must then be made through `tap.run(fn, *args)`.
+    After the block, `features` holds the tapped tensor ([B, C, h, w] or tokens [B, N, D]) with its
+    autograd graph; a tuple output gives its first element.
     """
 
     def __init__(self, net: nn.Module, layer: str, stop: bool = True):
         base = getattr(net, "_base", net)
+        self.take_input = layer.endswith(INPUT_SUFFIX)
+        path = layer[:-len(INPUT_SUFFIX)] if self.take_input else layer
         try:
-            self.module = base.get_submodule(layer)
+            self.module = base.get_submodule(path)
         except AttributeError:
-            raise ValueError(f"discriminator layer {layer!r} does not exist in {type(base).__name__}; "
-                             f"give a dotted submodule path such as 'unet.mid_block'") from None
+            raise ValueError(f"discriminator layer {layer!r} does not exist in {type(base).__name__}; give a dotted "
+                             f"submodule path such as {default_feature_layer(base)!r} (':input' taps its input)") from None
         self.stop, self.features, self._handle = stop, None, None
 
     def _hook(self, module, inputs, output):
@@ -39,8 +62,16 @@ class FeatureTap:
         if self.stop:
             raise _Stop
 
+    def _pre_hook(self, module, args, kwargs):
+        self.features = args[0] if args else next(iter(kwargs.values()))
+        if self.stop:
+            raise _Stop
+
     def __enter__(self) -> "FeatureTap":
-        self._handle = self.module.register_forward_hook(self._hook)
+        if self.take_input:
+            self._handle = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        else:
+            self._handle = self.module.register_forward_hook(self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -55,6 +86,34 @@ class FeatureTap:
         if self.features is None:
             raise RuntimeError("the discriminator's feature layer was not called during the forward")
         return self.features
+
+
+def feature_map(features: Tensor, size: tuple[int, int]) -> Tensor:
+    """Tapped features as a map [B, C, h, w]: a map is returned as it is; tokens [B, N, D] of a patchified
+    image of `size` (H, W) latent pixels (N = (H/p)(W/p) patches of p x p, raster order, as SD3's PatchEmbed
+    and Flux's 2x2 packing lay them out) become [B, D, H/p, W/p]."""
+    if features.ndim == 4:
+        return features
+    b, n, d = features.shape
+    h, w = size
+    p = math.isqrt(h * w // n)
+    if p * p * n != h * w or h % p or w % p:
+        raise ValueError(f"{n} feature tokens do not tile a {h}x{w} latent in square patches; tap a layer whose "
+                         f"tokens are the image patches (e.g. 'transformer.norm_out:input')")
+    return features.reshape(b, h // p, w // p, d).permute(0, 3, 1, 2)
+
+
+def probe_condition(net: nn.Module) -> Any:
+    """A one-sample condition for a probe forward of `net`: class 0 of a class-conditional network, the null text
+    of a text adapter (plus guidance 1.0 for a guidance-distilled Flux network)."""
+    base = getattr(net, "_base", net)
+    base = getattr(base, "base", base)
+    if getattr(base, "num_classes", None) is not None:
+        return torch.zeros(1, dtype=torch.long)
+    cond = {k: getattr(base, f"null_{k}") for k in base._null_keys}  # models.text_network.TextConditionalNetwork
+    if getattr(base, "guidance_embeds", False):
+        cond["guidance"] = torch.ones(1)
+    return cond
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -94,20 +153,21 @@ class DiscriminatorHead(nn.Module):
 
 def discriminator_logits(head: DiscriminatorHead, features_from: Denoiser, layer: str, x_t: Tensor, t: Tensor,
                          cond: Any) -> Tensor:
-    """Logits [B] for noisy samples x_t [B, C, H, W] at times t [B]: the features of `layer` of the
-    network in `features_from` (run only up to that layer), through `head`. Gradients flow to x_t and
-    to whichever of the feature network's weights require grad."""
+    """Logits [B] for noisy samples x_t [B, C, H, W] at times t [B] with condition `cond` (labels [B] or a text
+    condition dict): the features of `layer` of the network in `features_from` (run only up to that layer, tokens
+    laid on their grid by `feature_map`), through `head`. Gradients flow to x_t and to whichever of the feature
+    network's weights require grad."""
     with FeatureTap(features_from.net, layer) as tap:
         feats = tap.run(features_from.raw, x_t, t, cond)
-    return head(feats, t)
+    return head(feature_map(feats, x_t.shape[-2:]), t)
 
 
 @torch.no_grad()
 def feature_channels(features_from: Denoiser, layer: str, sample_shape: tuple[int, ...], cond: Any) -> int:
-    """Channels of `layer`'s output, found with one probe forward on a single zero sample of sample_shape
-    (C, H, W) and condition `cond` ([1]-batch)."""
+    """Channels of `layer`'s feature map, found with one probe forward on a single zero sample of sample_shape
+    (C, H, W) and condition `cond` ([1]-batch; `probe_condition` gives one)."""
     p = next(getattr(features_from.net, "_base", features_from.net).parameters())
     x = torch.zeros(1, *sample_shape, device=p.device, dtype=p.dtype)
     with FeatureTap(features_from.net, layer) as tap:
         feats = tap.run(features_from.raw, x, torch.full((1,), 0.5, device=p.device), cond)
-    return int(feats.shape[1])
+    return int(feature_map(feats, x.shape[-2:]).shape[1])

@@ -17,15 +17,15 @@ from losses.dmd import decoupled_dmd_loss, dmd_loss, fake_score_loss
 from losses.erasure import forget_target
 from losses.fdiv import check_divergence, fdistill_loss
 from losses.gan import discriminator_loss, generator_gan_loss
-from models.discriminator import DiscriminatorHead, discriminator_logits, feature_channels
+from models.discriminator import (DiscriminatorHead, default_feature_layer, discriminator_logits, feature_channels,
+                                  probe_condition)
 from models.ema import EMA
 from models.fake_score import FakeScore
 from train.base import CHECKPOINT_KEY, MethodModule
 from train.checkpoint import load_teacher
 from train.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
+from train.onestep_checks import check_erase, check_options, check_range, check_real_data
 from train.optim import adamw_with_warmup
-
-OBJECTIVES = ("dmd", "decoupled")
 
 
 class OneStepDistillation(MethodModule):
@@ -35,7 +35,8 @@ class OneStepDistillation(MethodModule):
     denoiser's x0-prediction at t_0 from sigma(t_0) z), the frozen teacher (the "real score", eval,
     requires_grad off, run under no_grad), the fake score (models.fake_score.FakeScore: full copy or LoRA
     on the teacher) and, when a GAN term or an f-divergence other than reverse KL needs one, a
-    discriminator head on the fake score's (or the teacher's) bottleneck features.
+    discriminator head on the fake score's (or the teacher's) bottleneck features (models.discriminator: a UNet's
+    mid block; an SD3 / Flux transformer's image tokens after its last block).
 
     One training step (one data batch) = `fake_updates` fake-score (+ discriminator) updates, then one
     generator update (two time-scale rule, DMD2 sec. 4.2). Manual optimization with three optimizers;
@@ -45,8 +46,10 @@ class OneStepDistillation(MethodModule):
     updates. An update with a NaN/inf loss term or gradient goes through the shared NaN/inf policy
     (train.nonfinite): skipped and reported, or training stops; a skipped generator update does not count.
 
-    Data: the generator needs none; each batch's labels are the classes the generator is asked for
-    (so classes follow the data's frequencies), and its images are the discriminator's real branch.
+    Data: the generator needs none; each batch's labels (or text condition dict) are what the generator is asked
+    for (so classes or prompts follow the data's frequencies), and its images (a text model's latents: e.g.
+    train.text_data.EncodedCaptionDataModule) are the discriminator's real branch. Prompt-only data
+    (EncodedPromptDataModule) serves DMD without a discriminator.
     The fake score starts as the teacher (which already fits the real digits) and then sees only
     generator samples.
 
@@ -69,7 +72,8 @@ class OneStepDistillation(MethodModule):
     fake_updates:     fake-score updates per generator update (DMD2: 5 on SDXL, 10 on SD1.5).
     fake_p_uncond:    label dropout of the fake-score loss (0.1 by default with PG-SB, else 0).
     discriminator_features: "fake" (DMD2: the discriminator loss also trains the fake score's weights)
-                      or "teacher" (frozen features); discriminator_layer: tapped submodule.
+                      or "teacher" (frozen features); discriminator_layer: the tapped submodule (None: the
+                      network's default, models.discriminator.default_feature_layer).
     disc_t_range:     times at which real and fake samples are noised for the discriminator.
     generator_steps:  k; generator_times: the k descending times (default the schedule's k-step grid,
                       starting at t_max; give [t] for a one-step generator at another init time).
@@ -96,7 +100,7 @@ class OneStepDistillation(MethodModule):
                  ca_weight: float = 1.0, dm_weight: float = 1.0, gan_weight: float = 0.0,
                  fake_score: str = "lora", lora_rank: int = 16, lora_alpha: float | None = None,
                  lora_targets: list[str] | None = None, fake_updates: int = 1, fake_p_uncond: float | None = None,
-                 discriminator_features: str = "fake", discriminator_layer: str = "unet.mid_block",
+                 discriminator_features: str = "fake", discriminator_layer: str | None = None,
                  discriminator_hidden: int = 64, disc_t_range: list[float] | None = None,
                  generator_steps: int = 1, generator_times: list[float] | None = None,
                  lr: float = 1e-4, lr_fake: float | None = None, lr_disc: float | None = None,
@@ -107,19 +111,19 @@ class OneStepDistillation(MethodModule):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         self.objective, self.divergence = objective, check_divergence(divergence)
-        self.pg_sb_range = _range("pg_sb_range", pg_sb_range, lo=-math.inf, hi=math.inf) if pg_sb_range else None
-        self.dmd_t_range = _range("dmd_t_range", dmd_t_range)
-        self.ca_t_range = _range("ca_t_range", ca_t_range or dmd_t_range)
-        self.dm_t_range = _range("dm_t_range", dm_t_range or dmd_t_range)
-        self.disc_t_range = _range("disc_t_range", disc_t_range or dmd_t_range)
-        self._validate(objective, guider, fake_updates, generator_steps, generator_times, discriminator_features)
+        self.pg_sb_range = check_range("pg_sb_range", pg_sb_range, lo=-math.inf, hi=math.inf) if pg_sb_range else None
+        self.dmd_t_range = check_range("dmd_t_range", dmd_t_range)
+        self.ca_t_range = check_range("ca_t_range", ca_t_range or dmd_t_range)
+        self.dm_t_range = check_range("dm_t_range", dm_t_range or dmd_t_range)
+        self.disc_t_range = check_range("disc_t_range", disc_t_range or dmd_t_range)
+        check_options(objective, guider, fake_updates, generator_steps, generator_times, discriminator_features)
         self.guidance_scale, self.ratio_time_bins = guidance_scale, ratio_time_bins
         self.ca_weight, self.dm_weight, self.gan_weight = ca_weight, dm_weight, gan_weight
         self.fake_updates, self.grad_clip = fake_updates, grad_clip
         self.fake_p_uncond = (0.1 if self.pg_sb_range else 0.0) if fake_p_uncond is None else fake_p_uncond
         self.lr, self.lr_fake, self.lr_disc = lr, lr_fake or lr, lr_disc or lr_fake or lr
         self.betas, self.weight_decay, self.warmup_steps = tuple(betas), weight_decay, warmup_steps
-        self.discriminator_features, self.discriminator_layer = discriminator_features, discriminator_layer
+        self.discriminator_features = discriminator_features
         self.val_samples = val_samples
 
         teacher_den, stored = load_teacher(teacher, teacher_config)
@@ -139,17 +143,15 @@ class OneStepDistillation(MethodModule):
                 raise ValueError("pg_sb_range guides the fake score with the teacher's guider, which cannot need a "
                                  "weak model; use a guider such as 'cfg' with PG-SB")
             self._guided["fake"] = GuidedDenoiser(self.fake_score, copy.deepcopy(g))
-        self.erase_concepts, self.erase_targets = _check_erase(erase_concepts, erase_eta, erase_targets, objective,
-                                                               divergence, g, teacher_den)
+        self.erase_concepts, self.erase_targets = check_erase(erase_concepts, erase_eta, erase_targets, objective,
+                                                              divergence, g, teacher_den)
         self.erase_eta = erase_eta
         self.uses_discriminator = gan_weight > 0 or divergence != "reverse_kl"
         self.disc_head = None
+        self.discriminator_layer = discriminator_layer or default_feature_layer(teacher_den.net)
         if self.uses_discriminator:
-            if getattr(teacher_den.net, "num_classes", None) is None:
-                raise ValueError("the GAN term and f-divergences other than reverse_kl need a discriminator, which is "
-                                 "not implemented for text models yet; set gan_weight: 0 and divergence: reverse_kl")
-            probe_cond = torch.zeros(1, dtype=torch.long)
-            ch = feature_channels(self._disc_features(), discriminator_layer, self.sample_shape(), probe_cond)
+            features = self._disc_features()
+            ch = feature_channels(features, self.discriminator_layer, self.sample_shape(), probe_condition(features.net))
             self.disc_head = DiscriminatorHead(ch, discriminator_hidden, time_conditioned=True)
         times = generator_times or self.generator.schedule.sampling_times(generator_steps).tolist()
         self.register_buffer("generator_times", torch.tensor(times, dtype=torch.float32), persistent=False)
@@ -161,25 +163,6 @@ class OneStepDistillation(MethodModule):
         self.automatic_optimization = False
 
     # --- construction helpers ---------------------------------------------------------------------
-    @staticmethod
-    def _validate(objective, guider, fake_updates, generator_steps, generator_times, features):
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-        if objective == "decoupled" and guider != "cfg":
-            raise ValueError(f"objective 'decoupled' splits the CFG rule into CA and DM terms; set guider: cfg (got {guider!r})")
-        if fake_updates < 1:
-            raise ValueError(f"fake_updates must be >= 1 (fake-score updates per generator update), got {fake_updates}")
-        if generator_steps < 1:
-            raise ValueError(f"generator_steps must be >= 1, got {generator_steps}")
-        if generator_times is not None:
-            if len(generator_times) != generator_steps:
-                raise ValueError(f"generator_times has {len(generator_times)} entries but generator_steps is "
-                                 f"{generator_steps}; give one time per generator step")
-            if any(not 0 < t <= 1 for t in generator_times) or list(generator_times) != sorted(generator_times, reverse=True):
-                raise ValueError(f"generator_times must be descending times in (0, 1], got {list(generator_times)}")
-        if features not in ("fake", "teacher"):
-            raise ValueError(f"discriminator_features must be 'fake' or 'teacher', got {features!r}")
-
     def _disc_features(self) -> Denoiser:
         return self.fake_score if self.discriminator_features == "fake" else self.fake_score.teacher
 
@@ -187,6 +170,11 @@ class OneStepDistillation(MethodModule):
     def teacher(self) -> Denoiser:
         """The frozen teacher (in LoRA mode a view of the shared network with adapters off)."""
         return self.fake_score.teacher
+
+    def check_data(self, datamodule) -> None:
+        super().check_data(datamodule)
+        if self.disc_head is not None:
+            check_real_data(datamodule)
 
     def train(self, mode: bool = True) -> "OneStepDistillation":
         super().train(mode)
@@ -446,43 +434,3 @@ class OneStepDistillation(MethodModule):
 
 def _no_closure() -> None:
     return None
-
-
-def _check_erase(concepts, eta, targets, objective, divergence, guider, teacher) -> tuple[list | None, list | None]:
-    """Validated (erase_concepts, erase_targets) of Score Forgetting Distillation; (None, None) when off."""
-    if concepts is None:
-        if targets is not None:
-            raise ValueError("erase_targets needs erase_concepts (the classes to draw as the targets instead)")
-        return None, None
-    num_classes = getattr(teacher.net, "num_classes", None)
-    if num_classes is None:
-        raise ValueError("erase_concepts erases classes of a class-conditional teacher; this teacher takes no labels")
-    concepts = [int(c) for c in concepts]
-    if not concepts or len(set(concepts)) != len(concepts) or not all(0 <= c < num_classes for c in concepts):
-        raise ValueError(f"erase_concepts must be distinct classes in 0..{num_classes - 1}, got {concepts}")
-    if eta < 0:
-        raise ValueError(f"erase_eta must be >= 0 (the erased target is the teacher guided at w = -erase_eta), got {eta}")
-    if objective != "dmd" or divergence != "reverse_kl":
-        raise ValueError(f"erase_concepts replaces the teacher target of the DMD term; set objective: dmd and "
-                         f"divergence: reverse_kl (got {objective!r}, {divergence!r}: their CFG split and density "
-                         f"ratio come from the unerased teacher and real data)")
-    if targets is not None:
-        targets = [int(c) for c in targets]
-        if len(targets) != len(concepts) or not all(0 <= c < num_classes for c in targets) or set(targets) & set(concepts):
-            raise ValueError(f"erase_targets must give one class in 0..{num_classes - 1} per erased concept "
-                             f"{concepts}, none of them erased; got {targets}")
-        if any(b.model == "weak" for b in guider.branches(None)):
-            raise ValueError("erase_targets guides the frozen teacher toward the target classes with the module's "
-                             "guider, which cannot need a weak model; use a guider such as 'cfg'")
-    return concepts, targets
-
-
-def _range(name: str, value, lo: float = 0.0, hi: float = 1.0) -> tuple[float, float]:
-    """Validate a [lo, hi] pair (times in [0, 1] unless told otherwise)."""
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair [lo, hi], got {value!r}") from None
-    if not lo <= a <= b <= hi:
-        raise ValueError(f"{name} must satisfy {lo} <= lo <= hi <= {hi}, got [{a}, {b}]")
-    return a, b
