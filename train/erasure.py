@@ -2,8 +2,6 @@
 erase-toward), with preservation terms, parameter selection (ESD-x/-u, LoRA, SalUn) and erasure metrics."""
 from __future__ import annotations
 
-import copy
-import os
 from typing import Any, Callable
 
 import lightning as L
@@ -13,17 +11,15 @@ from torch.utils.data import DataLoader
 
 from data.resumable import ResumableLoader
 from guidance.conditions import cond_cat
-from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
 from guidance.guiders import CFG
 from guidance.samplers import ddim_step
 from losses.erasure import (ant_target, esd_target, preservation_target, regression_loss, toward_target,
                             windowed)
 from models.adapters import NULL_LABEL
-from models.ema import EMA
-from models.param_select import SELECTIONS, SaliencyMask, add_lora, select_parameters
-from train.base import MethodModule, plain_config
-from train.optim import adamw_with_warmup
+from models.param_select import SELECTIONS, SaliencyMask
+from train.base import MethodModule
+from train.erasure_base import ErasureMethod
 
 SAMPLING = ("one", "all")
 
@@ -118,7 +114,7 @@ class TrajectoryBank:
         return a * x0 + s * eps, t  # DDIM jump to t (Song et al. 2021, Eq. 12, eta = 0)
 
 
-class ConceptErasure(MethodModule):
+class ConceptErasure(ErasureMethod):
     """Concept erasure on a trained class-conditional model: the student (a copy of the frozen model) regresses
     erasure targets built by the guidance core on the frozen model, plus preservation terms.
 
@@ -165,21 +161,13 @@ class ConceptErasure(MethodModule):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         _check_options(eta, t_window, concept_sampling, params, saliency_top_k, weight_decay, batch_size, loss_space)
-        frozen, config = _load_teacher(model, model_config)
-        self.hparams["model_config"] = config
+        frozen = self._load_frozen(model, model_config)
         self.num_classes = num_classes = frozen.net.num_classes
         self.concepts, self.targets = _check_classes(concepts, targets, num_classes)
         self.anchors = _check_anchors(anchors, self.concepts, num_classes)
-        self.frozen = frozen.requires_grad_(False).eval()
-        self.student = Denoiser(copy.deepcopy(frozen.net), frozen.schedule, frozen.parameterization, frozen.sigma_data)
-        self.student.requires_grad_(True)
-        trainable = (add_lora(self.student.net, lora_rank, lora_alpha) if params == "lora"
-                     else select_parameters(self.student.net, params))
-        self.trainable = [p for p in self.student.net.parameters() if p.requires_grad]
+        self._make_student(frozen, params, lora_rank, lora_alpha, ema_decay)
         self.num_trainable = sum(p.numel() for p in self.trainable)
         self.saliency = SaliencyMask(self.trainable) if saliency_top_k is not None else None
-        self.ema = EMA(self.student.net, ema_decay) if ema_decay > 0 else None
-        self.trainable_names = trainable
         self.eta, self.t_window, self.toward_scale, self.toward_away = eta, t_window, toward_scale, toward_away
         self.anchor_weight, self.uncond_weight, self.concept_sampling = anchor_weight, uncond_weight, concept_sampling
         self.saliency_top_k, self.saliency_batches, self.batch_size = saliency_top_k, saliency_batches, batch_size
@@ -188,19 +176,6 @@ class ConceptErasure(MethodModule):
         self.val_scale, self.val_steps, self.val_samples = val_scale, val_steps, val_samples
         self._bank_args = (trajectory_steps, trajectory_scale, bank_size)
         self.bank: TrajectoryBank | None = None
-
-    # --- the erased model ------------------------------------------------------------------------
-    def sampling_denoiser(self) -> Denoiser:
-        if self.ema is None:
-            return self.student
-        return Denoiser(self.ema.module, self.student.schedule, self.student.parameterization, self.student.sigma_data)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.frozen.eval()  # the frozen model never leaves eval mode (dropout, norms)
-        if self.ema is not None:
-            self.ema.module.eval()
-        return self
 
     # --- x_t and targets -------------------------------------------------------------------------
     def _bank(self) -> TrajectoryBank:
@@ -247,9 +222,6 @@ class ConceptErasure(MethodModule):
         use = [k for k in wanted if self._weight(k) > 0 and (k != "anchor" or self.anchors)]
         return [(k, *self._bank().draw(wanted[k], generator, self.per_sample), wanted[k]) for k in use]
 
-    def _weight(self, term: str) -> float:
-        return {"erase": 1.0, "anchor": self.anchor_weight, "uncond": self.uncond_weight}[term]
-
     def _target(self, term: str, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         if term != "erase":  # preservation: the frozen prediction for the same condition
             return preservation_target(self.frozen, x_t, t, cond, self.space)
@@ -279,17 +251,6 @@ class ConceptErasure(MethodModule):
         return out
 
     # --- training --------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        terms = self.losses(batch)
-        loss = sum(self._weight(k) * v for k, v in terms.items())
-        if not terms:  # a data batch without any relevant label: nothing to learn from, keep the graph valid
-            loss = sum(p.sum() * 0 for p in self.trainable)
-        for k, v in terms.items():
-            self.log(f"train/{k}", v)
-        self.log("train/loss", loss, prog_bar=True)
-        self.record_terms(terms)
-        return loss
-
     def on_train_start(self) -> None:
         if self.saliency is not None and not bool(self.saliency.fitted):
             self._fit_saliency()
@@ -313,23 +274,7 @@ class ConceptErasure(MethodModule):
                     g.add_(gp)
         self.saliency.fit(grads, self.saliency_top_k)
 
-    def on_update(self):
-        if self.ema is not None:
-            self.ema.update(self.student.net)
-
-    def trainable_networks(self):
-        return {"student.net": self.student.net}
-
-    def configure_optimizers(self):
-        return adamw_with_warmup(self.trainable, self.lr, self.weight_decay, self.warmup_steps)
-
     # --- validation ------------------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx):
-        gen = torch.Generator().manual_seed(1000 + batch_idx)  # same x_t every validation
-        terms = self.losses(batch, gen)
-        for k, v in terms.items():
-            self.log(f"val/{k}", v.detach())
-
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or self.val_samples <= 0:
             return
@@ -343,22 +288,6 @@ class ConceptErasure(MethodModule):
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-def _load_teacher(path: str, config: dict | None) -> tuple[Denoiser, dict]:
-    """The frozen model's Denoiser (the teacher's sampling network) and the teacher's config."""
-    from train.checkpoint import load_method
-    from train.config import instantiate
-
-    if os.path.isfile(path):
-        teacher = load_method(path, expect="teacher")
-        return teacher.sampling_denoiser(), plain_config(dict(teacher.hparams))
-    if config is None:
-        raise ValueError(f"model={path!r} does not exist; pass the teacher checkpoint to erase "
-                         f"(e.g. runs/demo/teacher/checkpoints/last.ckpt, written by `python -m train fit`)")
-    cfg = {k: v for k, v in config.items() if k not in ("_class_path", "_instantiator")}
-    # rebuilding an erased checkpoint whose teacher file moved: the architecture only, weights come from it
-    return instantiate({"class_path": config["_class_path"], "init_args": cfg}).sampling_denoiser(), config
-
 
 def _check_classes(concepts, targets, num_classes: int) -> tuple[list[int], list[int] | None]:
     concepts = [int(c) for c in concepts]

@@ -3,7 +3,6 @@ cross-attention-only fine-tuning (ESD-x), anchor and unconditional preservation,
 own trajectories."""
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -16,11 +15,8 @@ from guidance.guided import GuidedDenoiser
 from guidance.guiders import CFG
 from losses.erasure import esd_target, preservation_target, regression_loss, toward_target
 from models.adapters import NULL_LABEL, ConditionalNetwork
-from models.ema import EMA
-from models.param_select import add_lora, select_parameters
-from train.base import MethodModule
 from train.erasure import TrajectoryBank
-from train.optim import adamw_with_warmup
+from train.erasure_base import ErasureMethod
 
 TEXT_SELECTIONS = ("esd-x", "esd-u", "all", "lora")
 
@@ -54,12 +50,16 @@ class PromptTable(ConditionalNetwork):
         return torch.full_like(ids, NULL_LABEL)
 
 
-class TextConceptErasure(MethodModule):
+class TextConceptErasure(ErasureMethod):
     """Concept erasure of a text-to-image model (ESD, Gandikota et al. 2023, arXiv 2303.07345): the student (a
     copy of the frozen model) regresses, for an erased prompt c, the frozen model guided at w = -eta (Eq. 6; or
     toward the concept's `alternative` prompt, All but One, arXiv 2312.12807), at x_t from the frozen model's own
     DDIM trajectories for c (ESD sec. 4); anchor prompts and the null prompt keep their frozen predictions
     (SPM anchoring, arXiv 2312.16145 sec. 3.3).
+
+    Randomness: the erased prompt of a step is one draw shared by every process; the anchor prompts, times and
+    trajectories are drawn per sample through MethodModule.per_sample (for the global batch, this process's rows),
+    so a run on W processes x batch_size equals one process x W batch_size, draw for draw.
 
     model:            a pipeline folder in diffusers layout (or a text teacher checkpoint) to erase.
     concepts:         a concept spec (data.concepts): a YAML file path or the mapping itself
@@ -90,25 +90,16 @@ class TextConceptErasure(MethodModule):
                  model_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
-        from train.checkpoint import load_teacher
-
         if params not in TEXT_SELECTIONS:
             raise ValueError(f"params must be one of {', '.join(TEXT_SELECTIONS)}, got {params!r}")
         if eta < 0 or batch_size <= 0:
             raise ValueError(f"eta must be >= 0 and batch_size positive, got eta={eta}, batch_size={batch_size}")
         self.spec: ConceptSet = load_concepts(concepts) if isinstance(concepts, str) else parse_concepts(concepts)
-        frozen, config = load_teacher(model, model_config)
+        frozen = self._load_frozen(model, model_config)
         if getattr(frozen.net, "pretrained", None) is None:
             raise ValueError(f"{model!r} is not a text model loaded from a pipeline folder; erase class-conditional "
                              f"models with train.erasure.ConceptErasure")
-        self.hparams["model_config"] = config
-        self.frozen = frozen
-        self.student = Denoiser(copy.deepcopy(frozen.net), frozen.schedule, frozen.parameterization, frozen.sigma_data)
-        self.student.requires_grad_(True)
-        self.trainable_names = (add_lora(self.student.net, lora_rank, lora_alpha) if params == "lora"
-                                else select_parameters(self.student.net, params))
-        self.trainable = [p for p in self.student.net.parameters() if p.requires_grad]
-        self.ema = EMA(self.student.net, ema_decay) if ema_decay > 0 else None
+        self._make_student(frozen, params, lora_rank, lora_alpha, ema_decay)
         self.eta, self.anchor_weight, self.uncond_weight, self.batch_size = eta, anchor_weight, uncond_weight, batch_size
         self.space = loss_space or frozen.parameterization
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
@@ -140,19 +131,6 @@ class TextConceptErasure(MethodModule):
         """`den` taking prompt ids (PromptTable) instead of text condition dicts."""
         return Denoiser(PromptTable(den.net, self.table()), den.schedule, den.parameterization, den.sigma_data)
 
-    # --- the erased model ------------------------------------------------------------------------
-    def sampling_denoiser(self) -> Denoiser:
-        if self.ema is None:
-            return self.student
-        return Denoiser(self.ema.module, self.student.schedule, self.student.parameterization, self.student.sigma_data)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.frozen.eval()
-        if self.ema is not None:
-            self.ema.module.eval()
-        return self
-
     # --- x_t, targets, losses ---------------------------------------------------------------------
     def _bank(self) -> TrajectoryBank:
         if self.bank is None:
@@ -161,17 +139,18 @@ class TextConceptErasure(MethodModule):
         return self.bank
 
     def _groups(self, generator=None) -> list[tuple[str, Tensor, Tensor, Tensor, Tensor | None]]:
-        """(term, x_t, t, prompt ids, alternative ids or None) per loss term; one erased prompt per step."""
+        """(term, x_t, t, prompt ids, alternative ids or None) per loss term; one erased prompt per step (the same
+        on every process), anchors, t and trajectories per sample (MethodModule.per_sample)."""
         n, dev = self.batch_size, self.device
         k = int(torch.randint(0, len(self.erased), (1,), generator=generator))
         erased, alt = (torch.full((n,), i, device=dev) for i in self.erased[k])
         wanted: list[tuple[str, Tensor, Tensor | None]] = [("erase", erased, alt)]
         if self.anchor_ids and self.anchor_weight > 0:
-            pick = torch.randint(0, len(self.anchor_ids), (n,), generator=generator)
+            pick = self.per_sample(lambda m: torch.randint(0, len(self.anchor_ids), (m,), generator=generator), n)
             wanted.append(("anchor", torch.tensor(self.anchor_ids)[pick].to(dev), None))
         if self.uncond_weight > 0:
             wanted.append(("uncond", torch.full((n,), NULL_LABEL, device=dev), None))
-        return [(term, *self._bank().draw(ids, generator), ids, alt) for term, ids, alt in wanted]
+        return [(term, *self._bank().draw(ids, generator, self.per_sample), ids, alt) for term, ids, alt in wanted]
 
     def _target(self, term: str, x_t: Tensor, t: Tensor, ids: Tensor, alt: Tensor | None) -> Tensor:
         frozen = self._by_id(self.frozen)
@@ -181,8 +160,9 @@ class TextConceptErasure(MethodModule):
             return toward_target(frozen, x_t, t, alt, 1.0, self.space)
         return esd_target(frozen, x_t, t, ids, self.eta, self.space)  # ESD Eq. 6
 
-    def losses(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Mean regression loss per term ('erase', 'anchor', 'uncond'); one student forward for all terms."""
+    def losses(self, batch: Any = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Mean regression loss per term ('erase', 'anchor', 'uncond'); one student forward for all terms. batch: the
+        step index of train.erasure.ErasureSteps, unused (x_t comes from the frozen model's trajectories)."""
         groups = self._groups(generator)
         x_t, t = torch.cat([g[1] for g in groups]), torch.cat([g[2] for g in groups])
         pred = self._by_id(self.student)(x_t, t, cond_cat([g[3] for g in groups])).read(self.space)
@@ -191,30 +171,3 @@ class TextConceptErasure(MethodModule):
             out[term] = regression_loss(pred[i:i + len(xg)], self._target(term, xg, tg, ids, alt)).mean()
             i += len(xg)
         return out
-
-    def _weight(self, term: str) -> float:
-        return {"erase": 1.0, "anchor": self.anchor_weight, "uncond": self.uncond_weight}[term]
-
-    def training_step(self, batch: Any, batch_idx: int):
-        terms = self.losses()
-        loss = sum(self._weight(k) * v for k, v in terms.items())
-        for k, v in terms.items():
-            self.log(f"train/{k}", v)
-        self.log("train/loss", loss, prog_bar=True)
-        self.record_terms(terms)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int):
-        gen = torch.Generator().manual_seed(1000 + batch_idx)  # the same x_t every validation
-        for k, v in self.losses(gen).items():
-            self.log(f"val/{k}", v.detach())
-
-    def on_update(self):
-        if self.ema is not None:
-            self.ema.update(self.student.net)
-
-    def trainable_networks(self):
-        return {"student.net": self.student.net}
-
-    def configure_optimizers(self):
-        return adamw_with_warmup(self.trainable, self.lr, self.weight_decay, self.warmup_steps)

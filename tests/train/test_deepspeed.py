@@ -201,3 +201,57 @@ def test_strategy_names_are_registered():
         assert StrategyRegistry[name]["strategy"] is MultiEngineDeepSpeed
     assert StrategyRegistry["zero3_offload"]["init_params"] == {"stage": 3, "offload_optimizer": True,
                                                                "offload_parameters": True}
+
+
+# --- text-to-image methods on a tiny SD 1.5 folder (tests/train/ds_run_text.py) ---------------------------------
+TEXT_RUN = ROOT / "tests" / "train" / "ds_run_text.py"
+
+
+@pytest.fixture(scope="module")
+def text_runs(tmp_path_factory):
+    """text_runs(method, devices) -> (root, per-rank losses): 1 process x 6 samples without DeepSpeed, or 2 processes
+    x 3 under ZeRO-2, on a tiny SD 1.5 folder with captioned images beside it; each run started once."""
+    import numpy as np
+    from PIL import Image
+
+    from models.tiny_pipelines import save_tiny_pipeline
+
+    base, done = tmp_path_factory.mktemp("zero_text"), {}
+    folder = save_tiny_pipeline(base / "sd15", "sd15")
+    (base / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(14):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(base / "images" / f"{i}.png")
+        (base / "images" / f"{i}.txt").write_text(["a cat", "the dog", "a red car"][i % 3])
+
+    def get(method: str, devices: int):
+        if (method, devices) not in done:
+            root = base / f"{method}-{devices}"
+            stage, batch = (0, 6) if devices == 1 else (2, 3)
+            run([sys.executable, str(TEXT_RUN), "--method", method, "--stage", str(stage), "--devices", str(devices),
+                 "--steps", "3", "--batch", str(batch), "--root", str(root), "--teacher", str(folder)], root)
+            done[method, devices] = root, [{int(k): v for k, v in json.loads((root / f"losses.rank{r}.json").read_text()).items()}
+                                           for r in range(devices)]
+        return done[method, devices]
+
+    return get
+
+
+@pytest.mark.parametrize("method", ["text_onestep", "text_erasure"])
+def test_text_methods_under_zero2_equal_one_process_on_the_same_global_batch(method, text_runs):
+    """Text one-step distillation (f-distill JS + GAN: the discriminator taps the UNet's mid block; h(r) normalised
+    over the all-gathered global batch) and text concept erasure (prompt picks, t, trajectories drawn through
+    MethodModule.per_sample) on 2 processes x 3 samples under ZeRO-2 compute, term by term, what one process
+    computes on the 6-sample global batch; the trained weights agree."""
+    root, losses = text_runs(method, 2)
+    single_root, single = text_runs(method, 1)
+    assert losses[0] != losses[1]  # each process trained on its own share of the batch
+    zero = global_mean(losses)
+    assert sorted(zero) == sorted(single[0]) == [0, 1, 2]
+    for i, row in single[0].items():
+        assert set(row) == set(zero[i]) and len(row) >= 3
+        for k, v in row.items():
+            assert zero[i][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (i, k)
+    trained = torch.load(root / "weights.pt", weights_only=True)
+    for k, v in torch.load(single_root / "weights.pt", weights_only=True).items():
+        torch.testing.assert_close(trained[k], v, rtol=1e-3, atol=1e-4)
