@@ -9,7 +9,8 @@ rename; an existing target is refused unless `force`):
                `guidedistill.json` (method, parameterisation, schedule, sampling recipe, one-step times) and a
                model card `README.md` whose code samples the folder with diffusers alone;
 - lora:        peft's `adapter_config.json` + `adapter_model.safetensors` for the base (teacher) UNet, plus
-               `w_embedding/` for students, `guidedistill.json` and the card;
+               `w_embedding/` for students, `guidedistill.json` and the card; for text-to-image models diffusers'
+               own LoRA file for the original pipeline folder (`pipe.load_lora_weights`, train.text_export);
 - safetensors: the sampling network's state dict (LoRA merged), the metadata under the key "guidedistill".
 """
 from __future__ import annotations
@@ -119,8 +120,12 @@ def write_diffusers(module, den: Denoiser, meta: dict, tmp: Path) -> Path:
 def write_lora(module, den: Denoiser, meta: dict, tmp: Path) -> Path:
     from safetensors.torch import save_file
 
+    from train.text_export import text_base, write_text_lora
+
     config, state = lora_adapter(den.net)
     check_lora_base(module, den.net)
+    if text_base(den.net) is not None:  # diffusers' own LoRA format, for pipe.load_lora_weights
+        return write_text_lora(module, den, meta, tmp, config, state)
     config = copy.deepcopy(config)
     config.inference_mode, config.base_model_name_or_path = True, None
     config.save_pretrained(tmp)  # adapter_config.json

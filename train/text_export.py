@@ -1,6 +1,7 @@
-"""Export of a text-to-image model as a full diffusers pipeline folder: the trained UNet / transformer beside the
-base folder's text encoders, tokenizers and VAE, a scheduler whose steps equal the project's sampler, and a
-model card that samples it with StableDiffusionPipeline / StableDiffusion3Pipeline / FluxPipeline alone."""
+"""Export of a text-to-image model as a full diffusers pipeline folder (the trained UNet / transformer beside the
+base folder's text encoders, tokenizers and VAE, a scheduler whose steps equal the project's sampler) or as LoRA
+weights in diffusers' own format for the ORIGINAL pipeline folder (`pipe.load_lora_weights(EXPORT)`), each with a
+model card that samples it with StableDiffusion(XL)Pipeline / StableDiffusion3Pipeline / FluxPipeline alone."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from torch import nn
 from guidance.denoiser import Denoiser
 
 NETWORK_FOLDERS = ("unet", "transformer")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 
 
 def text_base(net: nn.Module) -> nn.Module | None:
@@ -24,16 +26,31 @@ def pipeline_class(root: Path) -> str:
     return json.loads((root / "model_index.json").read_text())["_class_name"]
 
 
+def network_folder(root: Path) -> str:
+    """unet or transformer: where the pipeline folder keeps its denoising network."""
+    return next(s for s in NETWORK_FOLDERS if (root / s).is_dir())
+
+
+def save_text_w_embedding(net, folder: Path, sub: str) -> None:
+    """The student's w-embedding (train.export.save_w_embedding), its config naming the pipeline module it is added to."""
+    from train.export import save_w_embedding
+
+    save_w_embedding(net, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["added_to"] = f"the output of pipe.{sub}.{net.hooked.split('.', 1)[1]}"
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def write_text_pipeline(module, den: Denoiser, meta: dict, tmp: Path, plain: nn.Module) -> Path:
     """tmp <- the base pipeline folder with the trained network (`plain`: LoRA merged) in place of unet/ or
     transformer/; `w_embedding/` for guidance-distilled students; a DDIM "trailing" scheduler for VP models (the
     grid of guidance.samplers, ending at clean data), the base folder's flow-matching scheduler otherwise."""
-    from train.export import diffusers_scheduler, save_w_embedding
     from models.w_embedding import WConditionedNetwork
+    from train.export import diffusers_scheduler
 
     base = text_base(den.net)
     root = Path(base.pretrained)
-    sub = next(s for s in NETWORK_FOLDERS if (root / s).is_dir())
+    sub = network_folder(root)
     shutil.copytree(root, tmp, dirs_exist_ok=True, ignore=lambda d, names: [n for n in names if Path(d) == root and n == sub])
     plain_base = plain.base if isinstance(plain, WConditionedNetwork) else plain
     plain_base.unet.save_pretrained(tmp / sub, safe_serialization=True)
@@ -41,11 +58,39 @@ def write_text_pipeline(module, den: Denoiser, meta: dict, tmp: Path, plain: nn.
         shutil.rmtree(tmp / "scheduler")
         diffusers_scheduler(den.schedule, den.parameterization).save_pretrained(tmp / "scheduler")
     if isinstance(plain, WConditionedNetwork):
-        save_w_embedding(plain, tmp / "w_embedding")
-        (tmp / "w_embedding" / "config.json").write_text(json.dumps(
-            {**json.loads((tmp / "w_embedding" / "config.json").read_text()),
-             "added_to": f"the output of pipe.{sub}.{plain.hooked.split('.', 1)[1]}"}, indent=2))
+        save_text_w_embedding(plain, tmp / "w_embedding", sub)
     meta = {**meta, "pipeline": pipeline_class(root), "network_folder": sub, "base_pipeline": str(root)}
+    (tmp / "guidedistill.json").write_text(json.dumps(meta, indent=2, default=str))
+    (tmp / "README.md").write_text(text_model_card(meta))
+    return tmp
+
+
+def write_text_lora(module, den: Denoiser, meta: dict, tmp: Path, config, state: dict) -> Path:
+    """tmp <- the LoRA adapter of a text model in diffusers' format for its base pipeline folder: LORA_WEIGHTS with
+    keys `unet.<module>.lora_A.weight` (or `transformer.`), written by the pipeline class's own save_lora_weights
+    with the peft LoraConfig (rank, alpha, targets) as its adapter metadata, so `load_lora_weights` rebuilds the
+    same scaling. Beside it: `scheduler/` (VP models: the DDIM "trailing" scheduler whose steps equal ours; flow
+    models keep the base folder's), `w_embedding/` for guidance-distilled students (added by the card's hook:
+    diffusers' LoRA loader has no place for a new embedding), guidedistill.json and the card.
+
+    config, state: models.param_select.lora_adapter(den.net) (peft keys relative to the diffusers network)."""
+    import diffusers
+
+    from models.w_embedding import WConditionedNetwork
+    from train.export import diffusers_scheduler
+
+    root = Path(text_base(den.net).pretrained)
+    sub, cls = network_folder(root), pipeline_class(root)
+    adapter = {**config.to_dict(), "inference_mode": True, "base_model_name_or_path": None}
+    weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    getattr(diffusers, cls).save_lora_weights(tmp, weight_name=LORA_WEIGHTS, **{f"{sub}_lora_layers": weights,
+                                                                                 f"{sub}_lora_adapter_metadata": adapter})
+    if den.parameterization != "flow":
+        diffusers_scheduler(den.schedule, den.parameterization).save_pretrained(tmp / "scheduler")
+    if isinstance(den.net, WConditionedNetwork):
+        save_text_w_embedding(den.net, tmp / "w_embedding", sub)
+    meta = {**meta, "pipeline": cls, "network_folder": sub, "base_pipeline": str(root),
+            "lora": {"r": config.r, "lora_alpha": config.lora_alpha, "weights": LORA_WEIGHTS, "format": "diffusers"}}
     (tmp / "guidedistill.json").write_text(json.dumps(meta, indent=2, default=str))
     (tmp / "README.md").write_text(text_model_card(meta))
     return tmp
@@ -86,20 +131,34 @@ pipe.{sub}.{hooked}.register_forward_hook(
 '''
 
 
+def loading_code(meta: dict) -> str:
+    """The lines that build the pipeline: the export itself, or the base folder with the LoRA (and the export's
+    scheduler for VP models) loaded onto it."""
+    cls = meta["pipeline"]
+    if "lora" not in meta:
+        return f'from diffusers import {cls}\npipe = {cls}.from_pretrained("EXPORT")\n'
+    code = f'from diffusers import {cls}\npipe = {cls}.from_pretrained("{meta["base_pipeline"]}")\npipe.load_lora_weights("EXPORT")\n'
+    if meta["parameterization"] != "flow":  # the DDIM "trailing" grid of the project's sampler
+        code += 'from diffusers import DDIMScheduler\npipe.scheduler = DDIMScheduler.from_pretrained("EXPORT/scheduler")\n'
+    return code
+
+
 def text_model_card(meta: dict) -> str:
+    what = (f"LoRA weights (rank {meta['lora']['r']}, alpha {meta['lora']['lora_alpha']}) in diffusers' format for the "
+            f"`{meta['network_folder']}/` of `{meta['base_pipeline']}`: load that folder, then "
+            f"`pipe.load_lora_weights(EXPORT)`" if "lora" in meta else
+            f"A full pipeline folder: the trained `{meta['network_folder']}/` with the text encoders, tokenizers and VAE "
+            f"of `{meta['base_pipeline']}`")
     return f"""# {meta['method']} exported by guidedistill ({meta['pipeline']})
 
-A full pipeline folder: the trained `{meta['network_folder']}/` with the text encoders, tokenizers and VAE of
-`{meta['base_pipeline']}`. Guidance convention D = D_u + w (D_c - D_u) (diffusers' guidance_scale; Flux's
+{what}. Guidance convention D = D_u + w (D_c - D_u) (diffusers' guidance_scale; Flux's
 true_cfg_scale). Sampling recipe: `{meta['sampling']['recipe']}`, {meta['sampling']['steps']} steps,
 {meta['sampling']['evaluations_per_step']} network evaluation(s) per step.
 
 ## Sample with diffusers alone
 
 ```python
-from diffusers import {meta['pipeline']}
-pipe = {meta['pipeline']}.from_pretrained("EXPORT")
-{w_hook_code(meta)}image = {sampling_call(meta)}
+{loading_code(meta)}{w_hook_code(meta)}image = {sampling_call(meta)}
 ```
 
 ## Training config

@@ -11,103 +11,29 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.train.text_fits import PIPELINES, PROMPTS
+
 KINDS = ("sd15", "sd3", "flux")
-PROMPTS = ["a cat", "the dog"]
-TRAINER = """
-trainer:
-  max_steps: 2
-  accelerator: cpu
-  default_root_dir: {root}
-  limit_val_batches: 1
-  check_val_every_n_epoch: null
-  val_check_interval: 2
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger: false
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{save_last: true, save_top_k: 0}}
-"""
-MODELS = {
-    "gd": """
-model:
-  class_path: train.guidance_distillation.GuidanceDistillation
-  init_args: {{teacher: {model}, w_min: 1.0, w_max: 4.0, lr: 0.0001, warmup_steps: 1, ema_decay: 0.0, val_samples: 0}}
-data:
-  class_path: train.text_data.EncodedCaptionDataModule
-  init_args: {{path: {images}, image_size: 16, batch_size: 2, val_size: 2, embedded_guidance: {guidance}}}
-""",
-    "dmd": """
-model:
-  class_path: train.onestep.OneStepDistillation
-  init_args: {{teacher: {model}, guidance_scale: 3.0, fake_score: lora, lora_rank: 4, lr: 0.001, ema_decay: 0.0,
-              val_samples: 0}}
-data:
-  class_path: train.text_data.EncodedPromptDataModule
-  init_args: {{path: {prompts}, batch_size: 2, val_size: 2, embedded_guidance: {guidance}}}
-""",
-    "erase": """
-model:
-  class_path: train.text_erasure.TextConceptErasure
-  init_args:
-    model: {model}
-    concepts: {{concepts: [{{name: cat, prompts: [a cat, the cat]}}, {{name: car, prompts: [a red car], alternative: a car}}],
-               anchors: [the dog]}}
-    params: esd-x
-    uncond_weight: 1.0
-    batch_size: 2
-    trajectory_steps: 3
-    bank_size: 2
-    lr: 0.01
-data:
-  class_path: train.erasure.ErasureSteps
-  init_args: {{steps_per_epoch: 4}}
-""",
-}
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    from models.tiny_pipelines import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("t2i-methods")
-    models = {kind: save_tiny_pipeline(root / kind, kind) for kind in KINDS}
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(["a cat", "the dog", "a red car"][i % 3])
-    prompts = root / "prompts.txt"
-    prompts.write_text("a cat\nthe dog\na red car\na cat of the dog\nthe red dog\na car\n")
-    return {"root": root, "models": models, "images": images, "prompts": prompts, "runs": {}}
+def workspace(t2i_workspace):
+    return t2i_workspace
 
 
 def fitted(ws, method: str, kind: str):
-    """The last.ckpt of `method` fitted 2 steps on the tiny `kind` folder (fitted once per module)."""
-    from train.cli import main
-
-    key = (method, kind)
-    if key not in ws["runs"]:
-        run = ws["root"] / f"run-{method}-{kind}"
-        cfg = ws["root"] / f"{method}-{kind}.yaml"
-        cfg.write_text("seed_everything: 0\n" + MODELS[method].format(
-            model=ws["models"][kind], images=ws["images"], prompts=ws["prompts"],
-            guidance="1.0" if kind == "flux" else "null") + TRAINER.format(root=run))
-        main(["fit", "--config", str(cfg)])
-        ws["runs"][key] = run / "checkpoints" / "last.ckpt"
-    return ws["runs"][key]
+    """The last.ckpt of `method` fitted 2 steps on the tiny `kind` folder (tests/train/text_fits.py, fitted once)."""
+    return ws.fitted(method, kind)
 
 
 def test_a_pipeline_folder_reads_as_a_teacher(workspace):
     from guidance.schedules import RectifiedFlow, VPLinear
     from train.checkpoint import load_method
 
-    sd15, flux = load_method(workspace["models"]["sd15"], expect="teacher"), load_method(workspace["models"]["flux"])
+    sd15, flux = load_method(workspace.model("sd15"), expect="teacher"), load_method(workspace.model("flux"))
     assert isinstance(sd15.denoiser.schedule, VPLinear) and sd15.denoiser.parameterization == "eps"
     assert sd15.sample_shape() == (4, 8, 8) and sd15.ema is None
     assert isinstance(flux.denoiser.schedule, RectifiedFlow) and flux.sample_shape() == (4, 8, 8)
@@ -161,7 +87,7 @@ def test_a_text_erasure_config_error_names_the_fix(workspace):
     from train.text_erasure import TextConceptErasure
 
     with pytest.raises(ValueError, match="params must be one of"):
-        TextConceptErasure(str(workspace["models"]["sd15"]), {"concepts": ["a cat"]}, params="bogus")
+        TextConceptErasure(str(workspace.model("sd15")), {"concepts": ["a cat"]}, params="bogus")
 
 
 PIPELINE_SCRIPT = """
@@ -187,7 +113,6 @@ assert image.size == (16, 16), image.size
 torch.save(out, args_out := sys.argv[4])
 assert "guidedistill" not in sys.modules and "train" not in sys.modules
 """
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
 def run_pipeline(folder, kind, latents, args, tmp_path):

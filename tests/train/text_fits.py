@@ -1,0 +1,112 @@
+"""Shared by the text-to-image method tests: tiny pipeline folders (built once per session, per kind), captioned
+images and prompts, and the methods fitted two steps through the CLI on them (once per method, kind and settings);
+plus the diffusers pipeline calls that reproduce our samplers in-process."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+PROMPTS = ["a cat", "the dog"]
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
+TRAINER = {"max_steps": 2, "accelerator": "cpu", "limit_val_batches": 1, "check_val_every_n_epoch": None,
+           "val_check_interval": 2, "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+           "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                          "init_args": {"save_last": True, "save_top_k": 0}}]}
+CONCEPTS = {"concepts": [{"name": "cat", "prompts": ["a cat", "the cat"]},
+                         {"name": "car", "prompts": ["a red car"], "alternative": "a car"}], "anchors": ["the dog"]}
+
+
+class TextWorkspace:
+    """A temporary root with tiny pipeline folders (`model(kind)`), captioned 16 px images, a prompt file, and the
+    last.ckpt of each method fitted on each kind (`fitted(method, kind, **model_overrides)`)."""
+
+    def __init__(self, root: Path):
+        self.root, self.models, self.runs = root, {}, {}
+        self.images = root / "images"
+        self.images.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(self.images / f"{i}.png")
+            (self.images / f"{i}.txt").write_text(["a cat", "the dog", "a red car"][i % 3])
+        self.prompts = root / "prompts.txt"
+        self.prompts.write_text("a cat\nthe dog\na red car\na cat of the dog\nthe red dog\na car\n")
+
+    def model(self, kind: str) -> Path:
+        from models.tiny_pipelines import save_tiny_pipeline
+
+        if kind not in self.models:
+            self.models[kind] = save_tiny_pipeline(self.root / kind, kind)
+        return self.models[kind]
+
+    def config(self, method: str, kind: str, **overrides) -> dict:
+        """The fit config of `method` on the tiny `kind` folder; `overrides` replace model init_args."""
+        model, guidance = str(self.model(kind)), (1.0 if kind == "flux" else None)
+        if method == "gd":
+            cfg = {"model": {"class_path": "train.guidance_distillation.GuidanceDistillation", "init_args": {
+                       "teacher": model, "w_min": 1.0, "w_max": 4.0, "lr": 1e-4, "warmup_steps": 1, "ema_decay": 0.0,
+                       "val_samples": 0}},
+                   "data": {"class_path": "train.text_data.EncodedCaptionDataModule", "init_args": {
+                       "path": str(self.images), "image_size": 16, "batch_size": 2, "val_size": 2,
+                       "embedded_guidance": guidance}}}
+        elif method == "dmd":
+            cfg = {"model": {"class_path": "train.onestep.OneStepDistillation", "init_args": {
+                       "teacher": model, "guidance_scale": 3.0, "fake_score": "lora", "lora_rank": 4, "lr": 1e-3,
+                       "ema_decay": 0.0, "val_samples": 0}},
+                   "data": {"class_path": "train.text_data.EncodedPromptDataModule", "init_args": {
+                       "path": str(self.prompts), "batch_size": 2, "val_size": 2, "embedded_guidance": guidance}}}
+        elif method == "erase":
+            cfg = {"model": {"class_path": "train.text_erasure.TextConceptErasure", "init_args": {
+                       "model": model, "concepts": CONCEPTS, "params": "esd-x", "uncond_weight": 1.0, "batch_size": 2,
+                       "trajectory_steps": 3, "bank_size": 2, "lr": 0.01}},
+                   "data": {"class_path": "train.erasure.ErasureSteps", "init_args": {"steps_per_epoch": 4}}}
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        cfg["model"]["init_args"].update(overrides)
+        return cfg
+
+    def fitted(self, method: str, kind: str, **overrides) -> Path:
+        """The last.ckpt of `method` fitted 2 steps through the CLI on the tiny `kind` folder (fitted once)."""
+        from train.cli import main
+
+        key = (method, kind, json.dumps(overrides, sort_keys=True))
+        if key not in self.runs:
+            name = f"{method}-{kind}" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+            run, path = self.root / f"run-{name}", self.root / f"{name}.yaml"
+            path.write_text(yaml.safe_dump({"seed_everything": 0, **self.config(method, kind, **overrides),
+                                            "trainer": {**TRAINER, "default_root_dir": str(run)}}, sort_keys=False))
+            main(["fit", "--config", str(path)])
+            self.runs[key] = run / "checkpoints" / "last.ckpt"
+        return self.runs[key]
+
+
+def randomised(ckpt: Path, out: Path, *names: str, std: float = 0.1, seed: int = 0) -> Path:
+    """A copy of checkpoint `ckpt` at `out` whose weights with any of `names` in their key are drawn N(0, std^2), so
+    that what two steps barely moved (LoRA B, the w-embedding's last layer) visibly matters."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(seed)
+    hit = [k for k in state["state_dict"] if any(n in k for n in names)]
+    assert hit, f"no weights named like {names} in {ckpt}"
+    for k in hit:
+        v = state["state_dict"][k]
+        state["state_dict"][k] = (std * torch.randn(v.shape, generator=g)).to(v.dtype)
+    torch.save(state, out)
+    return out
+
+
+def pipeline_latents(pipe, kind: str, noise: torch.Tensor, args: dict) -> torch.Tensor:
+    """The latents [B, C, h, w] a diffusers pipeline generates from initial `noise` [B, C, h, w] (packed and
+    unpacked for Flux), with `args` its call arguments."""
+    from models.text_transformer import pack_latents, unpack_latents
+
+    flux = kind == "flux"
+    h, w = noise.shape[-2:]
+    if flux:
+        args = {**args, "height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
+    out = pipe(**args, latents=pack_latents(noise) if flux else noise.clone(), output_type="latent").images
+    return unpack_latents(out, h, w) if flux else out
