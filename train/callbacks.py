@@ -20,11 +20,20 @@ class SampleMetrics(L.Callback):
 
     num_per_class: samples per class for the metrics (the grid shows the first 8 of each class).
     metrics:       set False for networks the digits classifier cannot judge (other data sets).
+    class_prompts: text models trained on the captioned digits (train.text_digits): the prompt template of a
+                   class, e.g. "a handwritten {word}"; samples are generated from these prompts, decoded by the
+                   model's VAE and judged by the same metrics.
+    erased_classes: the classes an erasure removes, for the table's erased rate (default: a class-conditional
+                   erasure module's `concepts`).
+    prompts:       other text models: the grid shows `num_per_class` samples of each of the data module's
+                   validation prompts (`val_prompts`), decoded; no metrics.
     """
 
-    def __init__(self, num_per_class: int = 20, metrics: bool = True, seed: int = 0):
+    def __init__(self, num_per_class: int = 20, metrics: bool = True, seed: int = 0, class_prompts: str | None = None,
+                 erased_classes: list[int] | None = None):
         super().__init__()
-        self.num_per_class, self.metrics, self.seed = num_per_class, metrics, seed
+        self.num_per_class, self.metrics, self.seed, self.class_prompts = num_per_class, metrics, seed, class_prompts
+        self.erased_classes = erased_classes
         self.table_rows: list[list] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -36,9 +45,21 @@ class SampleMetrics(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not hasattr(pl_module, "generate"):
             return
-        num_classes = pl_module.sampling_denoiser().net.num_classes
-        labels = torch.arange(num_classes).repeat_interleave(self.num_per_class)
-        images, nfe = pl_module.generate(labels, scale=pl_module.val_scale, steps=pl_module.val_steps, seed=self.seed)
+        if self.class_prompts is not None:
+            from train.text_digits import generate_digits
+
+            images, labels, nfe = generate_digits(pl_module, self.class_prompts, self.num_per_class,
+                                                  pl_module.val_scale, pl_module.val_steps, seed=self.seed)
+            num_classes = 10
+        elif getattr(pl_module.sampling_denoiser().net, "num_classes", None) is None:  # a text model, no class prompts
+            prompts = getattr(trainer.datamodule, "val_prompts", None)
+            if prompts:
+                self._prompt_grid(trainer, pl_module, list(prompts))
+            return
+        else:
+            num_classes = pl_module.sampling_denoiser().net.num_classes
+            labels = torch.arange(num_classes).repeat_interleave(self.num_per_class)
+            images, nfe = pl_module.generate(labels, scale=pl_module.val_scale, steps=pl_module.val_steps, seed=self.seed)
         if trainer.is_global_zero:
             self._save_grid(trainer, images.view(num_classes, self.num_per_class, *images.shape[1:])[:, :8].flatten(0, 1))
         if self.metrics:
@@ -52,7 +73,9 @@ class SampleMetrics(L.Callback):
 
     def _log_table(self, trainer: L.Trainer, pl_module, m: dict) -> None:
         """Add this validation's row to `val/metrics_table` and log the whole table to W&B."""
-        erased = list(getattr(pl_module, "concepts", None) or [])
+        erased = self.erased_classes
+        if erased is None:
+            erased = [c for c in (getattr(pl_module, "concepts", None) or []) if isinstance(c, int)]
         per_class = list(m["per_class_accuracy"]) + [None] * (10 - len(m["per_class_accuracy"]))
         erased_rate = (sum(per_class[c] for c in erased) / len(erased)) if erased else None
         self.table_rows.append([trainer.global_step, float(pl_module.val_scale), int(pl_module.val_steps),
@@ -63,11 +86,20 @@ class SampleMetrics(L.Callback):
                 logger.log_table("val/metrics_table", columns=TABLE_COLUMNS, data=[list(r) for r in self.table_rows],
                                  step=trainer.global_step)
 
-    def _save_grid(self, trainer: L.Trainer, images: torch.Tensor) -> None:
+    def _prompt_grid(self, trainer: L.Trainer, pl_module, prompts: list[str]) -> None:
+        """A grid of `num_per_class` decoded samples per validation prompt (one row each), captioned in W&B."""
+        rows = [p for p in prompts for _ in range(self.num_per_class)]
+        latents, _ = pl_module.generate(rows, scale=pl_module.val_scale, steps=pl_module.val_steps, seed=self.seed)
+        if trainer.is_global_zero:
+            self._save_grid(trainer, pl_module.decode_latents(latents), nrow=self.num_per_class,
+                            caption=" | ".join(prompts))
+
+    def _save_grid(self, trainer: L.Trainer, images: torch.Tensor, nrow: int = 8, caption: str | None = None) -> None:
         from train.images import grid_array, save_grid
 
         root = Path(trainer.log_dir or trainer.default_root_dir)
-        save_grid(images, root / "samples" / f"step{trainer.global_step:07d}.png", nrow=8)
+        save_grid(images, root / "samples" / f"step{trainer.global_step:07d}.png", nrow=nrow)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                logger.log_image("val/samples", [grid_array(images, nrow=8)], step=trainer.global_step)
+                logger.log_image("val/samples", [grid_array(images, nrow=nrow)], step=trainer.global_step,
+                                 caption=[caption] if caption else None)

@@ -2,7 +2,10 @@
 
 Stages (each a `python -m train fit` of a config under configs/digits, then an evaluation):
 teacher -> guidance distillation -> progressive distillation -> one-step DMD -> one-step f-distill (JS)
--> concept erasure (one digit, two digits, one toward another) -> an erased one-step generator (SFD).
+-> concept erasure (one digit, two digits, one toward another) -> an erased one-step generator (SFD);
+then the same on text: the text digits pipeline (train.text_digits, SD 1.x layout) and its captioned digits ->
+a text-to-image teacher -> guidance distillation -> one-step DMD -> erasing "seven" by prompt (configs/text_digits),
+judged by the same metrics on prompts "a handwritten <digit>" (the erasure also on "the digit <digit>").
 Later stages start from the earlier stages' checkpoints. Every stage prints its metrics table; all tables go to
 <out>/metrics.json and <out>/tables.md.
 """
@@ -13,30 +16,62 @@ import os
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCALES = (1.0, 2.0, 3.0, 5.0)
-COLUMNS = ["stage", "guider", "w", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall"]
+COLUMNS = ["stage", "prompts", "guider", "w", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall",
+           "erased_rate", "other_accuracy"]
+TEXT = "text"  # the text stages' folder under <out>: pipeline/, captions/, latents/ and one folder per stage
+TEXT_DATA = {"path": "captions", "cache_dir": "latents"}  # data init args -> folders under <out>/text
 
-# (stage, config, {init arg: stage whose last.ckpt it takes}, evaluation steps, scales)
+# (stage, config, {init arg: stage whose last.ckpt it takes}, evaluation steps, scales, class-prompt templates)
 STAGES = [
-    ("teacher", "teacher.yaml", {}, 50, SCALES),
-    ("guidance_distill", "guidance_distill.yaml", {"teacher": "teacher"}, 8, SCALES),
-    ("progressive", "progressive.yaml", {"student": "guidance_distill"}, 1, SCALES),
-    ("dmd", "dmd.yaml", {"teacher": "teacher"}, 1, (2.0,)),
-    ("fdistill_js", "fdistill_js.yaml", {"teacher": "teacher"}, 1, (2.0,)),
-    ("erase_one", "erase_one.yaml", {"model": "teacher"}, 50, (2.0,)),
-    ("erase_two", "erase_two.yaml", {"model": "teacher"}, 50, (2.0,)),
-    ("erase_toward", "erase_toward.yaml", {"model": "teacher"}, 50, (2.0,)),
-    ("sfd", "sfd.yaml", {"teacher": "teacher"}, 1, (2.0,)),
+    ("teacher", "digits/teacher.yaml", {}, 50, SCALES, ()),
+    ("guidance_distill", "digits/guidance_distill.yaml", {"teacher": "teacher"}, 8, SCALES, ()),
+    ("progressive", "digits/progressive.yaml", {"student": "guidance_distill"}, 1, SCALES, ()),
+    ("dmd", "digits/dmd.yaml", {"teacher": "teacher"}, 1, (2.0,), ()),
+    ("fdistill_js", "digits/fdistill_js.yaml", {"teacher": "teacher"}, 1, (2.0,), ()),
+    ("erase_one", "digits/erase_one.yaml", {"model": "teacher"}, 50, (2.0,), ()),
+    ("erase_two", "digits/erase_two.yaml", {"model": "teacher"}, 50, (2.0,), ()),
+    ("erase_toward", "digits/erase_toward.yaml", {"model": "teacher"}, 50, (2.0,), ()),
+    ("sfd", "digits/sfd.yaml", {"teacher": "teacher"}, 1, (2.0,), ()),
+    ("text_pipeline", None, {}, 0, (), ()),
+    ("text_teacher", "text_digits/teacher.yaml", {"net.init_args.pretrained": "text_pipeline"}, 50, SCALES,
+     ("a handwritten {word}",)),
+    ("text_guidance_distill", "text_digits/guidance_distill.yaml", {"teacher": "text_teacher"}, 8, SCALES,
+     ("a handwritten {word}",)),
+    ("text_dmd", "text_digits/dmd.yaml", {"teacher": "text_teacher"}, 1, (2.0,), ("a handwritten {word}",)),
+    ("text_erase", "text_digits/erase.yaml", {"model": "text_teacher"}, 50, (2.0,),
+     ("a handwritten {word}", "the digit {word}")),
 ]
 
 
-def _fit(config: Path, root: Path, overrides: dict[str, str], max_steps: int | None) -> Path:
+def _stage_dir(out: Path, name: str) -> Path:
+    """Where stage `name` writes: <out>/<name>, or <out>/text/<name without text_> for the text stages."""
+    return out / TEXT / name.removeprefix("text_") if name.startswith("text_") else out / name
+
+
+def _takes(out: Path, name: str, takes: dict[str, str]) -> list[str]:
+    """The CLI overrides that point stage `name` at its inputs under `out` (checkpoints, text data folders)."""
+    args = []
+    for arg, stage in takes.items():
+        src = _stage_dir(out, stage) if stage == "text_pipeline" else _stage_dir(out, stage) / "checkpoints" / "last.ckpt"
+        if not src.exists():
+            raise FileNotFoundError(f"demo stage {name!r} needs {src}; run stage {stage!r} first")
+        args += [f"--model.init_args.{arg}", str(src)]
+    if name.startswith("text_") and name not in ("text_pipeline", "text_erase"):
+        for arg, folder in TEXT_DATA.items():
+            value = out / TEXT / folder
+            if name == "text_dmd":  # data-free: the prompt set only
+                value = out / TEXT / "captions" / "prompts.txt" if arg == "path" else None
+            if value is not None:
+                args += [f"--data.init_args.{arg}", str(value)]
+    return args
+
+
+def _fit(config: Path, root: Path, overrides: list[str], max_steps: int | None) -> Path:
     from train.cli import lightning_cli
 
-    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root)]
-    for key, value in overrides.items():
-        args += [f"--model.init_args.{key}", value]
+    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *overrides]
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps)]
     lightning_cli(args)
@@ -61,24 +96,38 @@ def run_demo(out: Path, max_steps: int | None = None, stages: list[str] | None =
     if unknown:
         raise ValueError(f"unknown demo stage(s) {sorted(unknown)}; choose from {', '.join(s[0] for s in STAGES)}")
     results, tables, t0 = {}, [], time.time()
-    for name, config, takes, steps, scales in STAGES:
+    for name, config, takes, steps, scales, templates in STAGES:
         if name not in wanted:
             continue
-        overrides = {}
-        for arg, stage in takes.items():
-            ckpt = out / stage / "checkpoints" / "last.ckpt"
-            if not ckpt.is_file():
-                raise FileNotFoundError(f"demo stage {name!r} needs {ckpt}; run stage {stage!r} first")
-            overrides[arg] = str(ckpt)
-        print(f"[demo] stage {name}: python -m train fit --config {CONFIGS / config}", flush=True)
-        ckpt = _fit(CONFIGS / config, out / name, overrides, max_steps)
+        root = _stage_dir(out, name)
+        if config is None:  # text_pipeline: the SD-layout folder and the captioned digits
+            from train.text_digits import build_digits_pipeline, write_captioned_digits
+
+            print(f"[demo] stage {name}: python -m train digits-pipeline --out {out / TEXT}", flush=True)
+            build_digits_pipeline(root, vae_steps=max_steps or 600)
+            write_captioned_digits(out / TEXT / "captions")
+            continue
+        overrides = _takes(out, name, takes)
+        print(f"[demo] stage {name}: python -m train fit --config {CONFIGS / config} {' '.join(overrides)}", flush=True)
+        ckpt = _fit(CONFIGS / config, root, overrides, max_steps)
         _finish_wandb()
         module = load_method(ckpt)
-        images, _ = module.generate(torch.arange(10).repeat_interleave(8), scale=scales[0] if len(scales) == 1 else 2.0,
-                                    steps=steps)
-        save_grid(images, out / name / "grid.png", nrow=8)
-        rows = [{"stage": name, **r} for r in evaluate_checkpoint(module, scales, steps=steps, num_per_class=num_per_class)]
-        table = format_table(rows, COLUMNS)
+        w = scales[0] if len(scales) == 1 else 2.0
+        if templates:
+            from train.prompt_eval import evaluate_class_prompts
+            from train.text_digits import generate_digits
+
+            save_grid(generate_digits(module, templates[0], 8, w, steps)[0], root / "grid.png", nrow=8)
+            rows = [{"stage": name, **r} for t in templates
+                    for r in evaluate_class_prompts(module, t, scales, steps, num_per_class=num_per_class)]
+        else:
+            images, _ = module.generate(torch.arange(10).repeat_interleave(8), scale=w, steps=steps)
+            save_grid(images, root / "grid.png", nrow=8)
+            rows = [{"stage": name, **r} for r in evaluate_checkpoint(module, scales, steps=steps, num_per_class=num_per_class)]
+        from train.text_digits import erased_digits, erasure_columns
+
+        rows = [{**r, **erasure_columns(r, erased_digits(module))} for r in rows]
+        table = format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
         print(f"\n[demo] {name} ({steps} sampler steps, {10 * num_per_class} samples, FD to the 300 held-out digits):\n\n{table}\n", flush=True)
         results[name] = {"checkpoint": str(ckpt), "rows": rows}
         tables.append(f"### {name}\n\n{table}\n")
