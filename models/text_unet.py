@@ -2,14 +2,19 @@
 behind net(x, t, cond), with the empty-prompt embedding as the null condition."""
 from __future__ import annotations
 
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from models.pag_attention import perturbed_self_attention
 from models.text_network import TextConditionalNetwork
 
 TEXT_KEYS = ("encoder_hidden_states", "text_embeds")  # condition entries replaced by the null condition
+# PAG's perturbed self-attention (Ahn et al. 2024, arXiv 2403.17377): the mid block's, diffusers'
+# StableDiffusionPAGPipeline / StableDiffusionXLPAGPipeline default ("mid")
+PAG_LAYERS = ("mid",)
 
 
 class TextConditionalUNet(TextConditionalNetwork):
@@ -35,10 +40,13 @@ class TextConditionalUNet(TextConditionalNetwork):
     subfolder:        where the UNet lives inside `pretrained`.
     dtype:            "float32", "float16" or "bfloat16": the UNet's weights (inputs are cast to it).
     vae_scale_factor: latent-to-pixel factor for the default SDXL time_ids (read from vae/ when None).
+    pag_layers:       the self-attention (`attn1`) layers that `forward(..., perturb="pag")` perturbs
+                      (perturbed-attention guidance, guidance.guiders.PAG): patterns of module names as diffusers'
+                      PAG pipelines take them (models.pag_attention.pag_layer_modules); default the mid block's.
     """
 
     def __init__(self, pretrained: str, subfolder: str = "unet", dtype: str = "float32",
-                 vae_scale_factor: int | None = None):
+                 vae_scale_factor: int | None = None, pag_layers: Sequence[str] = PAG_LAYERS):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
@@ -50,16 +58,17 @@ class TextConditionalUNet(TextConditionalNetwork):
                                                     torch_dtype=torch_dtype(dtype)).train()  # trainable, as a new module
         null = PromptEncoder.from_pretrained(str(root)).null(1)  # the encoder is dropped after this
         self._setup(unet, null, vae_scale_factor or vae_scale_factor_of(root), str(pretrained))
-        self.prompt_encoder_kwargs = {}
+        self.prompt_encoder_kwargs, self.pag_layers = {}, list(pag_layers)
 
     @classmethod
-    def from_unet(cls, unet, null_cond: dict[str, Tensor], vae_scale_factor: int = 8) -> "TextConditionalUNet":
+    def from_unet(cls, unet, null_cond: dict[str, Tensor], vae_scale_factor: int = 8,
+                  pag_layers: Sequence[str] = PAG_LAYERS) -> "TextConditionalUNet":
         """Wrap an existing UNet2DConditionModel; null_cond: the null text condition with batch size 1
         (e.g. `PromptEncoder.null(1)`)."""
         obj = cls.__new__(cls)
         TextConditionalNetwork.__init__(obj)
         obj._setup(unet, null_cond, vae_scale_factor, None)
-        obj.prompt_encoder_kwargs = {}
+        obj.prompt_encoder_kwargs, obj.pag_layers = {}, list(pag_layers)
         return obj
 
     def _setup(self, unet, null_cond: dict[str, Tensor], vae_scale_factor: int, pretrained: str | None) -> None:
@@ -87,8 +96,13 @@ class TextConditionalUNet(TextConditionalNetwork):
         return torch.tensor([h, w, 0, 0, h, w], dtype=x.dtype, device=x.device).expand(x.shape[0], 6)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], perturb: str | None = None) -> Tensor:
-        if perturb is not None:
-            raise NotImplementedError(f"TextConditionalUNet does not implement the {perturb!r} perturbation")
+        """perturb="pag": the pass with the self-attention maps of `pag_layers` replaced by the identity (PAG)."""
+        if perturb not in (None, "pag"):
+            raise NotImplementedError(f"TextConditionalUNet implements the 'pag' perturbation only, not {perturb!r}")
+        with perturbed_self_attention(self.unet, self.pag_layers) if perturb else nullcontext():
+            return self._forward(x, t, cond)
+
+    def _forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         dtype = self.unet.dtype
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         added = None

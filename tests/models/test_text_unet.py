@@ -71,8 +71,8 @@ def test_adapter_calls_the_unet_with_the_text_condition(sd15):
     cond = enc.encode(PROMPTS)
     direct = net.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
     torch.testing.assert_close(net(x, t, cond), direct, rtol=0, atol=0)
-    with pytest.raises(NotImplementedError, match="pag"):
-        net(x, t, cond, perturb="pag")
+    with pytest.raises(NotImplementedError, match="'pag' perturbation only"):  # PAG: tests/models/test_text_pag.py
+        net(x, t, cond, perturb="sag")
 
 
 def test_null_and_drop_cond(sd15):
