@@ -1,4 +1,4 @@
-"""`export --format lora` for text-to-image models: LoRA students fitted through the CLI on tiny SD 1.5, SD3 and Flux
+"""`export --format lora` for text-to-image models: LoRA students fitted through the CLI on tiny SD 1.5, SDXL, SD3, Flux
 folders export diffusers' own LoRA file; the ORIGINAL pipeline folder with `load_lora_weights` (and the model card's
 scheduler and w-embedding hook) generates the latents our sampler gives from the same noise."""
 from __future__ import annotations
@@ -37,21 +37,21 @@ def cfg_args(kind: str, steps: int, scale: float) -> dict:
     return args
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux"])
 def test_erasure_lora_loads_onto_the_original_pipeline(t2i_workspace, kind, tmp_path):
     ckpt = randomised(t2i_workspace.fitted("erase", kind, params="lora", lora_rank=2, lora_alpha=4.0),
                       tmp_path / "erased.ckpt", "lora_B")  # alpha != rank: the scale travels in the metadata
     base = t2i_workspace.model(kind)
     out = tmp_path / "lora"
     main(["export", "--ckpt", str(ckpt), "--out", str(out), "--format", "lora"])
-    assert (out / LORA_WEIGHTS).is_file() and (out / "scheduler").is_dir() == (kind == "sd15")
+    assert (out / LORA_WEIGHTS).is_file() and (out / "scheduler").is_dir() == (kind in ("sd15", "sdxl"))
     assert not (out / "w_embedding").exists()
 
     ours, _ = load_method(ckpt).generate(PROMPTS, scale=4.0, steps=2, negative_prompt="a red car", seed=3)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     plain = getattr(diffusers, PIPELINES[kind]).from_pretrained(base, local_files_only=True)
     plain.set_progress_bar_config(disable=True)
-    if kind == "sd15":
+    if (out / "scheduler").is_dir():
         plain.scheduler = diffusers.DDIMScheduler.from_pretrained(out / "scheduler")
     without = pipeline_latents(plain, kind, noise, cfg_args(kind, 2, 4.0))
     assert (without - ours).abs().max() > 1e-2  # the LoRA changes what the base pipeline generates
