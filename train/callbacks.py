@@ -101,5 +101,5 @@ class SampleMetrics(L.Callback):
         save_grid(images, root / "samples" / f"step{trainer.global_step:07d}.png", nrow=nrow)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                logger.log_image("val/samples", [grid_array(images, nrow=nrow)], step=trainer.global_step,
-                                 caption=[caption] if caption else None)
+                captions = {"caption": [caption]} if caption else {}
+                logger.log_image("val/samples", [grid_array(images, nrow=nrow)], step=trainer.global_step, **captions)
