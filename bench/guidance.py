@@ -5,8 +5,9 @@ Two networks: the exact Gaussian-mixture "net" of tests/guidance/gmm.py (cheap, 
 shows) and a small class-conditional diffusers UNet2DModel (random weights; cost is what matters).
 Relative time = (time per sampling step) / (NFE per step x time of one bare network forward on the
 same batch); below 1 when branches share a batched forward, above 1 for guider overhead (classifier
-backward passes, projections, sequential branches). PAG's perturbed pass runs the unperturbed UNet
-(the adapters do not implement `perturb="pag"` yet), so its row measures the cost, not the effect.
+backward passes, projections, sequential branches). PAG's perturbed pass on the UNet replaces the mid block's
+self-attention map by the identity (models.pag_attention); the exact Gaussian-mixture net answers its perturbed
+pass with a widened mixture (tests/guidance/gmm.py).
 Autoguidance's weak network is the main one at half width, so its ratio counts a cheaper second pass.
 `python -m bench` runs this as part of its speed table. One torch thread by default: on a shared 2-core
 machine more threads oversubscribe and timings scatter by 10x.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ from guidance.guided import GuidedDenoiser
 from guidance.guiders import build_guider
 from guidance.samplers import sample
 from guidance.schedules import RectifiedFlow
+from models.pag_attention import perturbed_self_attention
 
 NUM_CLASSES = 10
 
@@ -43,7 +46,8 @@ class UNetNet(nn.Module):
 
     def forward(self, x, net_time, cond, perturb=None):
         labels = torch.where(cond < 0, torch.full_like(cond, NUM_CLASSES), cond)
-        return self.unet(x, net_time, class_labels=labels).sample
+        with perturbed_self_attention(self.unet, ["mid"]) if perturb else nullcontext():
+            return self.unet(x, net_time, class_labels=labels).sample
 
     def null_cond(self, cond):
         return torch.full_like(cond, -1)

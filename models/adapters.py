@@ -11,10 +11,13 @@ dict condition; the samplers, guiders and methods only ever use these three.
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from models.pag_attention import perturbed_self_attention
 
 NULL_LABEL = -1
 
@@ -58,12 +61,15 @@ class ClassConditionalUNet(ConditionalNetwork):
     layers_per_block:   ResNet blocks per level.
     norm_num_groups:    GroupNorm groups (must divide every channel count).
     dropout:            dropout in the ResNet blocks.
+    pag_layers:         the self-attention layers `forward(..., perturb="pag")` perturbs (perturbed-attention
+                        guidance, guidance.guiders.PAG), as patterns of module names
+                        (models.pag_attention.pag_layer_modules); default the mid block's.
     """
 
     def __init__(self, num_classes: int = 10, sample_size: int = 8, in_channels: int = 1,
                  out_channels: int | None = None, block_out_channels: tuple[int, ...] = (64, 128, 128),
                  attention_levels: tuple[bool, ...] = (False, True, True), layers_per_block: int = 2,
-                 norm_num_groups: int = 32, dropout: float = 0.0):
+                 norm_num_groups: int = 32, dropout: float = 0.0, pag_layers: Sequence[str] = ("mid",)):
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -76,7 +82,7 @@ class ClassConditionalUNet(ConditionalNetwork):
             raise ValueError(f"norm_num_groups={norm_num_groups} must divide every entry of block_out_channels; {bad} do not")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes = num_classes
+        self.num_classes, self.pag_layers = num_classes, list(pag_layers)
         self.unet = UNet2DModel(
             sample_size=sample_size, in_channels=in_channels, out_channels=out_channels or in_channels,
             block_out_channels=block_out_channels, layers_per_block=layers_per_block,
@@ -87,19 +93,24 @@ class ClassConditionalUNet(ConditionalNetwork):
         )
 
     @classmethod
-    def from_unet(cls, unet) -> "ClassConditionalUNet":
+    def from_unet(cls, unet, pag_layers: Sequence[str] = ("mid",)) -> "ClassConditionalUNet":
         """Wrap an existing UNet2DModel (e.g. `UNet2DModel.from_pretrained(path)`) whose class embedding
         has num_classes + 1 rows (the last one the null class)."""
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
-        obj.num_classes = unet.config.num_class_embeds - 1
+        obj.num_classes, obj.pag_layers = unet.config.num_class_embeds - 1, list(pag_layers)
         obj.unet = unet
         return obj
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor, perturb: str | None = None) -> Tensor:
+        """perturb="pag": the pass with the self-attention maps of `pag_layers` replaced by the identity (PAG,
+        Ahn et al. 2024, arXiv 2403.17377)."""
+        if perturb not in (None, "pag"):
+            raise NotImplementedError(f"ClassConditionalUNet implements the 'pag' perturbation only, not {perturb!r}")
         labels = torch.where(cond < 0, torch.full_like(cond, self.num_classes), cond)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        return self.unet(x, t, class_labels=labels).sample
+        with perturbed_self_attention(self.unet, self.pag_layers) if perturb else nullcontext():
+            return self.unet(x, t, class_labels=labels).sample
 
     def null_cond(self, cond: Tensor) -> Tensor:
         return torch.full_like(cond, NULL_LABEL)

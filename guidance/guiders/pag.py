@@ -12,8 +12,9 @@ class PAG(Guider):
     space:     affine rule (weights sum to 1), every space gives the same D.
     Branches: cond and uncond (batched), and "ptb": the conditional pass with the network's selected
     self-attention maps replaced by identity; the network receives `perturb="pag"` and must implement
-    it (run alone, never batched; the text adapters do, through models.pag_attention: a UNet's mid-block
-    self-attention, SD3 / Flux joint attention with the image-image block of the map made the identity).
+    it (run alone, never batched; every adapter does, through models.pag_attention: a UNet's mid-block
+    self-attention (class and text UNets), SD3 / Flux joint attention with the image-image block of the map
+    made the identity).
     Predictions [B, C, H, W], w [B].
     """
 

@@ -74,3 +74,54 @@ def test_ema_follows_the_documented_update():
     assert int(ema.num_updates) == 101
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
+
+
+def test_pag_pass_equals_diffusers_identity_self_attention_processor(net):
+    """perturb="pag" on the class UNet = diffusers' PAGIdentitySelfAttnProcessor2_0 (the processor of its PAG
+    pipelines: a batch [original | perturbed], identity attention map on the second half) on the mid block."""
+    from diffusers.models.attention_processor import PAGIdentitySelfAttnProcessor2_0
+
+    torch.manual_seed(1)
+    x, t, labels = torch.randn(3, 1, 8, 8), torch.tensor([5.0, 300.0, 900.0]), torch.tensor([1, NULL_LABEL, 7])
+    with torch.no_grad():
+        plain, perturbed = net(x, t, labels), net(x, t, labels, perturb="pag")
+        reference = net.unet.mid_block.attentions[0]
+        saved = reference.processor
+        reference.processor = PAGIdentitySelfAttnProcessor2_0()
+        try:
+            both = net.unet(torch.cat([x, x]), t.repeat(2), class_labels=torch.tensor([1, 10, 7]).repeat(2)).sample
+        finally:
+            reference.processor = saved
+    torch.testing.assert_close(perturbed, both[3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, both[:3], rtol=1e-5, atol=1e-5)
+    assert (perturbed - plain).abs().max() > 1e-3  # the perturbation changes the output
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, labels), plain, rtol=0, atol=0)  # processors restored
+
+
+def test_pag_guider_on_the_class_unet_adds_the_perturbed_difference(net):
+    from guidance.denoiser import Denoiser
+    from guidance.guided import GuidedDenoiser
+    from guidance.guiders import build_guider
+    from guidance.schedules import VPCosine
+
+    torch.manual_seed(2)
+    den = Denoiser(net, VPCosine(), "v")
+    x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([0.4, 0.7]), torch.tensor([2, 5])
+    guided = GuidedDenoiser(den, build_guider("pag", pag_scale=2.0))
+    with torch.no_grad():
+        out = guided(x, t, labels, 3.0).x0
+        c, u = den(x, t, labels).x0, den(x, t, net.null_cond(labels)).x0
+        p = den(x, t, labels, perturb="pag").x0
+    torch.testing.assert_close(out, u + 3.0 * (c - u) + 2.0 * (c - p), rtol=1e-5, atol=1e-5)
+    assert (p - c).abs().max() > 1e-4
+    assert guided.nfe == 3  # per sample: cond + uncond + the perturbed pass
+
+
+def test_pag_bad_layers_and_perturbations_say_what_exists():
+    net = ClassConditionalUNet(**TINY, pag_layers=["up_blocks.9"])
+    x, t, labels = torch.randn(1, 1, 8, 8), torch.tensor([1.0]), torch.tensor([0])
+    with pytest.raises(ValueError, match="mid_block.attentions.0"):
+        net(x, t, labels, perturb="pag")
+    with pytest.raises(NotImplementedError, match="'pag' perturbation only"):
+        net(x, t, labels, perturb="seg")
