@@ -6,9 +6,11 @@ import copy
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
 from torch import Tensor, nn
 
 from guidance.denoiser import Denoiser
+from models.frozen_dtype import run_frozen_in
 
 FAKE_SCORE_MODES = ("lora", "copy")
 # Module-name suffixes peft matches in diffusers UNets: ResNet convs and time projections, attention
@@ -76,11 +78,14 @@ class FakeScore(Denoiser):
                     "copy": an independent trainable deep copy of the teacher's network (DMD/DMD2).
     rank, alpha:    LoRA rank and scaling alpha (scale alpha / rank); alpha defaults to rank.
     target_modules: module-name suffixes to adapt (default: every conv/linear of a diffusers UNet).
+    frozen_dtype:   dtype of the frozen weights (models.frozen_dtype.run_frozen_in): the teacher's network in
+                    "copy" mode, the shared base (everything but the LoRA weights) in "lora" mode; trainable
+                    weights stay float32. Default float32.
     LoRA B matrices start at zero, so the fake score starts exactly equal to the teacher in both modes.
     """
 
     def __init__(self, teacher: Denoiser, mode: str = "lora", rank: int = 8, alpha: float | None = None,
-                 target_modules: list[str] | tuple[str, ...] | None = None):
+                 target_modules: list[str] | tuple[str, ...] | None = None, frozen_dtype: torch.dtype = torch.float32):
         if mode not in FAKE_SCORE_MODES:
             raise ValueError(f"fake score mode must be one of {', '.join(FAKE_SCORE_MODES)}, got {mode!r}")
         teacher.requires_grad_(False).eval()
@@ -90,6 +95,7 @@ class FakeScore(Denoiser):
             if rank <= 0:
                 raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
             net = _inject_lora(teacher.net, rank, alpha or rank, tuple(target_modules or DEFAULT_LORA_TARGETS))
+        run_frozen_in(teacher.net, frozen_dtype)  # after the copy was taken; in LoRA mode the base of `net`
         super().__init__(net, teacher.schedule, teacher.parameterization, teacher.sigma_data)
         self.mode = mode
         if mode == "copy":

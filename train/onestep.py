@@ -21,6 +21,7 @@ from models.discriminator import (DiscriminatorHead, default_feature_layer, disc
                                   probe_condition)
 from models.ema import EMA
 from models.fake_score import FakeScore
+from models.frozen_dtype import frozen_dtype_of, run_frozen_in
 from train.base import CHECKPOINT_KEY, MethodModule
 from train.checkpoint import load_teacher
 from train.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
@@ -69,6 +70,9 @@ class OneStepDistillation(MethodModule):
     ca_t_range, dm_t_range, ca_weight, dm_weight: Decoupled DMD's per-term times (default dmd_t_range) and weights.
     gan_weight:       weight of the generator's GAN term (DMD2 uses 3e-3 on SDXL); 0 = none.
     fake_score:       "lora" or "copy"; lora_rank, lora_alpha, lora_targets: the LoRA (models.fake_score).
+    frozen_dtype:     "float32", "bfloat16" or "float16": the dtype the frozen weights are held and run in (the
+                      teacher, the LoRA fake score's shared base, the weak teacher; models.frozen_dtype); the
+                      generator, the LoRA weights, a full-copy fake score and the discriminator stay float32.
     fake_updates:     fake-score updates per generator update (DMD2: 5 on SDXL, 10 on SD1.5).
     fake_p_uncond:    label dropout of the fake-score loss (0.1 by default with PG-SB, else 0).
     discriminator_features: "fake" (DMD2: the discriminator loss also trains the fake score's weights)
@@ -107,7 +111,7 @@ class OneStepDistillation(MethodModule):
                  betas: tuple[float, float] = (0.0, 0.999), weight_decay: float = 0.0, warmup_steps: int = 0,
                  grad_clip: float | None = 10.0, ema_decay: float = 0.99, max_skips: int = 10,
                  val_samples: int = 200, nonfinite: str = "skip", erase_concepts: list[int] | None = None,
-                 erase_eta: float = 1.0, erase_targets: list[int] | None = None):
+                 erase_eta: float = 1.0, erase_targets: list[int] | None = None, frozen_dtype: str = "float32"):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         self.objective, self.divergence = objective, check_divergence(divergence)
@@ -117,6 +121,7 @@ class OneStepDistillation(MethodModule):
         self.dm_t_range = check_range("dm_t_range", dm_t_range or dmd_t_range)
         self.disc_t_range = check_range("disc_t_range", disc_t_range or dmd_t_range)
         check_options(objective, guider, fake_updates, generator_steps, generator_times, discriminator_features)
+        dtype = frozen_dtype_of(frozen_dtype)
         self.guidance_scale, self.ratio_time_bins = guidance_scale, ratio_time_bins
         self.ca_weight, self.dm_weight, self.gan_weight = ca_weight, dm_weight, gan_weight
         self.fake_updates, self.grad_clip = fake_updates, grad_clip
@@ -133,8 +138,10 @@ class OneStepDistillation(MethodModule):
         self.generator = Denoiser(copy.deepcopy(teacher_den.net).requires_grad_(True), teacher_den.schedule,
                                   teacher_den.parameterization, teacher_den.sigma_data)
         self.ema = EMA(self.generator.net, ema_decay) if ema_decay > 0 else None
-        self.fake_score = FakeScore(teacher_den, fake_score, lora_rank, lora_alpha, lora_targets)
+        self.fake_score = FakeScore(teacher_den, fake_score, lora_rank, lora_alpha, lora_targets, dtype)
         self.weak_teacher = load_teacher(weak_teacher, None)[0].requires_grad_(False).eval() if weak_teacher else None
+        if self.weak_teacher is not None:
+            run_frozen_in(self.weak_teacher.net, dtype)
         g = build_guider(guider, **(guider_params or {}))
         # wrappers kept out of the module tree so no weight is registered (and saved) twice
         self._guided = {"teacher": GuidedDenoiser(self.fake_score.teacher, g, self.weak_teacher)}

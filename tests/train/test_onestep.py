@@ -197,6 +197,25 @@ def test_few_step_decoupled_pgsb_with_a_copied_fake_score(tiny_teacher_ckpt, tmp
     assert not any(k.startswith("teacher.") for k in keys)
 
 
+def test_frozen_weights_in_bfloat16_train_and_reload(tiny_teacher_ckpt, tmp_path):
+    """frozen_dtype: bfloat16 holds the teacher / the LoRA base in bfloat16 (models.frozen_dtype); the generator,
+    the LoRA weights and the discriminator train in float32, and the checkpoint rebuilds the same module."""
+    module = build(tiny_teacher_ckpt, frozen_dtype="bfloat16", divergence="jensen_shannon", gan_weight=0.1)
+    trainer = fit(module, max_steps=2, root=tmp_path)
+    assert trainer.global_step == 2
+    named = dict(module.fake_score.net.named_parameters())
+    assert all(p.dtype == (torch.float32 if "lora_" in n else torch.bfloat16) for n, p in named.items())
+    trainable = list(module.generator.net.parameters()) + list(module.disc_head.parameters())
+    assert all(p.dtype == torch.float32 for p in trainable)
+    assert module.hparams.frozen_dtype == "bfloat16"
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    reloaded = load_method(tmp_path / "m.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), module.state_dict().values()))
+    assert reloaded.fake_score.net.unet.conv_in.base_layer.weight.dtype == torch.bfloat16
+    a, nfe = reloaded.generate(torch.arange(10), seed=1)
+    assert nfe == 1 and torch.isfinite(a).all() and torch.equal(a, module.generate(torch.arange(10), seed=1)[0])
+
+
 @pytest.mark.parametrize("guider, params", [
     ("apg", {"eta": 0.0}),
     ("interval", {"t_lo": 0.2, "t_hi": 0.8, "inner": {"name": "rescale", "inner": "cfg"}}),
@@ -225,6 +244,7 @@ def test_any_registered_guider_gives_the_teacher_target(tiny_teacher_ckpt, guide
     ({"divergence": "js"}, "jensen_shannon"),
     ({"dmd_t_range": [0.5, 0.2]}, "dmd_t_range"),
     ({"fake_updates": 0}, "fake_updates"),
+    ({"frozen_dtype": "bf16"}, "bfloat16"),
 ])
 def test_impossible_settings_are_refused_with_what_to_change(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
