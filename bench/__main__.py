@@ -23,7 +23,8 @@ PARTS = ("quality", "speed", "memory")
 # full and --quick settings of each part
 FULL = {"net": "digits", "warmup": 2, "repeats": 7, "guider_steps": 8, "guider_repeats": 5, "cfg_batches": [1, 8, 64],
         "memory_nets": ["digits", "wide"], "memory_methods": ["plain", "guidance_distillation", "dmd_copy", "dmd_lora",
-                                                              "dmd_lora8", "fdistill_js", "erasure"],
+                                                              "dmd_lora8", "dmd_lora_bf16", "dmd_lora8_bf16",
+                                                              "fdistill_js", "erasure"],
         "zero_net": "wide", "zero_stages": [2, 3], "memory_warmup": 1, "memory_steps": 2, "num_per_class": 100}
 QUICK = {"net": "tiny", "warmup": 1, "repeats": 2, "guider_steps": 2, "guider_repeats": 1, "cfg_batches": [1, 8],
          "memory_nets": ["tiny"], "memory_methods": ["plain", "dmd_copy", "dmd_lora"], "zero_net": "tiny",

@@ -86,7 +86,7 @@ class TwoNetworks(MethodModule):
         return [torch.optim.AdamW(self.a.parameters(), lr=self.lr), torch.optim.AdamW(self.b.parameters(), lr=self.lr)]
 
 
-def build(method: str, teacher: str | None, batch: int, nan_at: int = -1):
+def build(method: str, teacher: str | None, batch: int, nan_at: int = -1, frozen_dtype: str = "float32"):
     """(module, datamodule) of a tiny run of `method`."""
     from data.digits import DigitsDataModule
     from train.erasure import ErasureSteps
@@ -104,7 +104,7 @@ def build(method: str, teacher: str | None, batch: int, nan_at: int = -1):
         return instantiate({"class_path": "train.onestep.OneStepDistillation",
                             "init_args": {"teacher": teacher, "divergence": "jensen_shannon", "gan_weight": 0.1,
                                           "fake_updates": 2, "lora_rank": 4, "discriminator_hidden": 16,
-                                          "ema_decay": 0.9}}), digits
+                                          "ema_decay": 0.9, "frozen_dtype": frozen_dtype}}), digits
     if method == "erasure":
         return instantiate({"class_path": "train.erasure.ConceptErasure",
                             "init_args": {"model": teacher, "concepts": [3], "params": "esd-u", "lr": 1e-3,
@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("--offload", action="store_true", help="optimizer states (and at stage 3 weights) on CPU")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--nan-at", type=int, default=-1, help="two_networks: the batch whose loss is NaN")
+    p.add_argument("--frozen-dtype", default="float32", help="onestep: dtype of the frozen teacher / LoRA base")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -157,7 +158,7 @@ def main() -> None:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0, verbose=False)
-    module, data = build(args.method, args.teacher, args.batch, args.nan_at)
+    module, data = build(args.method, args.teacher, args.batch, args.nan_at, args.frozen_dtype)
     strategy = MultiEngineDeepSpeed(stage=args.stage, offload_optimizer=args.offload,
                                     offload_parameters=args.offload and args.stage == 3,
                                     activation_checkpointing=args.checkpointing) if args.stage else "auto"

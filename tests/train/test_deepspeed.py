@@ -143,6 +143,25 @@ def test_bf16_offload_and_activation_checkpointing(runs, tiny_teacher_ckpt, tmp_
     assert all(torch.equal(converted[k], trained[k]) and trained[k].dtype == torch.float32 for k in trained)
 
 
+def test_frozen_weights_in_bfloat16_under_zero3(runs, tiny_teacher_ckpt, tmp_path):
+    """frozen_dtype: bfloat16 with the LoRA fake score's engine partitioning its bfloat16 base at stage 3: the
+    losses are the float32 run's up to bfloat16 rounding, the base stays bfloat16, LoRA / generator / discriminator
+    weights float32, and the ZeRO checkpoint converts to exactly the trained weights."""
+    root = tmp_path / "frozen_bf16"
+    losses = fit("onestep", root, stage=3, devices=2, teacher=tiny_teacher_ckpt, extra=("--frozen-dtype", "bfloat16"))
+    fp32 = runs("onestep", 3)[1]
+    for rank in range(2):
+        for i, row in losses[rank].items():
+            for k, v in row.items():
+                assert v == pytest.approx(fp32[rank][i][k], rel=0.1, abs=1e-3), (i, k)
+    assert losses[0][0]["train/fake_score"] != fp32[0][0]["train/fake_score"]
+    trained, converted = torch.load(root / "weights.pt", weights_only=True), trainable_state_dict(root / "checkpoints" / "last.ckpt")
+    for k, v in trained.items():
+        frozen = k.startswith("fake_score.") and "lora_" not in k
+        assert v.dtype == (torch.bfloat16 if frozen else torch.float32), k
+        assert torch.equal(converted[k], v), k
+
+
 def test_a_nonfinite_gradient_is_skipped_by_the_engines_and_reported(tmp_path):
     """A NaN loss at batch 1: every engine skips that update (DeepSpeed's gradient-norm check), the module's
     NaN/inf policy records it, and training goes on with finite weights."""
