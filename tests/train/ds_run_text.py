@@ -21,7 +21,7 @@ CONCEPTS = {"concepts": [{"name": "cat", "prompts": ["a cat", "the cat"]}, {"nam
             "anchors": ["the dog", "a dog of the car"]}
 
 
-def build(method: str, teacher: str, batch: int, nan_at: int = -1):
+def build(method: str, teacher: str, batch: int, nan_at: int = -1, frozen_dtype: str = "float32"):
     """(module, datamodule) of a tiny text run of `method`; `batch` samples per process."""
     from train.erasure import ErasureSteps
     from train.text_data import EncodedCaptionDataModule
@@ -31,7 +31,7 @@ def build(method: str, teacher: str, batch: int, nan_at: int = -1):
                               "init_args": {"teacher": teacher, "divergence": "jensen_shannon", "gan_weight": 0.1,
                                             "guidance_scale": 3.0, "fake_updates": 2, "lora_rank": 4,
                                             "discriminator_hidden": 16, "ema_decay": 0.9,
-                                            "val_samples": 0}})
+                                            "val_samples": 0, "frozen_dtype": frozen_dtype}})
         images = Path(teacher).parent / "images"
         return module, EncodedCaptionDataModule(str(images), image_size=16, batch_size=batch, val_size=2)
     if method == "text_erasure":  # ESD-x with anchors and the null prompt, x_t from the frozen trajectories
@@ -40,7 +40,7 @@ def build(method: str, teacher: str, batch: int, nan_at: int = -1):
                                             "uncond_weight": 1.0, "batch_size": batch, "trajectory_steps": 3,
                                             "bank_size": 4, "lr": 1e-2}})
         return module, ErasureSteps(steps_per_epoch=10)
-    return ds_run.build(method, teacher, batch, nan_at)
+    return ds_run.build(method, teacher, batch, nan_at, frozen_dtype)
 
 
 if __name__ == "__main__":
