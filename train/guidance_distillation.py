@@ -13,7 +13,7 @@ from losses.distillation import (LOSS_SPACES, W_DISTRIBUTIONS, WEIGHTINGS, check
 from models.ema import EMA
 from models.w_embedding import WConditionedNetwork, WInputGuided
 from train.base import CHECKPOINT_KEY, MethodModule
-from train.optim import adamw_with_warmup
+from train.optim import LR_DECAYS, adamw_with_warmup
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")  # diffusers UNet attention + ResNet convs
 
@@ -84,6 +84,7 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
     lora_rank:      0 fine-tunes the whole student; > 0 trains only peft LoRA adapters of that rank on
                     `lora_targets` (plus the w-embedding). lora_alpha: LoRA scale numerator (default rank).
     lr, weight_decay, warmup_steps: AdamW with linear warm-up. ema_decay: EMA of the student (0 disables).
+    lr_decay:         "constant" after the warm-up, or "cosine": down to 0 at trainer.max_steps (train.optim.lr_factor).
     val_scale, val_steps, val_samples: the scale and steps of validation samples (one evaluation per step).
     nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.nonfinite).
     teacher_config: recorded from the teacher checkpoint on first use (leave unset); it lets a student
@@ -99,7 +100,8 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
                  lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: list[str] | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 100, ema_decay: float = 0.999,
                  val_scale: float = 3.0, val_steps: int = 20, val_samples: int = 200,
-                 teacher_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10):
+                 teacher_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10,
+                 lr_decay: str = "constant"):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         if not w_min <= w_max:
@@ -113,6 +115,8 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
             raise ValueError(f"guider {guider!r} needs a second model (autoguidance); distil a rule that uses the teacher alone")
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {lr_decay!r}")
         self.distilled_guider = guider
         self.negative_label = negative_label
         self.w_min, self.w_max, self.w_distribution = w_min, w_max, w_distribution
@@ -186,4 +190,5 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
-        return adamw_with_warmup(params, self.lr, self.weight_decay, self.warmup_steps)
+        return adamw_with_warmup(params, self.lr, self.weight_decay, self.warmup_steps,
+                                 decay=self.hparams.lr_decay, total_steps=self.trainer.max_steps)

@@ -185,6 +185,30 @@ def test_stage1_refuses_bad_settings(tiny_teacher_ckpt):
         _gd(tiny_teacher_ckpt, w_min=4.0, w_max=2.0)
     with pytest.raises(ValueError, match="log_uniform"):
         _gd(tiny_teacher_ckpt, w_min=0.0, w_distribution="log_uniform")
+    with pytest.raises(ValueError, match="cosine"):
+        _gd(tiny_teacher_ckpt, lr_decay="linear")
+
+
+def test_stage1_cosine_lr_decays_to_zero_at_max_steps(tiny_teacher_ckpt, tmp_path):
+    import lightning as L
+
+    from data.digits import DigitsDataModule
+
+    module = _gd(tiny_teacher_ckpt, lr=1e-3, warmup_steps=2, lr_decay="cosine", val_samples=0, ema_decay=0.0)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(tmp_path), callbacks=[Record()])
+    trainer.fit(module, DigitsDataModule(batch_size=8))
+    # warm-up 1/2, 2/2, then half a cosine over the remaining 4 steps: 1, cos^2(pi/8) ... down to 0 at step 6
+    want = [1e-3 * f for f in (0.5, 1.0, 1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4)))]
+    np.testing.assert_allclose(lrs, want, rtol=1e-6)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
