@@ -96,7 +96,7 @@ import diffusers
 folder, cls, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 pipe = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True)
 pipe.set_progress_bar_config(disable=True)
-latents = torch.load(args.pop("latents_file"))
+latents = torch.load(args.pop("latents_file"), weights_only=True)
 w = args.pop("w_input", None)
 if w is not None:  # the model card's hook: the student's w-embedding added to the UNet's time embedding
     from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -124,7 +124,7 @@ def run_pipeline(folder, kind, latents, args, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(folder), PIPELINES[kind],
                     json.dumps({**args, "latents_file": str(lat)}), str(out)], check=True, env=env, cwd=tmp_path)
-    theirs = torch.load(out)
+    theirs = torch.load(out, weights_only=True)
     if kind == "flux":
         from models.text_transformer import unpack_latents
 
