@@ -131,7 +131,7 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
                 p.requires_grad_("lora_" in name or name.startswith("w_embedding."))
         self.student = Denoiser(net, self.teacher.schedule, self.teacher.parameterization, self.teacher.sigma_data)
         self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
-        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.lr, self.weight_decay, self.warmup_steps, self.lr_decay = lr, weight_decay, warmup_steps, lr_decay
         self.val_scale, self.val_steps, self.val_samples = val_scale, val_steps, val_samples
 
     # --- sampling -----------------------------------------------------------------------------
@@ -191,4 +191,5 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
         return adamw_with_warmup(params, self.lr, self.weight_decay, self.warmup_steps,
-                                 decay=self.hparams.lr_decay, total_steps=self.trainer.max_steps)
+                                 decay=self.lr_decay,
+                                 total_steps=self.trainer.max_steps if self.lr_decay != "constant" else None)
