@@ -115,8 +115,6 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
             raise ValueError(f"guider {guider!r} needs a second model (autoguidance); distil a rule that uses the teacher alone")
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
-        if lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {lr_decay!r}")
         self.distilled_guider = guider
         self.negative_label = negative_label
         self.w_min, self.w_max, self.w_distribution = w_min, w_max, w_distribution
@@ -131,7 +129,8 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
                 p.requires_grad_("lora_" in name or name.startswith("w_embedding."))
         self.student = Denoiser(net, self.teacher.schedule, self.teacher.parameterization, self.teacher.sigma_data)
         self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
-        self.lr, self.weight_decay, self.warmup_steps, self.lr_decay = lr, weight_decay, warmup_steps, lr_decay
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.lr_decay = check_choice("lr_decay", lr_decay, LR_DECAYS)
         self.val_scale, self.val_steps, self.val_samples = val_scale, val_steps, val_samples
 
     # --- sampling -----------------------------------------------------------------------------
