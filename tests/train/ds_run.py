@@ -37,7 +37,7 @@ class TwoNetworks(MethodModule):
     class _Stop(Exception):
         pass
 
-    def __init__(self, lr: float = 1e-2, nan_at: int = -1):
+    def __init__(self, lr: float = 1e-4, nan_at: int = -1):
         super().__init__()
         self.nan_at = nan_at  # batch whose loss is made NaN (the engines must skip that update)
         torch.manual_seed(0)
@@ -114,6 +114,35 @@ def build(method: str, teacher: str | None, batch: int, nan_at: int = -1, frozen
     raise ValueError(f"unknown method {method!r}")
 
 
+def use_sgd(module: L.LightningModule, momentum: float = 0.9, lr_factor: float = 100.0) -> None:
+    """Train `module` with SGD + momentum in place of each AdamW its configure_optimizers returns (same parameter
+    groups and schedules, learning rates times `lr_factor`: Adam's steps are about the learning rate, SGD's the
+    learning rate times gradients of about 1e-2, so the weights move about as far).
+
+    The equality tests compare weights trained on 2 processes with weights trained on 1. Adam's step
+    m / (sqrt(v) + eps) has the size of the learning rate whatever the gradient, so where a gradient is near zero a
+    float reduction-order difference between the runs (which depends on the CPU) becomes a full-size difference in
+    the weights. SGD's update is linear in the gradient, so the weights differ by the learning rate times the
+    gradients' rounding difference on every machine; momentum keeps an optimizer state for the resume tests."""
+    configure = module.configure_optimizers
+
+    def swap(opt):
+        if isinstance(opt, dict):
+            out = {**opt, "optimizer": swap(opt["optimizer"])}
+            sched = opt.get("lr_scheduler")
+            if sched is not None:
+                inner = sched["scheduler"] if isinstance(sched, dict) else sched
+                new = torch.optim.lr_scheduler.LambdaLR(out["optimizer"], inner.lr_lambdas)
+                out["lr_scheduler"] = {**sched, "scheduler": new} if isinstance(sched, dict) else new
+            return out
+        if isinstance(opt, (list, tuple)):
+            return [swap(o) for o in opt]
+        groups = [{"params": g["params"], "lr": lr_factor * g.get("initial_lr", g["lr"])} for g in opt.param_groups]
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+
+    module.configure_optimizers = lambda: swap(configure())
+
+
 class Record(L.Callback):
     """Per-rank train/ metrics of every batch, and the trainable networks' full weights at the end."""
 
@@ -124,15 +153,22 @@ class Record(L.Callback):
         self.rows[trainer.fit_loop.epoch_loop.total_batch_idx] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
 
+    def on_train_start(self, trainer, pl_module):
+        self.save_weights(trainer, pl_module, "weights0.pt")
+
     def on_train_end(self, trainer, pl_module):
         (self.root / f"losses.rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
         (self.root / f"skipped.rank{trainer.global_rank}.json").write_text(json.dumps(pl_module.nonfinite_guard.skipped))
+        self.save_weights(trainer, pl_module, "weights.pt")
+
+    def save_weights(self, trainer, pl_module, file: str) -> None:
+        """The trainable networks' full weights (gathered under ZeRO-3), written by rank 0 to `file`."""
         weights = {}
         for name, net in pl_module.trainable_networks().items():
             with gathered_weights(net):
                 weights.update({f"{name}.{k}": v.detach().clone().cpu() for k, v in net.state_dict().items()})
         if trainer.is_global_zero:
-            torch.save(weights, self.root / "weights.pt")
+            torch.save(weights, self.root / file)
 
 
 def main() -> None:
@@ -150,6 +186,8 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--nan-at", type=int, default=-1, help="two_networks: the batch whose loss is NaN")
     p.add_argument("--frozen-dtype", default="float32", help="onestep: dtype of the frozen teacher / LoRA base")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="sgd: SGD with momentum in place of every AdamW (the weight-equality tests, see use_sgd)")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -159,6 +197,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0, verbose=False)
     module, data = build(args.method, args.teacher, args.batch, args.nan_at, args.frozen_dtype)
+    if args.optimizer == "sgd":
+        use_sgd(module)
     strategy = MultiEngineDeepSpeed(stage=args.stage, offload_optimizer=args.offload,
                                     offload_parameters=args.offload and args.stage == 3,
                                     activation_checkpointing=args.checkpointing) if args.stage else "auto"

@@ -28,6 +28,8 @@ def read_wandb_records(path: Path) -> list:
             continue
         _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
         pos += 7
+        if pos + length > len(raw):  # a record wandb is still writing: stop before it
+            break
         if kind == 0 and length == 0:
             pos += left - 7
             continue
@@ -46,8 +48,14 @@ def offline_run(root: Path) -> tuple[Path, list]:
     runs = list((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "the run must be offline and live in the run folder"
     log = next(runs[0].glob("run-*.wandb"))
+    from google.protobuf.message import DecodeError
+
+    records: list = []
     for _ in range(60):  # wandb-core may still be flushing the transaction log just after finish()
-        records = read_wandb_records(log)
+        try:
+            records = read_wandb_records(log)
+        except DecodeError:  # read in the middle of a write: the file is not complete yet
+            records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             break
         time.sleep(1)
