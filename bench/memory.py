@@ -72,11 +72,11 @@ def worker(net: str, method: str, warmup: int, steps: int, stage: int, devices: 
     import lightning as L
     import peft  # noqa: F401
 
-    import train.erasure  # noqa: F401
-    import train.guidance_distillation  # noqa: F401
-    import train.onestep  # noqa: F401
+    import train.methods.erasure  # noqa: F401
+    import train.methods.guidance_distillation  # noqa: F401
+    import train.methods.onestep  # noqa: F401
     from bench.methods import build, prebuild_banks
-    from train.strategy import MultiEngineDeepSpeed
+    from train.runtime.strategy import MultiEngineDeepSpeed
 
     _warm_up()
     torch.manual_seed(0)

@@ -20,36 +20,36 @@ NETS: dict[str, dict[str, Any]] = {
 # name -> (label, class path, init args beyond the teacher reference). Settings follow configs/digits/*.yaml;
 # EMA as there (the `ema` switch of `build` turns it off everywhere).
 METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "plain": ("plain fine-tuning (denoising loss, AdamW)", "train.teacher.TeacherPretraining",
+    "plain": ("plain fine-tuning (denoising loss, AdamW)", "train.methods.teacher.TeacherPretraining",
               {"parameterization": "v", "warmup_steps": 0, "ema_decay": 0.0}),
-    "teacher": ("teacher pretraining (label dropout, EMA)", "train.teacher.TeacherPretraining",
+    "teacher": ("teacher pretraining (label dropout, EMA)", "train.methods.teacher.TeacherPretraining",
                 {"parameterization": "v", "p_uncond": 0.1, "warmup_steps": 0, "ema_decay": 0.999}),
     "guidance_distillation": ("guidance distillation (CFG teacher, w-student)",
-                              "train.guidance_distillation.GuidanceDistillation",
+                              "train.methods.guidance_distillation.GuidanceDistillation",
                               {"w_min": 1.0, "w_max": 6.0, "warmup_steps": 0, "ema_decay": 0.995}),
-    "dmd_lora": ("one-step DMD, LoRA r32 fake score, 4 fake updates", "train.onestep.OneStepDistillation",
+    "dmd_lora": ("one-step DMD, LoRA r32 fake score, 4 fake updates", "train.methods.onestep.OneStepDistillation",
                  {"fake_score": "lora", "lora_rank": 32, "fake_updates": 4, "gan_weight": 0.0, "ema_decay": 0.99}),
-    "dmd_lora8": ("one-step DMD, LoRA r8 fake score, 4 fake updates", "train.onestep.OneStepDistillation",
+    "dmd_lora8": ("one-step DMD, LoRA r8 fake score, 4 fake updates", "train.methods.onestep.OneStepDistillation",
                   {"fake_score": "lora", "lora_rank": 8, "fake_updates": 4, "gan_weight": 0.0, "ema_decay": 0.99}),
     "dmd_lora_bf16": ("one-step DMD, LoRA r32 fake score on a bfloat16 frozen base, 4 fake updates",
-                      "train.onestep.OneStepDistillation",
+                      "train.methods.onestep.OneStepDistillation",
                       {"fake_score": "lora", "lora_rank": 32, "fake_updates": 4, "gan_weight": 0.0, "ema_decay": 0.99,
                        "frozen_dtype": "bfloat16"}),
     "dmd_lora8_bf16": ("one-step DMD, LoRA r8 fake score on a bfloat16 frozen base, 4 fake updates",
-                       "train.onestep.OneStepDistillation",
+                       "train.methods.onestep.OneStepDistillation",
                        {"fake_score": "lora", "lora_rank": 8, "fake_updates": 4, "gan_weight": 0.0, "ema_decay": 0.99,
                         "frozen_dtype": "bfloat16"}),
-    "dmd_copy": ("one-step DMD, full-copy fake score, 4 fake updates", "train.onestep.OneStepDistillation",
+    "dmd_copy": ("one-step DMD, full-copy fake score, 4 fake updates", "train.methods.onestep.OneStepDistillation",
                  {"fake_score": "copy", "fake_updates": 4, "gan_weight": 0.0, "ema_decay": 0.99}),
-    "fdistill_js": ("f-distill JS + GAN, LoRA r32 fake score", "train.onestep.OneStepDistillation",
+    "fdistill_js": ("f-distill JS + GAN, LoRA r32 fake score", "train.methods.onestep.OneStepDistillation",
                     {"fake_score": "lora", "lora_rank": 32, "fake_updates": 4, "divergence": "jensen_shannon",
                      "gan_weight": 0.05, "ema_decay": 0.99}),
-    "erasure": ("concept erasure (ESD-u, one digit)", "train.erasure.ConceptErasure",
+    "erasure": ("concept erasure (ESD-u, one digit)", "train.methods.erasure.ConceptErasure",
                 {"concepts": [3], "params": "esd-u", "trajectory_steps": 20, "bank_size": 64, "val_samples": 0,
                  "ema_decay": 0.0}),
 }
-TEACHER_ARG = {"train.guidance_distillation.GuidanceDistillation": "teacher", "train.onestep.OneStepDistillation":
-               "teacher", "train.erasure.ConceptErasure": "model"}
+TEACHER_ARG = {"train.methods.guidance_distillation.GuidanceDistillation": "teacher", "train.methods.onestep.OneStepDistillation":
+               "teacher", "train.methods.erasure.ConceptErasure": "model"}
 
 
 def net_config(net: str) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def net_config(net: str) -> dict[str, Any]:
 
 def teacher_config(net: str) -> dict[str, Any]:
     """A teacher's stored config (the form distillation modules record), without EMA: the frozen network."""
-    return {"_class_path": "train.teacher.TeacherPretraining", "net": net_config(net),
+    return {"_class_path": "train.methods.teacher.TeacherPretraining", "net": net_config(net),
             "schedule": {"class_path": "guidance.schedules.VPCosine", "init_args": {"num_steps": 1000}},
             "parameterization": "v", "ema_decay": 0.0}
 
@@ -73,8 +73,8 @@ def build(method: str, net: str, ema: bool = True, batch: int | None = None):
     the recorded config when the checkpoint path does not exist. Erasure draws `batch // 3` samples per term
     (erased concept, anchors, unconditional), so its student sees about `batch` samples per step, as the others."""
     from data.digits import DigitsDataModule
-    from train.config import instantiate
-    from train.erasure import ErasureSteps
+    from train.runtime.config import instantiate
+    from data.steps import ErasureSteps
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -83,14 +83,14 @@ def build(method: str, net: str, ema: bool = True, batch: int | None = None):
     args = dict(args)
     if not ema:
         args["ema_decay"] = 0.0
-    if class_path == "train.teacher.TeacherPretraining":
+    if class_path == "train.methods.teacher.TeacherPretraining":
         args["net"] = net_config(net)
     else:
         key = TEACHER_ARG[class_path]
         args[key] = f"(bench: random {net} teacher)"  # not a file: the module rebuilds the teacher from the config
         args[f"{key}_config"] = teacher_config(net)
     data = DigitsDataModule(batch_size=batch)
-    if class_path == "train.erasure.ConceptErasure":
+    if class_path == "train.methods.erasure.ConceptErasure":
         args["batch_size"] = max(1, batch // 3)
         data = ErasureSteps(steps_per_epoch=1000)
     return instantiate({"class_path": class_path, "init_args": args}), data
@@ -100,7 +100,7 @@ def prebuild_banks(module) -> None:
     """Erasure: sample every class's (and the null class's) trajectory bank now, so that no measured training
     step pays for building one (the module builds them lazily, the first time a class is drawn)."""
     from models.adapters import NULL_LABEL
-    from train.erasure import ConceptErasure
+    from train.methods.erasure import ConceptErasure
 
     if isinstance(module, ConceptErasure):
         bank = module._bank()

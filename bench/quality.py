@@ -115,7 +115,7 @@ def evaluate(module, steps: int | None, scale: float, num_per_class: int, seed: 
 
 
 def run(runs: Path | None, given: dict[str, str], scale: float, num_per_class: int, log=print) -> list[Table]:
-    from train.checkpoint import load_method
+    from train.runtime.checkpoint import load_method
 
     rows = []
     for row, (group, _, steps) in ROWS.items():

@@ -12,10 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from train.config import read_yaml, user_message
+from train.runtime.config import read_yaml, user_message
 
 LIGHTNING_COMMANDS = ("fit", "validate")
-DEFAULT_STEPS = 50  # sampler steps for models without a step count of their own
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
@@ -28,14 +27,16 @@ def main(argv: list[str] | None = None) -> None:
 
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        from train.nonfinite import NonFiniteError
+        from train.runtime.nonfinite import NonFiniteError
 
         try:
             for flag, value in zip(argv, argv[1:]):
                 if flag in ("--config", "-c"):
                     read_yaml(value)  # missing or malformed YAML: a one-line error before LightningCLI's usage dump
+            from train.fit import finish_wandb, lightning_cli
+
             cli = lightning_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself, no warning
-            _finish_wandb()
+            finish_wandb()
             return cli
         except USER_ERRORS as e:  # bad data path, bad config value: one line, no traceback
             print(f"error: {user_message(e)}", file=sys.stderr)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         except NonFiniteError as e:  # NaN/inf under nonfinite: stop (or too many skipped updates)
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
-        except SIGTERMException as e:  # stopped by SIGTERM/SIGINT; train.interrupt wrote last.ckpt and said so
+        except SIGTERMException as e:  # stopped by SIGTERM/SIGINT; train.runtime.interrupt wrote last.ckpt and said so
             raise SystemExit(e.code if isinstance(e.code, int) else 128 + signal.SIGTERM) from None
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,84 +59,6 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _finish_wandb() -> None:
-    """Close the W&B run a fit opened, so its config and summary are written (also offline)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
-
-
-def lightning_cli(argv: list[str] | None):
-    """LightningCLI with the method and data module chosen by class_path in the config.
-
-    Checkpoints go to <trainer.default_root_dir>/checkpoints and W&B files to <default_root_dir>/wandb
-    unless the config says otherwise, so a run is one folder."""
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-
-    from train.base import MethodModule
-    from train.checkpoint import check_resume, read_checkpoint
-    import train.strategy  # noqa: F401  (registers the zero1/zero2/zero3 strategy names)
-    from train.interrupt import InterruptCheckpoint
-    from train.tracking import TrainingDiagnostics
-
-    class SaveAndLogConfig(SaveConfigCallback):
-        """Write config.yaml to the run folder and log the whole resolved config to every logger (W&B)."""
-
-        def save_config(self, trainer, pl_module, stage) -> None:
-            for logger in trainer.loggers:
-                logger.log_hyperparams({"config": self.config.as_dict()})
-
-    class GuidedCLI(LightningCLI):
-        def parse_arguments(self, parser, args) -> None:
-            super().parse_arguments(parser, args)
-            cfg = self.config.get(self.config.get("subcommand") or "") or self.config
-            ckpt = cfg.get("ckpt_path")
-            if ckpt and ckpt not in ("last", "best", "hpc") and not Path(ckpt).is_dir():
-                read_checkpoint(ckpt)  # missing, corrupt, truncated or foreign: one line, before anything is built
-            self.requested_model = cfg.model.as_dict() if cfg.get("model") else None
-
-        def before_instantiate_classes(self) -> None:
-            cfg = self.config[self.subcommand] if self.subcommand else self.config
-            if cfg.get("ckpt_path") and self.requested_model and Path(cfg.ckpt_path).is_file():
-                check_resume(cfg.ckpt_path, self.requested_model, cfg.model.as_dict())  # the checkpoint's model wins
-            root = cfg.trainer.get("default_root_dir") or "runs/default"
-            logger = cfg.trainer.get("logger")
-            mode = cfg.get("wandb") or os.environ.get("WANDB_MODE") or "offline"
-            os.environ["WANDB_MODE"] = mode
-            for lg in logger if isinstance(logger, list) else [logger]:
-                if lg is not None and not isinstance(lg, bool) and "Wandb" in str(lg.get("class_path", "")):
-                    # the mode decides, passed to wandb.init; WandbLogger(offline=True) would force offline over it
-                    lg.init_args["offline"], lg.init_args["mode"] = False, mode
-                    if lg.init_args.get("save_dir") in (None, "."):
-                        lg.init_args["save_dir"] = root
-                        Path(root).mkdir(parents=True, exist_ok=True)
-
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None,
-                                help="W&B mode of a WandbLogger (default: $WANDB_MODE, else offline)")
-
-        def before_fit(self) -> None:
-            self.model.check_data(self.datamodule)  # images / classes the network cannot take, before any file
-
-        def instantiate_trainer(self, **kwargs):
-            trainer = super().instantiate_trainer(**kwargs)
-            for cb in trainer.checkpoint_callbacks:
-                if cb.dirpath is None:
-                    cb.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
-            if not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
-                trainer.callbacks.append(InterruptCheckpoint())  # SIGTERM / Ctrl+C: write last.ckpt, then stop
-            if trainer.loggers and not any(isinstance(cb, TrainingDiagnostics) for cb in trainer.callbacks):
-                trainer.callbacks.append(TrainingDiagnostics())  # learning rates and gradient norms per network
-            return trainer
-
-    no_exit = {"exit_on_error": False}  # parse errors raise ArgumentError; main prints them as one line
-    return GuidedCLI(MethodModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                     args=argv, save_config_callback=SaveAndLogConfig, save_config_kwargs={"overwrite": True},
-                     auto_configure_optimizers=False,
-                     parser_kwargs={**no_exit, **{name: no_exit for name in LightningCLI.subcommands()}})
 
 
 def _parse_params(items: list[str]) -> dict:
@@ -222,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_sampling(args) -> None:
     from guidance.guiders import build_guider
     from guidance.samplers import check_sampler
+    from train.methods.base import DEFAULT_STEPS
 
     check_sampler(args.sampler, DEFAULT_STEPS if args.steps is None else args.steps)
     build_guider(args.guider, **_parse_params(args.param))
@@ -229,6 +153,8 @@ def _check_sampling(args) -> None:
 
 def _steps(args, module) -> int:
     """--steps, or the model's own default (a progressive student's distilled step count), else 50."""
+    from train.methods.base import DEFAULT_STEPS
+
     return args.steps if args.steps is not None else getattr(module, "default_steps", DEFAULT_STEPS)
 
 
@@ -236,8 +162,8 @@ def cmd_sample(args) -> None:
     import numpy as np
     import torch
 
-    from train.checkpoint import load_method
-    from train.images import save_grid
+    from train.runtime.checkpoint import load_method
+    from train.evaluation.images import save_grid
 
     _check_sampling(args)
     if args.num_per_class <= 0:
@@ -257,7 +183,7 @@ def cmd_sample(args) -> None:
 
 def _text_inputs(args, module) -> bool:
     """True when `module` is a text model, which then needs prompts; prompts for a class model are refused."""
-    from train.prompt_eval import is_text_model
+    from train.evaluation.prompts import is_text_model
 
     given = bool(args.prompt or args.prompts or args.class_prompts)
     if not is_text_model(module):
@@ -274,9 +200,9 @@ def _text_inputs(args, module) -> bool:
 def _sample_text(args, module) -> None:
     import numpy as np
 
-    from train.images import save_grid
-    from train.prompt_eval import generate_images, prompt_list
-    from train.text_digits import class_prompts
+    from train.evaluation.images import save_grid
+    from train.evaluation.prompts import generate_images, prompt_list
+    from train.evaluation.digits_text import class_prompts
 
     prompts, n = prompt_list(args.prompt, args.prompts), args.num_per_prompt
     if args.class_prompts:
@@ -295,24 +221,8 @@ def _sample_text(args, module) -> None:
           f"({len(rows)} samples, {nfe:g} network evaluations each)")
 
 
-def evaluate_checkpoint(module, scales, steps=50, sampler="ddim", guider="cfg", seed=0, num_per_class=100,
-                        guider_params=None) -> list[dict]:
-    """Metrics rows (one per scale) for a trained method on the digits classifier."""
-    import torch
-
-    from train.evaluation import evaluate_samples
-
-    labels = torch.arange(module.sampling_denoiser().net.num_classes).repeat_interleave(num_per_class)
-    rows = []
-    for w in scales:
-        images, nfe = module.generate(labels, w, steps, sampler, guider, seed, progress=True, **(guider_params or {}))
-        m = evaluate_samples(images, labels, nfe_per_sample=nfe)
-        rows.append({"guider": guider, "w": w, "sampler": sampler, "steps": steps, **m})
-    return rows
-
-
 def cmd_evaluate(args) -> None:
-    from train.checkpoint import load_method
+    from train.runtime.checkpoint import load_method
     from train.evaluation import format_table
 
     _check_sampling(args)
@@ -322,6 +232,8 @@ def cmd_evaluate(args) -> None:
     if _text_inputs(args, module):
         rows, columns = _evaluate_text(args, module, missing), ["prompts", *columns, "fid", "clip_score"]
     else:
+        from train.evaluation.evaluate import evaluate_checkpoint
+
         rows = evaluate_checkpoint(module, args.scales, _steps(args, module), args.sampler, args.guider, args.seed,
                                    args.num_per_class, _parse_params(args.param))
     out = Path(args.out)
@@ -337,7 +249,7 @@ def cmd_evaluate(args) -> None:
 
 def _evaluate_text(args, module, missing: list[str]) -> list[dict]:
     """Rows of a text model: digits metrics for --class-prompts, FID / CLIP score for --prompt / --prompts."""
-    from train.prompt_eval import evaluate_class_prompts, evaluate_prompt_set, prompt_list
+    from train.evaluation.prompts import evaluate_class_prompts, evaluate_prompt_set, prompt_list
 
     steps, params, rows = _steps(args, module), _parse_params(args.param), []
     if args.class_prompts:
@@ -362,7 +274,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_digits_pipeline(args) -> None:
-    from train.text_digits import build_digits_pipeline, write_captioned_digits
+    from train.digits_pipeline import build_digits_pipeline, write_captioned_digits
 
     out = Path(args.out)
     build_digits_pipeline(out / "pipeline", vae_steps=args.vae_steps)

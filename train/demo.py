@@ -3,7 +3,7 @@
 Stages (each a `python -m train fit` of a config under configs/digits, then an evaluation):
 teacher -> guidance distillation -> progressive distillation -> one-step DMD -> one-step f-distill (JS)
 -> concept erasure (one digit, two digits, one toward another) -> an erased one-step generator (SFD);
-then the same on text: the text digits pipeline (train.text_digits, SD 1.x layout) and its captioned digits ->
+then the same on text: the text digits pipeline (train.digits_pipeline, SD 1.x layout) and its captioned digits ->
 a text-to-image teacher -> guidance distillation -> one-step DMD -> erasing "seven" by prompt (configs/text_digits),
 judged by the same metrics on prompts "a handwritten <digit>" (the erasure also on "the digit <digit>").
 Later stages start from the earlier stages' checkpoints. Every stage prints its metrics table; all tables go to
@@ -69,7 +69,7 @@ def _takes(out: Path, name: str, takes: dict[str, str]) -> list[str]:
 
 
 def _fit(config: Path, root: Path, overrides: list[str], max_steps: int | None) -> Path:
-    from train.cli import lightning_cli
+    from train.fit import lightning_cli
 
     args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *overrides]
     if max_steps is not None:
@@ -85,10 +85,11 @@ def run_demo(out: Path, max_steps: int | None = None, stages: list[str] | None =
     """Run the demo stages into `out` (all by default); returns what out/metrics.json holds."""
     import torch
 
-    from train.checkpoint import load_method
-    from train.cli import _finish_wandb, evaluate_checkpoint
+    from train.runtime.checkpoint import load_method
+    from train.evaluation.evaluate import evaluate_checkpoint
+    from train.fit import finish_wandb
     from train.evaluation import format_table
-    from train.images import save_grid
+    from train.evaluation.images import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
     wanted = stages or [s[0] for s in STAGES]
@@ -101,7 +102,7 @@ def run_demo(out: Path, max_steps: int | None = None, stages: list[str] | None =
             continue
         root = _stage_dir(out, name)
         if config is None:  # text_pipeline: the SD-layout folder and the captioned digits
-            from train.text_digits import build_digits_pipeline, write_captioned_digits
+            from train.digits_pipeline import build_digits_pipeline, write_captioned_digits
 
             print(f"[demo] stage {name}: python -m train digits-pipeline --out {out / TEXT}", flush=True)
             build_digits_pipeline(root, vae_steps=max_steps or 600)
@@ -110,12 +111,12 @@ def run_demo(out: Path, max_steps: int | None = None, stages: list[str] | None =
         overrides = _takes(out, name, takes)
         print(f"[demo] stage {name}: python -m train fit --config {CONFIGS / config} {' '.join(overrides)}", flush=True)
         ckpt = _fit(CONFIGS / config, root, overrides, max_steps)
-        _finish_wandb()
+        finish_wandb()
         module = load_method(ckpt)
         w = scales[0] if len(scales) == 1 else 2.0
         if templates:
-            from train.prompt_eval import evaluate_class_prompts
-            from train.text_digits import generate_digits
+            from train.evaluation.prompts import evaluate_class_prompts
+            from train.evaluation.digits_text import generate_digits
 
             save_grid(generate_digits(module, templates[0], 8, w, steps)[0], root / "grid.png", nrow=8)
             rows = [{"stage": name, **r} for t in templates
@@ -124,7 +125,7 @@ def run_demo(out: Path, max_steps: int | None = None, stages: list[str] | None =
             images, _ = module.generate(torch.arange(10).repeat_interleave(8), scale=w, steps=steps)
             save_grid(images, root / "grid.png", nrow=8)
             rows = [{"stage": name, **r} for r in evaluate_checkpoint(module, scales, steps=steps, num_per_class=num_per_class)]
-        from train.text_digits import erased_digits, erasure_columns
+        from train.evaluation.digits_text import erased_digits, erasure_columns
 
         rows = [{**r, **erasure_columns(r, erased_digits(module))} for r in rows]
         table = format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])

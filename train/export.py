@@ -23,13 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import lightning as L
 import torch
 
 from guidance.denoiser import Denoiser
 from models.param_select import lora_adapter, lora_layers, merge_lora
 from models.w_embedding import WConditionedNetwork
-from train.checkpoint import load_method
-from train.cli import DEFAULT_STEPS
+from train.methods.base import DEFAULT_STEPS
+from train.runtime.checkpoint import load_method
 from train.model_card import WHY_W_EMBEDDING_IS_SEPARATE, model_card
 
 FORMATS = ("diffusers", "lora", "safetensors")
@@ -215,3 +216,50 @@ def atomic_write(out: Path, write: Callable[[Path], Path]) -> Path:
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ W&B
+
+class ExportArtifact(L.Callback):
+    """At the end of training, export the model (`python -m train export`'s formats, with the last validation
+    metrics in its model card) to `<run>/export` and log it to W&B as an artifact of type "model".
+
+    format: diffusers (a folder from_pretrained loads), lora or safetensors.
+    name:   artifact name; default "<run name>-model".
+    Offline runs keep the artifact in the run folder; `wandb sync` uploads it with the rest of the run.
+    Without a W&B logger the callback does nothing.
+    """
+
+    def __init__(self, format: str = "diffusers", name: str | None = None):
+        if format not in FORMATS:
+            raise ValueError(f"ExportArtifact format must be one of {', '.join(FORMATS)}, got {format!r}")
+        self.format, self.name = format, name
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        if not loggers or trainer.interrupted:
+            return
+        root = Path(trainer.default_root_dir)
+        tmp = root / ".export-checkpoint"
+        ckpt = tmp / "final.ckpt"
+        trainer.save_checkpoint(ckpt)  # every rank takes part (a ZeRO checkpoint is written by all of them)
+        if trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            out = export(ckpt, root / "export" if self.format != "safetensors" else root / "export.safetensors",
+                         self.format, force=True, metrics=metrics or None)
+            self._log(loggers[0], out, pl_module, trainer, metrics)
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.strategy.barrier()
+
+    def _log(self, logger, path: Path, pl_module, trainer: L.Trainer, metrics: dict) -> None:
+        import wandb
+
+        run = logger.experiment
+        name = self.name or f"{run.name or run.id}-model"
+        artifact = wandb.Artifact(name, type="model", metadata={
+            "method": pl_module.method_name, "format": self.format, "step": int(trainer.global_step), **metrics})
+        if path.is_dir():
+            artifact.add_dir(str(path))
+        else:
+            artifact.add_file(str(path))
+        run.log_artifact(artifact, aliases=["latest", f"step{trainer.global_step}"])

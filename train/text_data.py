@@ -132,6 +132,8 @@ class EncodedPromptDataModule(L.LightningDataModule):
                 (cond["guidance"]); None for every other model.
     """
 
+    has_images = False  # prompts only: no real samples for a discriminator
+
     def __init__(self, path: str, pretrained: str | None = None, batch_size: int = 4, column: str | None = None,
                  val_size: int = 4, seed: int = 0, split: str = "train", num_workers: int = 0,
                  embedded_guidance: float | None = None):

@@ -13,7 +13,7 @@ from guidance.samplers import sample
 from guidance.schedules import VPCosine
 from models.adapters import ClassConditionalUNet
 from models.w_embedding import GuidanceScaleEmbedding, WConditionedNetwork, WInputGuided, sinusoidal_embedding
-from train.guidance_distillation import inject_lora
+from train.methods.guidance_distillation import inject_lora
 
 
 def tiny_unet(seed: int = 0) -> ClassConditionalUNet:

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models.ema import gathered_weights  # noqa: E402
-from train.base import MethodModule  # noqa: E402
-from train.config import instantiate, read_yaml  # noqa: E402
+from train.methods.base import MethodModule  # noqa: E402
+from train.runtime.config import instantiate, read_yaml  # noqa: E402
 
 TINY_TEACHER = ROOT / "tests" / "configs" / "tiny_teacher.yaml"
 
@@ -89,7 +89,7 @@ class TwoNetworks(MethodModule):
 def build(method: str, teacher: str | None, batch: int, nan_at: int = -1, frozen_dtype: str = "float32"):
     """(module, datamodule) of a tiny run of `method`."""
     from data.digits import DigitsDataModule
-    from train.erasure import ErasureSteps
+    from data.steps import ErasureSteps
 
     digits = DigitsDataModule(batch_size=batch)
     if method == "two_networks":
@@ -97,16 +97,16 @@ def build(method: str, teacher: str | None, batch: int, nan_at: int = -1, frozen
     if method == "teacher":
         return instantiate(read_yaml(TINY_TEACHER)["model"]), digits
     if method == "guidance_distillation":
-        return instantiate({"class_path": "train.guidance_distillation.GuidanceDistillation",
+        return instantiate({"class_path": "train.methods.guidance_distillation.GuidanceDistillation",
                             "init_args": {"teacher": teacher, "w_min": 1.0, "w_max": 5.0, "lr": 1e-3,
                                           "warmup_steps": 1, "ema_decay": 0.5}}), digits
     if method == "onestep":  # generator, LoRA fake score and discriminator (f-distill JS + GAN): three engines
-        return instantiate({"class_path": "train.onestep.OneStepDistillation",
+        return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
                             "init_args": {"teacher": teacher, "divergence": "jensen_shannon", "gan_weight": 0.1,
                                           "fake_updates": 2, "lora_rank": 4, "discriminator_hidden": 16,
                                           "ema_decay": 0.9, "frozen_dtype": frozen_dtype}}), digits
     if method == "erasure":
-        return instantiate({"class_path": "train.erasure.ConceptErasure",
+        return instantiate({"class_path": "train.methods.erasure.ConceptErasure",
                             "init_args": {"model": teacher, "concepts": [3], "params": "esd-u", "lr": 1e-3,
                                           "batch_size": batch // 2,
                                           "trajectory_steps": 3, "bank_size": 4, "bank_refresh": 2,
@@ -191,7 +191,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(1)
-    from train.strategy import MultiEngineDeepSpeed
+    from train.runtime.strategy import MultiEngineDeepSpeed
 
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ds_run  # noqa: E402
-from train.config import instantiate  # noqa: E402
+from train.runtime.config import instantiate  # noqa: E402
 
 CONCEPTS = {"concepts": [{"name": "cat", "prompts": ["a cat", "the cat"]}, {"name": "car", "prompts": ["a red car"],
                                                                            "alternative": "a car"}],
@@ -23,11 +23,11 @@ CONCEPTS = {"concepts": [{"name": "cat", "prompts": ["a cat", "the cat"]}, {"nam
 
 def build(method: str, teacher: str, batch: int, nan_at: int = -1, frozen_dtype: str = "float32"):
     """(module, datamodule) of a tiny text run of `method`; `batch` samples per process."""
-    from train.erasure import ErasureSteps
+    from data.steps import ErasureSteps
     from train.text_data import EncodedCaptionDataModule
 
     if method == "text_onestep":  # generator, LoRA fake score and discriminator (f-distill JS + GAN): three engines
-        module = instantiate({"class_path": "train.onestep.OneStepDistillation",
+        module = instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
                               "init_args": {"teacher": teacher, "divergence": "jensen_shannon", "gan_weight": 0.1,
                                             "guidance_scale": 3.0, "fake_updates": 2, "lora_rank": 4,
                                             "discriminator_hidden": 16, "ema_decay": 0.9,
@@ -35,7 +35,7 @@ def build(method: str, teacher: str, batch: int, nan_at: int = -1, frozen_dtype:
         images = Path(teacher).parent / "images"
         return module, EncodedCaptionDataModule(str(images), image_size=16, batch_size=batch, val_size=2)
     if method == "text_erasure":  # ESD-x with anchors and the null prompt, x_t from the frozen trajectories
-        module = instantiate({"class_path": "train.text_erasure.TextConceptErasure",
+        module = instantiate({"class_path": "train.methods.text_erasure.TextConceptErasure",
                               "init_args": {"model": teacher, "concepts": CONCEPTS, "params": "esd-x",
                                             "uncond_weight": 1.0, "batch_size": batch, "trajectory_steps": 3,
                                             "bank_size": 4, "lr": 1e-2}})

@@ -138,9 +138,9 @@ def test_unreadable_checkpoints_to_resume_from(tmp_path, capsys, tiny_teacher_ck
 
 
 def test_resuming_another_method_or_architecture_is_refused(tmp_path, capsys, tiny_teacher_ckpt):
-    err = fit_error(capsys, tmp_path, "--model", "train.erasure.ConceptErasure", "--model.init_args.model",
+    err = fit_error(capsys, tmp_path, "--model", "train.methods.erasure.ConceptErasure", "--model.init_args.model",
                     str(tiny_teacher_ckpt), "--model.init_args.concepts", "[3]", "--ckpt_path", str(tiny_teacher_ckpt))
-    assert "holds a train.teacher.TeacherPretraining checkpoint but the config trains train.erasure.ConceptErasure" in err
+    assert "holds a train.methods.teacher.TeacherPretraining checkpoint but the config trains train.methods.erasure.ConceptErasure" in err
     err = fit_error(capsys, tmp_path, "--model.init_args.net.init_args.block_out_channels", "[32, 64]",
                     "--ckpt_path", str(tiny_teacher_ckpt))
     assert "net.init_args.block_out_channels: [32, 64] in the config, [16, 32] in the checkpoint" in err
@@ -148,7 +148,7 @@ def test_resuming_another_method_or_architecture_is_refused(tmp_path, capsys, ti
 
 
 def test_wrong_checkpoint_kind_as_the_model_to_distil(tmp_path, capsys, tiny_teacher_ckpt):
-    err = fit_error(capsys, tmp_path, "--model", "train.progressive.ProgressiveDistillation",
+    err = fit_error(capsys, tmp_path, "--model", "train.methods.progressive.ProgressiveDistillation",
                     "--model.init_args.student", str(tiny_teacher_ckpt), "--model.init_args.start_steps", "4")
     assert "holds a 'teacher' checkpoint; this command needs a 'guidance_distillation' one" in err
 

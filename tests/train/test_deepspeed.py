@@ -1,4 +1,4 @@
-"""The multi-engine DeepSpeed strategy (train.strategy) on CPU with two gloo processes.
+"""The multi-engine DeepSpeed strategy (train.runtime.strategy) on CPU with two gloo processes.
 
 - a deterministic two-network method under ZeRO-2 and ZeRO-3 on 2 processes equals a single-process run
   on the same global batch (losses to 1e-6, weight updates to 1e-5 of their size);
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TINY_TEACHER
-from train.strategy import EnginePrecision, MultiEngineDeepSpeed, trainable_state_dict
+from train.runtime.strategy import EnginePrecision, MultiEngineDeepSpeed, trainable_state_dict
 
 RUN = ROOT / "tests" / "train" / "ds_run.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
@@ -209,7 +209,7 @@ def test_cli_under_torchrun_then_export_from_the_zero_checkpoint(tmp_path):
         tmp_path / "export")
     from safetensors.torch import load_file
 
-    from train.checkpoint import load_method
+    from train.runtime.checkpoint import load_method
 
     exported = load_file(out)
     sampling = load_method(ckpt, expect="teacher").sampling_denoiser().net.state_dict()
@@ -228,7 +228,7 @@ def test_configuration_errors_are_clear():
 
 
 def test_progressive_distillation_refuses_the_strategy_with_a_reason():
-    from train.progressive import ProgressiveDistillation
+    from train.methods.progressive import ProgressiveDistillation
 
     with pytest.raises(NotImplementedError, match="reloads the student's weights at every round"):
         ProgressiveDistillation.trainable_networks(object.__new__(ProgressiveDistillation))

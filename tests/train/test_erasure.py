@@ -11,9 +11,11 @@ import yaml
 from data.digits import digits_tensors
 from losses.erasure import ant_target, esd_target, preservation_target, toward_target
 from models.param_select import adapters_disabled
-from train.checkpoint import load_method
-from train.cli import evaluate_checkpoint, main
-from train.erasure import ConceptErasure, ErasureSteps
+from train.runtime.checkpoint import load_method
+from train.cli import main
+from train.evaluation.evaluate import evaluate_checkpoint
+from data.steps import ErasureSteps
+from train.methods.erasure import ConceptErasure
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "digits"
@@ -28,9 +30,9 @@ def erased_ckpt(tiny_teacher_ckpt, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("erase")
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "train.erasure.ConceptErasure",
+        "model": {"class_path": "train.methods.erasure.ConceptErasure",
                   "init_args": {"model": str(tiny_teacher_ckpt), "concepts": [3], "lr": 0.05, **TINY}},
-        "data": {"class_path": "train.erasure.ErasureSteps", "init_args": {"steps_per_epoch": 3}},
+        "data": {"class_path": "data.steps.ErasureSteps", "init_args": {"steps_per_epoch": 3}},
         "trainer": {"max_steps": 4, "accelerator": "cpu", "check_val_every_n_epoch": None, "val_check_interval": 2,
                     "limit_val_batches": 1, "num_sanity_val_steps": 0, "enable_progress_bar": False,
                     "enable_model_summary": False, "logger": False, "callbacks": [
@@ -157,6 +159,6 @@ def test_erase_configs_parse(name, capsys):
         main(["fit", "--config", str(CONFIGS / name), "--print_config"])
     assert e.value.code in (0, None)
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["model"]["class_path"] == "train.erasure.ConceptErasure"
+    assert cfg["model"]["class_path"] == "train.methods.erasure.ConceptErasure"
     assert cfg["model"]["init_args"]["model"].endswith(".ckpt")
-    assert cfg["data"]["class_path"] == "train.erasure.ErasureSteps" and ErasureSteps(3).steps_per_epoch == 3
+    assert cfg["data"]["class_path"] == "data.steps.ErasureSteps" and ErasureSteps(3).steps_per_epoch == 3

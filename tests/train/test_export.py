@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.checkpoint import load_method
+from train.runtime.checkpoint import load_method
 from train.cli import main
 
 DIFFUSERS_ONLY = r"""
@@ -112,7 +112,7 @@ def fit_checkpoint(path: Path, class_path: str, init_args: dict, data=None, pert
     import lightning as L
 
     from data.digits import DigitsDataModule
-    from train.config import instantiate
+    from train.runtime.config import instantiate
 
     module = instantiate({"class_path": class_path, "init_args": init_args})
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
@@ -136,7 +136,7 @@ def randomise(module, *name_parts: str) -> None:
 @pytest.fixture(scope="module")
 def student_ckpt(tiny_teacher_ckpt, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export_gd")
-    return fit_checkpoint(root / "gd.ckpt", "train.guidance_distillation.GuidanceDistillation",
+    return fit_checkpoint(root / "gd.ckpt", "train.methods.guidance_distillation.GuidanceDistillation",
                           {"teacher": str(tiny_teacher_ckpt), "ema_decay": 0.0, "lr": 1e-3},
                           perturb=lambda m: randomise(m, "w_embedding.linear_2"))
 
@@ -159,7 +159,7 @@ def test_guidance_distilled_student_samples_through_diffusers_at_several_w(stude
 
 
 def test_progressive_student_exports_and_samples_with_its_distilled_step_count(student_ckpt, tmp_path):
-    ckpt = fit_checkpoint(tmp_path / "pd.ckpt", "train.progressive.ProgressiveDistillation",
+    ckpt = fit_checkpoint(tmp_path / "pd.ckpt", "train.methods.progressive.ProgressiveDistillation",
                           {"student": str(student_ckpt), "start_steps": 4, "end_steps": 1, "steps_per_round": 1,
                            "ema_decay": 0.0, "lr": 1e-3})
     module = load_method(ckpt)
@@ -179,7 +179,7 @@ def test_progressive_student_exports_and_samples_with_its_distilled_step_count(s
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_one_step_generator_samples_through_diffusers_exactly(tiny_teacher_ckpt, tmp_path, steps):
-    ckpt = fit_checkpoint(tmp_path / "onestep.ckpt", "train.onestep.OneStepDistillation",
+    ckpt = fit_checkpoint(tmp_path / "onestep.ckpt", "train.methods.onestep.OneStepDistillation",
                           {"teacher": str(tiny_teacher_ckpt), "lora_rank": 4, "ema_decay": 0.9,
                            "generator_steps": steps, "lr": 1e-3})
     out = tmp_path / "generator"
@@ -199,11 +199,11 @@ def lora_erased_ckpt(tiny_teacher_ckpt, tmp_path_factory) -> Path:
 
 
 def erased_checkpoint(teacher: Path, root: Path, params: str) -> Path:
-    from train.erasure import ErasureSteps
+    from data.steps import ErasureSteps
 
     args = {"model": str(teacher), "concepts": [3], "params": params, "lora_rank": 2, "lr": 0.05, "batch_size": 4,
             "trajectory_steps": 3, "bank_size": 4, "val_samples": 0}
-    return fit_checkpoint(root / f"erase_{params}.ckpt", "train.erasure.ConceptErasure", args,
+    return fit_checkpoint(root / f"erase_{params}.ckpt", "train.methods.erasure.ConceptErasure", args,
                           data=ErasureSteps(steps_per_epoch=2), perturb=lambda m: randomise(m, "lora_B"))
 
 
@@ -254,7 +254,7 @@ def test_erasure_lora_loads_onto_the_exported_teacher_with_peft(lora_erased_ckpt
 
 
 def test_lora_guidance_distilled_student_exports_adapter_and_w_embedding(tiny_teacher_ckpt, teacher_export, tmp_path):
-    ckpt = fit_checkpoint(tmp_path / "gd_lora.ckpt", "train.guidance_distillation.GuidanceDistillation",
+    ckpt = fit_checkpoint(tmp_path / "gd_lora.ckpt", "train.methods.guidance_distillation.GuidanceDistillation",
                           {"teacher": str(tiny_teacher_ckpt), "ema_decay": 0.0, "lr": 1e-3, "lora_rank": 2},
                           perturb=lambda m: randomise(m, "w_embedding.linear_2", "lora_B"))
     module = load_method(ckpt)

@@ -21,15 +21,15 @@ from losses.distillation import progressive_target
 from models.w_embedding import WInputGuided
 from tests.guidance.gmm import GaussianMixture, gmm_denoiser
 from tests.losses.test_distillation import ExactGuidedStudent
-from train.checkpoint import load_method, read_checkpoint
+from train.runtime.checkpoint import load_method, read_checkpoint
 from train.cli import main
-from train.config import instantiate, read_yaml
-from train.guidance_distillation import GuidanceDistillation
-from train.progressive import ProgressiveDistillation
+from train.runtime.config import instantiate, read_yaml
+from train.methods.guidance_distillation import GuidanceDistillation
+from train.methods.progressive import ProgressiveDistillation
 
 ROOT = Path(__file__).resolve().parents[2]
-GD = "train.guidance_distillation.GuidanceDistillation"
-PD = "train.progressive.ProgressiveDistillation"
+GD = "train.methods.guidance_distillation.GuidanceDistillation"
+PD = "train.methods.progressive.ProgressiveDistillation"
 
 
 def write_config(path: Path, class_path: str, init_args: dict, root: Path, max_steps: int, ckpt_every: int,
@@ -46,7 +46,7 @@ def write_config(path: Path, class_path: str, init_args: dict, root: Path, max_s
                        "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
                        "logger": False,
                        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": ckpt},
-                                     {"class_path": "train.callbacks.SampleMetrics", "init_args": {"num_per_class": 1}}]}}
+                                     {"class_path": "train.evaluation.callbacks.SampleMetrics", "init_args": {"num_per_class": 1}}]}}
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -81,7 +81,7 @@ def progressive_root(stage1_ckpt, tmp_path_factory) -> Path:
 def test_stage1_checkpoint_rebuilds_without_the_teacher_and_samples_one_eval_per_step(stage1_ckpt, tmp_path):
     module = load_method(stage1_ckpt)
     assert isinstance(module, GuidanceDistillation)
-    assert read_checkpoint(stage1_ckpt)["guidedistill"]["config"]["teacher_config"]["_class_path"] == "train.teacher.TeacherPretraining"
+    assert read_checkpoint(stage1_ckpt)["guidedistill"]["config"]["teacher_config"]["_class_path"] == "train.methods.teacher.TeacherPretraining"
     assert module.sampling_denoiser().net.w_embedding.linear_2.weight.abs().sum() > 0  # trained away from zero
     images, nfe = module.generate(torch.arange(10), 3.0, steps=3, seed=1)
     assert images.shape == (10, 1, 8, 8) and torch.isfinite(images).all() and nfe == 3

@@ -1,4 +1,4 @@
-"""The shared NaN/inf policy (train.nonfinite): a NaN injected into a loss term or a gradient is reported with
+"""The shared NaN/inf policy (train.runtime.nonfinite): a NaN injected into a loss term or a gradient is reported with
 its step and term, and either skipped (weights, optimizer and EMA untouched) or stops training."""
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import lightning as L
 import pytest
 import torch
 
-import train.erasure as erasure
-import train.onestep as onestep
-import train.teacher as teacher
+import train.methods.erasure as erasure
+import train.methods.onestep as onestep
+import train.methods.teacher as teacher
 from data.digits import DigitsDataModule
+from data.steps import ErasureSteps
 from tests.conftest import TINY_TEACHER
 from train.cli import main
-from train.config import instantiate, read_yaml
-from train.nonfinite import NonFiniteError, NonFiniteGuard, NonFiniteLoss
+from train.runtime.config import instantiate, read_yaml
+from train.runtime.nonfinite import NonFiniteError, NonFiniteGuard, NonFiniteLoss
 
 torch.set_num_threads(1)
 
@@ -108,23 +109,23 @@ def test_too_many_skips_in_a_row_stop_training(monkeypatch):
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_erasure_names_the_term(policy, tiny_teacher_ckpt, monkeypatch):
     nan_on_calls(monkeypatch, erasure, "regression_loss", {0})  # the first term of step 0: 'erase'
-    module = instantiate({"class_path": "train.erasure.ConceptErasure",
+    module = instantiate({"class_path": "train.methods.erasure.ConceptErasure",
                           "init_args": {"model": str(tiny_teacher_ckpt), "concepts": [3], "batch_size": 4,
                                         "trajectory_steps": 3, "bank_size": 4, "val_samples": 0, "nonfinite": policy}})
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     if policy == "skip":
         with pytest.warns(NonFiniteLoss, match=r"^step 0: non-finite erase=nan; skipped"):
-            trainer.fit(module, erasure.ErasureSteps(steps_per_epoch=4))
+            trainer.fit(module, ErasureSteps(steps_per_epoch=4))
         assert [s["terms"].keys() for s in module.nonfinite_guard.skipped] == [{"erase"}]
     else:
         with pytest.raises(NonFiniteError, match=r"^step 0: non-finite erase=nan in the training update"):
-            trainer.fit(module, erasure.ErasureSteps(steps_per_epoch=4))
+            trainer.fit(module, ErasureSteps(steps_per_epoch=4))
 
 
 def test_onestep_stop_policy_names_the_generator_term(tiny_teacher_ckpt, monkeypatch):
     nan_on_calls(monkeypatch, onestep, "dmd_loss")
-    module = instantiate({"class_path": "train.onestep.OneStepDistillation",
+    module = instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
                           "init_args": {"teacher": str(tiny_teacher_ckpt), "lora_rank": 4, "nonfinite": "stop"}})
     with pytest.raises(NonFiniteError, match=r"^step 0: non-finite dmd=nan in the generator update"):
         trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,

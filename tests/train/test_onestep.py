@@ -1,4 +1,4 @@
-"""Tests of train/onestep.py: a CLI fit with generator, LoRA fake score and discriminator, generator-only
+"""Tests of train/methods/onestep.py: a CLI fit with generator, LoRA fake score and discriminator, generator-only
 step counting, checkpoint reload, one-step evaluation, NaN skipping, few-step / copy / Decoupled / PG-SB."""
 from __future__ import annotations
 
@@ -11,21 +11,21 @@ import pytest
 import torch
 import yaml
 
-import train.onestep as onestep
+import train.methods.onestep as onestep
 from data.digits import DigitsDataModule
-from train.checkpoint import CheckpointError, load_method
-from train.config import instantiate, read_yaml
+from train.runtime.checkpoint import CheckpointError, load_method
+from train.runtime.config import instantiate, read_yaml
 from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import CFG
 from losses.erasure import esd_target, toward_target
-from train.onestep import NonFiniteLoss, OneStepDistillation
+from train.methods.onestep import NonFiniteLoss, OneStepDistillation
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"lora_rank": 4, "discriminator_hidden": 16, "ema_decay": 0.9}
 
 
 def build(teacher: Path, **init_args) -> OneStepDistillation:
-    return instantiate({"class_path": "train.onestep.OneStepDistillation",
+    return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
                         "init_args": {"teacher": str(teacher), **TINY, **init_args}})
 
 
@@ -56,7 +56,7 @@ def cli_run(tmp_path_factory, tiny_teacher_ckpt):
                           enable_progress_bar=False, enable_model_summary=False)
     cfg["trainer"]["callbacks"] = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": 3, "save_top_k": 0}},
-        {"class_path": "train.callbacks.SampleMetrics", "init_args": {"num_per_class": 2}}]
+        {"class_path": "train.evaluation.callbacks.SampleMetrics", "init_args": {"num_per_class": 2}}]
     path = root / "onestep.yaml"
     path.write_text(yaml.safe_dump(cfg))
     from train.cli import main
@@ -259,7 +259,7 @@ def test_missing_teacher_says_how_to_train_one(tmp_path):
 @pytest.mark.parametrize("name", ["dmd.yaml", "fdistill_js.yaml", "sfd.yaml"])
 def test_shipped_configs_build(name, tiny_teacher_ckpt):
     cfg = read_yaml(ROOT / "configs" / "digits" / name)
-    assert cfg["model"]["class_path"] == "train.onestep.OneStepDistillation"
+    assert cfg["model"]["class_path"] == "train.methods.onestep.OneStepDistillation"
     cfg["model"]["init_args"]["teacher"] = str(tiny_teacher_ckpt)
     module = instantiate(cfg["model"])
     assert module.generator_steps == 1

@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from train import reference_metrics as rm
+from train.evaluation import reference as rm
 from train.evaluation.inception import WEIGHTS_NAME, FIDInceptionV3, resize_bilinear_tf1
 
 

@@ -1,5 +1,5 @@
 """Exact resume for every method: a run stopped at step k and resumed from its checkpoint logs the same
-per-step losses, bit for bit, as an uninterrupted run (train.resume.StepSeed + data.resumable.ResumableLoader)."""
+per-step losses, bit for bit, as an uninterrupted run (train.runtime.resume.StepSeed + data.resumable.ResumableLoader)."""
 from __future__ import annotations
 
 import warnings
@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 
 from data.digits import DigitsDataModule
 from tests.conftest import TINY_TEACHER
-from train.config import instantiate, read_yaml
-from train.erasure import ErasureSteps
-from train.resume import StepSeed
+from train.runtime.config import instantiate, read_yaml
+from data.steps import ErasureSteps
+from train.runtime.resume import StepSeed
 
 torch.set_num_threads(1)
 
@@ -61,26 +61,26 @@ def teacher(ckpts=None):
 
 
 def guidance_distillation(ckpts):
-    return instantiate({"class_path": "train.guidance_distillation.GuidanceDistillation",
+    return instantiate({"class_path": "train.methods.guidance_distillation.GuidanceDistillation",
                         "init_args": {"teacher": str(ckpts["teacher"]), "w_min": 1.0, "w_max": 5.0, "lr": 1e-3,
                                       "warmup_steps": 1, "ema_decay": 0.5, "val_steps": 2}})
 
 
 def progressive(ckpts):  # 4 -> 2 -> 1 steps, 3 steps per round: resumed at step 2, the next round starts at 3
-    return instantiate({"class_path": "train.progressive.ProgressiveDistillation",
+    return instantiate({"class_path": "train.methods.progressive.ProgressiveDistillation",
                         "init_args": {"student": str(ckpts["stage1"]), "start_steps": 4, "end_steps": 1,
                                       "steps_per_round": 3, "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.5}})
 
 
 def onestep(ckpts):  # generator, LoRA fake score (2 updates per step) and discriminator: three optimizers
-    return instantiate({"class_path": "train.onestep.OneStepDistillation",
+    return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
                         "init_args": {"teacher": str(ckpts["teacher"]), "divergence": "jensen_shannon",
                                       "gan_weight": 0.1, "fake_updates": 2, "lora_rank": 4,
                                       "discriminator_hidden": 16, "ema_decay": 0.9}})
 
 
 def erasure(ckpts):  # trajectory banks rebuilt every 2 steps
-    return instantiate({"class_path": "train.erasure.ConceptErasure",
+    return instantiate({"class_path": "train.methods.erasure.ConceptErasure",
                         "init_args": {"model": str(ckpts["teacher"]), "concepts": [3], "lr": 0.05, "batch_size": 4,
                                       "trajectory_steps": 3, "bank_size": 4, "bank_refresh": 2, "val_samples": 0}})
 

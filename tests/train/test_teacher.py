@@ -4,15 +4,15 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import TINY_TEACHER
-from train.base import CHECKPOINT_KEY
-from train.checkpoint import load_method
+from train.runtime.checkpoint import CHECKPOINT_KEY
+from train.runtime.checkpoint import load_method
 from train.cli import main
 
 
 def test_checkpoint_is_weights_only_and_rebuilds(tiny_teacher_ckpt):
     ckpt = torch.load(tiny_teacher_ckpt, weights_only=True)
     meta = ckpt[CHECKPOINT_KEY]
-    assert meta["method"] == "teacher" and meta["config"]["_class_path"] == "train.teacher.TeacherPretraining"
+    assert meta["method"] == "teacher" and meta["config"]["_class_path"] == "train.methods.teacher.TeacherPretraining"
     assert ckpt["global_step"] == 12
     module = load_method(tiny_teacher_ckpt)
     assert not module.training
@@ -60,3 +60,17 @@ def test_resume_continues_from_the_checkpoint(tmp_path, classifier):
     final = torch.load(part / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == 12
     assert int(final["state_dict"]["ema.num_updates"]) == 12  # EMA state carried across the restart
+
+
+def test_a_checkpoint_of_the_flat_train_layout_still_loads(tiny_teacher_ckpt, tmp_path):
+    """Checkpoints written before train/ was split into methods/, runtime/ and evaluation/ record class paths such as
+    train.teacher.TeacherPretraining; they load as today's classes."""
+    import torch
+
+    from train.runtime.checkpoint import load_method
+
+    ckpt = torch.load(tiny_teacher_ckpt, weights_only=True)
+    ckpt[CHECKPOINT_KEY]["config"]["_class_path"] = "train.teacher.TeacherPretraining"
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    module = load_method(tmp_path / "old.ckpt", expect="teacher")
+    assert type(module).__module__ == "train.methods.teacher"

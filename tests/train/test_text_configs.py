@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from train.checkpoint import load_method
-from train.config import read_yaml
+from train.runtime.checkpoint import load_method
+from train.runtime.config import read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for fam in ("sd15", "sdxl", "sd3", "flux") for p in (ROOT / "configs" / fam).glob("*.yaml"))

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CONFIG = """
 seed_everything: 0
 model:
-  class_path: train.teacher.TeacherPretraining
+  class_path: train.methods.teacher.TeacherPretraining
   init_args:
     net:
       class_path: {net}

@@ -15,7 +15,7 @@ TEXT_STAGES = ["text_pipeline", "text_teacher", "text_guidance_distill", "text_d
 
 
 def test_captions_and_class_prompts():
-    from train.text_digits import caption, class_prompts
+    from train.evaluation.digits_text import caption, class_prompts
 
     assert caption("a handwritten {word}", 7) == "a handwritten seven"
     assert caption("the number {digit}", 7) == "the number 7"
@@ -29,7 +29,7 @@ def test_captions_and_class_prompts():
 
 
 def test_to_digits_and_erasure_columns():
-    from train.text_digits import erasure_columns, to_digits
+    from train.evaluation.digits_text import erasure_columns, to_digits
 
     rgb = torch.stack([torch.full((8, 8), v) for v in (-1.0, 0.5, 2.0)])[None]  # channel mean 0.5, clamped later
     assert torch.allclose(to_digits(rgb), torch.full((1, 1, 8, 8), 0.5))
@@ -47,7 +47,8 @@ def test_captioned_digits_folder_holds_the_training_digits_only(tmp_path):
     from PIL import Image
 
     from data.digits import _digits_arrays
-    from train.text_digits import TEMPLATES, write_captioned_digits
+    from train.evaluation.digits_text import TEMPLATES
+    from train.digits_pipeline import write_captioned_digits
 
     folder = write_captioned_digits(tmp_path / "captions")
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
@@ -65,7 +66,7 @@ def test_captioned_digits_folder_holds_the_training_digits_only(tmp_path):
 
 def test_digits_vae_scaling_factor_whitens_the_latents():
     from data.digits import _digits_arrays
-    from train.text_digits import train_digits_vae
+    from train.digits_pipeline import train_digits_vae
 
     vae = train_digits_vae(steps=3, progress=False)
     images, _, is_val = _digits_arrays()

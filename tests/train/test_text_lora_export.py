@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.train.text_fits import PIPELINES, PROMPTS, pipeline_latents, randomised
-from train.checkpoint import load_method
+from train.runtime.checkpoint import load_method
 from train.cli import main
 from train.text_export import LORA_WEIGHTS
 

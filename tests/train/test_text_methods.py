@@ -31,7 +31,7 @@ def fitted(ws, method: str, kind: str):
 
 def test_a_pipeline_folder_reads_as_a_teacher(workspace):
     from guidance.schedules import RectifiedFlow, VPLinear
-    from train.checkpoint import load_method
+    from train.runtime.checkpoint import load_method
 
     sd15, flux = load_method(workspace.model("sd15"), expect="teacher"), load_method(workspace.model("flux"))
     assert isinstance(sd15.denoiser.schedule, VPLinear) and sd15.denoiser.parameterization == "eps"
@@ -43,7 +43,7 @@ def test_a_pipeline_folder_reads_as_a_teacher(workspace):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_guidance_distillation_on_text_models(workspace, kind):
-    from train.checkpoint import load_method
+    from train.runtime.checkpoint import load_method
 
     student = load_method(fitted(workspace, "gd", kind))
     latents, nfe = student.generate(PROMPTS, scale=3.0, steps=2)
@@ -61,7 +61,7 @@ def test_guidance_distillation_on_text_models(workspace, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_step_distillation_on_prompts(workspace, kind):
-    from train.checkpoint import load_method
+    from train.runtime.checkpoint import load_method
 
     module = load_method(fitted(workspace, "dmd", kind))
     latents, nfe = module.generate(PROMPTS)
@@ -72,7 +72,7 @@ def test_one_step_distillation_on_prompts(workspace, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_erasure_trains_cross_attention_only(workspace, kind):
-    from train.checkpoint import load_method
+    from train.runtime.checkpoint import load_method
 
     module = load_method(fitted(workspace, "erase", kind))
     changed = [n for (n, p), q in zip(module.student.net.named_parameters(), module.frozen.net.parameters())
@@ -84,7 +84,7 @@ def test_erasure_trains_cross_attention_only(workspace, kind):
 
 
 def test_a_text_erasure_config_error_names_the_fix(workspace):
-    from train.text_erasure import TextConceptErasure
+    from train.methods.text_erasure import TextConceptErasure
 
     with pytest.raises(ValueError, match="params must be one of"):
         TextConceptErasure(str(workspace.model("sd15")), {"concepts": ["a cat"]}, params="bogus")
@@ -137,7 +137,7 @@ def test_export_loads_in_the_diffusers_pipeline_and_generates_what_we_sample(wor
     """An erased model (CFG with a negative prompt, 4 steps) and a one-step generator, exported as full pipeline
     folders, generate in the family's diffusers pipeline (a fresh interpreter, diffusers only) the latents our
     sampler gives from the same noise."""
-    from train.checkpoint import load_method
+    from train.runtime.checkpoint import load_method
     from train.export import export
 
     flux = kind == "flux"
@@ -169,7 +169,7 @@ def test_export_loads_in_the_diffusers_pipeline_and_generates_what_we_sample(wor
 def test_a_guidance_distilled_export_samples_with_the_cards_hook(workspace, tmp_path):
     """The SD 1.5 w-student exported as a pipeline folder + w_embedding/: StableDiffusionPipeline without CFG
     (guidance_scale 1, one evaluation per step) and the card's hook reproduce our student at w = 5."""
-    from train.checkpoint import load_method
+    from train.runtime.checkpoint import load_method
     from train.export import export
 
     ckpt = fitted(workspace, "gd", "sd15")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.config import instantiate
+from train.runtime.config import instantiate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +38,7 @@ def workspace(tmp_path_factory):
 def build(folder, **init_args):
     args = {"teacher": str(folder), "divergence": "jensen_shannon", "gan_weight": 0.1, "guidance_scale": 3.0,
             "lora_rank": 4, "discriminator_hidden": 16, "lr": 1e-3, "ema_decay": 0.0, "val_samples": 0, **init_args}
-    return instantiate({"class_path": "train.onestep.OneStepDistillation", "init_args": args})
+    return instantiate({"class_path": "train.methods.onestep.OneStepDistillation", "init_args": args})
 
 
 class Losses(L.Callback):
@@ -146,7 +146,7 @@ def test_a_discriminator_on_prompt_only_data_says_what_to_use(workspace):
     from train.text_data import EncodedPromptDataModule
 
     module = build(workspace["models"]["sd15"])
-    with pytest.raises(ValueError, match="EncodedCaptionDataModule"):
+    with pytest.raises(ValueError, match="CaptionedImageDataModule"):
         module.check_data(EncodedPromptDataModule(str(workspace["prompts"]), batch_size=2))
     build(workspace["models"]["sd15"], gan_weight=0.0, divergence="reverse_kl").check_data(
         EncodedPromptDataModule(str(workspace["prompts"]), batch_size=2))  # DMD alone needs no real latents

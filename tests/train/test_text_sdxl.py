@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.train.text_fits import PROMPTS, pipeline_latents, randomised
-from train.checkpoint import load_method
+from train.runtime.checkpoint import load_method
 from train.export import export
 
 TOL = dict(rtol=1e-4, atol=1e-4)

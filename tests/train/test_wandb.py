@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_TEACHER
-from train.callbacks import TABLE_COLUMNS
+from train.evaluation.callbacks import TABLE_COLUMNS
 from train.cli import main
 
 
@@ -81,11 +81,11 @@ def test_offline_run_has_config_losses_metrics_and_grids(tmp_path, classifier, m
     root = tmp_path / "run"
     main(["fit", "--config", str(TINY_TEACHER), "--trainer.default_root_dir", str(root),
           "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.project", "guidedistill-test",
-          "--trainer.callbacks+=train.callbacks.SampleMetrics", "--trainer.callbacks.num_per_class", "2"])
+          "--trainer.callbacks+=train.evaluation.callbacks.SampleMetrics", "--trainer.callbacks.num_per_class", "2"])
     run, records = offline_run(root)
 
     config = merged(records, "config")
-    assert config["config"]["model"]["class_path"] == "train.teacher.TeacherPretraining"
+    assert config["config"]["model"]["class_path"] == "train.methods.teacher.TeacherPretraining"
     assert config["config"]["model"]["init_args"]["parameterization"] == "v"
 
     summary = merged(records, "summary")
@@ -117,7 +117,7 @@ def records_of(records: list, kind: str):
 
 ONESTEP = """
 model:
-  class_path: train.onestep.OneStepDistillation
+  class_path: train.methods.onestep.OneStepDistillation
   init_args: {{teacher: {teacher}, divergence: jensen_shannon, gan_weight: 0.1, fake_updates: 2, lora_rank: 4,
               discriminator_hidden: 16, ema_decay: 0.9, val_samples: 20, warmup_steps: 2, lr: 1.0e-4, lr_fake: 2.0e-4}}
 data:
@@ -136,9 +136,9 @@ trainer:
     class_path: lightning.pytorch.loggers.WandbLogger
     init_args: {{project: guidedistill-test, name: onestep, offline: false}}
   callbacks:
-    - class_path: train.callbacks.SampleMetrics
+    - class_path: train.evaluation.callbacks.SampleMetrics
       init_args: {{num_per_class: 2}}
-    - class_path: train.tracking.ExportArtifact
+    - class_path: train.export.ExportArtifact
 """
 
 
@@ -176,13 +176,13 @@ def test_three_optimizers_log_their_learning_rates_and_gradient_norms_and_the_ex
 def test_wandb_flag_and_environment_choose_the_mode(tmp_path, monkeypatch):
     """--wandb (else $WANDB_MODE, else offline) decides the mode, over the logger's own `offline: true`, which
     alone would force offline. Shown with "disabled" (no run folder written); "online" takes the same path."""
-    from train.cli import _finish_wandb, lightning_cli
+    from train.fit import finish_wandb, lightning_cli
 
     def fit(root, *extra):
         cli = lightning_cli(["fit", "--config", str(TINY_TEACHER), "--trainer.default_root_dir", str(root),
                              "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.max_steps", "0",
                              "--trainer.logger.offline", "true", *extra])
-        _finish_wandb()
+        finish_wandb()
         return cli.trainer.logger._wandb_init["mode"]
 
     monkeypatch.setenv("WANDB_MODE", "offline")

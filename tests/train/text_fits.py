@@ -48,23 +48,23 @@ class TextWorkspace:
         """The fit config of `method` on the tiny `kind` folder; `overrides` replace model init_args."""
         model, guidance = str(self.model(kind)), (1.0 if kind == "flux" else None)
         if method == "gd":
-            cfg = {"model": {"class_path": "train.guidance_distillation.GuidanceDistillation", "init_args": {
+            cfg = {"model": {"class_path": "train.methods.guidance_distillation.GuidanceDistillation", "init_args": {
                        "teacher": model, "w_min": 1.0, "w_max": 4.0, "lr": 1e-4, "warmup_steps": 1, "ema_decay": 0.0,
                        "val_samples": 0}},
                    "data": {"class_path": "train.text_data.EncodedCaptionDataModule", "init_args": {
                        "path": str(self.images), "image_size": 16, "batch_size": 2, "val_size": 2,
                        "embedded_guidance": guidance}}}
         elif method == "dmd":
-            cfg = {"model": {"class_path": "train.onestep.OneStepDistillation", "init_args": {
+            cfg = {"model": {"class_path": "train.methods.onestep.OneStepDistillation", "init_args": {
                        "teacher": model, "guidance_scale": 3.0, "fake_score": "lora", "lora_rank": 4, "lr": 1e-3,
                        "ema_decay": 0.0, "val_samples": 0}},
                    "data": {"class_path": "train.text_data.EncodedPromptDataModule", "init_args": {
                        "path": str(self.prompts), "batch_size": 2, "val_size": 2, "embedded_guidance": guidance}}}
         elif method == "erase":
-            cfg = {"model": {"class_path": "train.text_erasure.TextConceptErasure", "init_args": {
+            cfg = {"model": {"class_path": "train.methods.text_erasure.TextConceptErasure", "init_args": {
                        "model": model, "concepts": CONCEPTS, "params": "esd-x", "uncond_weight": 1.0, "batch_size": 2,
                        "trajectory_steps": 3, "bank_size": 2, "lr": 0.01}},
-                   "data": {"class_path": "train.erasure.ErasureSteps", "init_args": {"steps_per_epoch": 4}}}
+                   "data": {"class_path": "data.steps.ErasureSteps", "init_args": {"steps_per_epoch": 4}}}
         else:
             raise ValueError(f"unknown method {method!r}")
         cfg["model"]["init_args"].update(overrides)

@@ -91,6 +91,18 @@ def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_spl
     }
 
 
+def evaluate_checkpoint(module, scales, steps=50, sampler="ddim", guider="cfg", seed=0, num_per_class=100,
+                        guider_params=None) -> list[dict]:
+    """Metrics rows (one per scale) for a trained method on the digits classifier."""
+    labels = torch.arange(module.sampling_denoiser().net.num_classes).repeat_interleave(num_per_class)
+    rows = []
+    for w in scales:
+        images, nfe = module.generate(labels, w, steps, sampler, guider, seed, progress=True, **(guider_params or {}))
+        m = evaluate_samples(images, labels, nfe_per_sample=nfe)
+        rows.append({"guider": guider, "w": w, "sampler": sampler, "steps": steps, **m})
+    return rows
+
+
 def _cell(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"

@@ -212,7 +212,7 @@ class FIDInceptionV3(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"FIDInceptionV3 takes uint8 RGB images [B, 3, H, W], got {images.dtype} "
-                             f"{tuple(images.shape)}; convert with train.reference_metrics.to_uint8")
+                             f"{tuple(images.shape)}; convert with train.evaluation.reference.to_uint8")
         x = images.float()
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = resize_bilinear_tf1(x, INPUT_SIZE)

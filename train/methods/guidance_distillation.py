@@ -12,8 +12,9 @@ from losses.distillation import (LOSS_SPACES, W_DISTRIBUTIONS, WEIGHTINGS, check
                                  sample_guidance_scale)
 from models.ema import EMA
 from models.w_embedding import WConditionedNetwork, WInputGuided
-from train.base import CHECKPOINT_KEY, MethodModule
-from train.optim import LR_DECAYS, adamw_with_warmup
+from train.methods.base import MethodModule
+from train.runtime.checkpoint import CHECKPOINT_KEY
+from train.runtime.optim import LR_DECAYS, adamw_with_warmup
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")  # diffusers UNet attention + ResNet convs
 
@@ -24,8 +25,8 @@ def load_frozen(path: str, expect: str, config: dict | None) -> tuple[MethodModu
     With `config` (recorded by an earlier run) the module is rebuilt from it WITHOUT reading `path`: its
     weights then come from the distillation checkpoint being loaded, so a student checkpoint samples
     even where the teacher file is gone. Otherwise the checkpoint at `path` is loaded (weights_only)."""
-    from train.checkpoint import load_method, read_checkpoint
-    from train.config import instantiate
+    from train.runtime.checkpoint import load_method, read_checkpoint
+    from train.runtime.config import instantiate
 
     if config is not None:
         cfg = {k: v for k, v in config.items() if k != "_instantiator"}
@@ -84,9 +85,9 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
     lora_rank:      0 fine-tunes the whole student; > 0 trains only peft LoRA adapters of that rank on
                     `lora_targets` (plus the w-embedding). lora_alpha: LoRA scale numerator (default rank).
     lr, weight_decay, warmup_steps: AdamW with linear warm-up. ema_decay: EMA of the student (0 disables).
-    lr_decay:         "constant" after the warm-up, or "cosine": down to 0 at trainer.max_steps (train.optim.lr_factor).
+    lr_decay:         "constant" after the warm-up, or "cosine": down to 0 at trainer.max_steps (train.runtime.optim.lr_factor).
     val_scale, val_steps, val_samples: the scale and steps of validation samples (one evaluation per step).
-    nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.nonfinite).
+    nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.runtime.nonfinite).
     teacher_config: recorded from the teacher checkpoint on first use (leave unset); it lets a student
                     checkpoint be rebuilt without the teacher file.
     """

@@ -22,11 +22,12 @@ from models.discriminator import (DiscriminatorHead, default_feature_layer, disc
 from models.ema import EMA
 from models.fake_score import FakeScore
 from models.frozen_dtype import frozen_dtype_of, run_frozen_in
-from train.base import CHECKPOINT_KEY, MethodModule
-from train.checkpoint import load_teacher
-from train.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
-from train.onestep_checks import check_erase, check_options, check_range, check_real_data
-from train.optim import adamw_with_warmup
+from train.methods.base import MethodModule
+from train.runtime.checkpoint import CHECKPOINT_KEY
+from train.runtime.checkpoint import load_teacher
+from train.runtime.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
+from train.methods.onestep_checks import check_erase, check_options, check_range, check_real_data
+from train.runtime.optim import adamw_with_warmup
 
 
 class OneStepDistillation(MethodModule):
@@ -45,7 +46,7 @@ class OneStepDistillation(MethodModule):
     `trainer.global_step`; the other two are stepped through `trainer.strategy.optimizer_step` (same
     precision/strategy hooks, no step count). So `trainer.max_steps` and `global_step` count generator
     updates. An update with a NaN/inf loss term or gradient goes through the shared NaN/inf policy
-    (train.nonfinite): skipped and reported, or training stops; a skipped generator update does not count.
+    (train.runtime.nonfinite): skipped and reported, or training stops; a skipped generator update does not count.
 
     Data: the generator needs none; each batch's labels (or text condition dict) are what the generator is asked
     for (so classes or prompts follow the data's frequencies), and its images (a text model's latents: e.g.
@@ -54,7 +55,7 @@ class OneStepDistillation(MethodModule):
     The fake score starts as the teacher (which already fits the real digits) and then sees only
     generator samples.
 
-    teacher:          teacher checkpoint (`python -m train fit` with train.teacher.TeacherPretraining);
+    teacher:          teacher checkpoint (`python -m train fit` with train.methods.teacher.TeacherPretraining);
                       its sampling (EMA) network is used.
     teacher_config:   filled in automatically with the teacher's stored config, so a saved module can be
                       rebuilt (load_method) even when `teacher` has moved; leave unset.
@@ -84,7 +85,7 @@ class OneStepDistillation(MethodModule):
     lr, lr_fake, lr_disc, betas, weight_decay, warmup_steps: AdamW per network (lr_fake/lr_disc default lr).
     grad_clip:        max gradient norm per network (None: no clipping).
     ema_decay:        EMA of the generator used for sampling (0 disables).
-    nonfinite:        what a NaN/inf loss term or gradient does: "skip" the update or "stop" (train.nonfinite).
+    nonfinite:        what a NaN/inf loss term or gradient does: "skip" the update or "stop" (train.runtime.nonfinite).
     max_skips:        consecutive skipped generator updates before training stops with an error.
     erase_concepts:   classes the generator must not draw (Score Forgetting Distillation, arXiv 2409.11219): for
                       samples of these labels the DMD term's teacher target is an erasure target (`dm_target`), so
@@ -366,7 +367,7 @@ class OneStepDistillation(MethodModule):
 
     def _backward(self, terms: dict[str, Tensor], opts: list, param_groups: list[list], phase: str) -> bool:
         """Check every term, backprop their sum, clip each network's gradient; on NaN/inf apply the module's
-        NaN/inf policy (train.nonfinite): False (update skipped) or a NonFiniteError."""
+        NaN/inf policy (train.runtime.nonfinite): False (update skipped) or a NonFiniteError."""
         bad = nonfinite_terms(terms)
         if not bad:
             for k, v in terms.items():
@@ -375,7 +376,7 @@ class OneStepDistillation(MethodModule):
                 opt.zero_grad(set_to_none=True)
             self.manual_backward(sum(terms.values()))
             if not self.strategy_clips:  # under ZeRO the engines hold the reduced gradients, clip them and
-                # skip an update whose gradient norm is NaN/inf (reported by train.strategy.EnginePrecision)
+                # skip an update whose gradient norm is NaN/inf (reported by train.runtime.strategy.EnginePrecision)
                 for params in param_groups:
                     bad = bad or nonfinite_gradient(params, terms)
                     torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)

@@ -17,8 +17,8 @@ from losses.distillation import (LOSS_SPACES, W_DISTRIBUTIONS, WEIGHTINGS, check
                                  progressive_target, sample_guidance_scale)
 from models.ema import EMA
 from models.w_embedding import WInputGuided
-from train.base import MethodModule
-from train.guidance_distillation import WStudentSampling, freeze, load_frozen
+from train.methods.base import MethodModule
+from train.methods.guidance_distillation import WStudentSampling, freeze, load_frozen
 
 CLEAN = -1.0  # time marker of the samplers: the step after the last one reaches clean data (alpha 1, sigma 0)
 
@@ -44,7 +44,7 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
     both the new round teacher and the student's start, the EMA restarts and Adam's moments are cleared.
     A checkpoint `round_{k}_{N_k/2}steps.ckpt` is written at the end of every round beside last.ckpt.
 
-    student:         path of a stage-1 checkpoint (train.guidance_distillation.GuidanceDistillation).
+    student:         path of a stage-1 checkpoint (train.methods.guidance_distillation.GuidanceDistillation).
     start_steps:     the round-0 teacher's step count N (a power-of-two multiple of end_steps).
     end_steps:       the last student's step count (1 for one-step sampling).
     steps_per_round: optimizer steps per halving; training stops after the last round
@@ -56,7 +56,7 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
     ema_decay:       EMA of the student within a round (0 disables).
     val_scale, val_samples: validation samples use the current student's step count.
     student_config:  recorded from the stage-1 checkpoint on first use (leave unset).
-    nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.nonfinite).
+    nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.runtime.nonfinite).
     """
 
     method_name = "progressive_distillation"

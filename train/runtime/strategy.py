@@ -27,7 +27,7 @@ registry) and changes what is wrapped:
 
 On CPU it runs with the gloo backend through DeepSpeed's CPU accelerator, so two-process ZeRO runs are
 part of the test suite. Select it in a config with `trainer.strategy: zero2` (or zero1, zero3,
-zero2_offload, zero3_offload) or `class_path: train.strategy.MultiEngineDeepSpeed`.
+zero2_offload, zero3_offload) or `class_path: train.runtime.strategy.MultiEngineDeepSpeed`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The text-conditioned demo on the embedded default: scikit-learn's digits with captions ("a handwritten seven",
-"the digit seven", "the number 7"), a Stable-Diffusion-1.x-layout pipeline folder built for them locally, and
-the digits-classifier metrics for prompts.
+"""The text-conditioned demo's data and model folder: scikit-learn's digits with captions ("a handwritten seven",
+"the digit seven", "the number 7") and a Stable-Diffusion-1.x-layout pipeline folder built for them locally (the
+metrics of models trained on them: train.evaluation.digits_text).
 
 The folder holds what a real SD 1.x snapshot holds, at digits scale: a CLIP tokenizer and a randomly initialised
 (frozen) CLIP text encoder, a latent autoencoder trained here on the training digits (8x8 RGB <-> 1 x 8 x 8
@@ -19,71 +19,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-TEMPLATES = ("a handwritten {word}", "the digit {word}", "the number {digit}")
-EVAL_TEMPLATE = "a handwritten {word}"
+from train.evaluation.digits_text import TEMPLATES, caption
+
 MAX_TOKENS = 24  # byte-level tokens: "a handwritten seven" is 19 with BOS and EOS
-
-
-def caption(template: str, label: int) -> str:
-    """The prompt of digit `label` in `template` ({word}: its English name, {digit}: the numeral; "{}" = {word})."""
-    if not 0 <= int(label) <= 9:
-        raise ValueError(f"digit labels are 0..9, got {label}")
-    return template.replace("{}", "{word}").format(word=DIGIT_WORDS[int(label)], digit=int(label))
-
-
-def class_prompts(template: str, num_per_class: int) -> tuple[list[str], Tensor]:
-    """(prompts, labels [10 n]): `num_per_class` copies of each digit's prompt, class by class."""
-    if "{" not in template:
-        raise ValueError(f"a class-prompt template needs {{word}} or {{digit}} (or {{}}) for the digit, got {template!r}")
-    if num_per_class <= 0:
-        raise ValueError(f"--num-per-class must be positive, got {num_per_class}")
-    labels = torch.arange(10).repeat_interleave(num_per_class)
-    return [caption(template, int(c)) for c in labels], labels
-
-
-def to_digits(images: Tensor) -> Tensor:
-    """Decoded RGB images [N, 3, 8, 8] in about [-1, 1] -> the digits classifier's input [N, 1, 8, 8] (channel mean,
-    clamped to [-1, 1])."""
-    if images.shape[-2:] != (8, 8):
-        raise ValueError(f"the digits metrics judge 8x8 images, got {tuple(images.shape[-2:])}; they apply to the "
-                         f"text digits pipeline only (python -m train digits-pipeline)")
-    return images.float().mean(1, keepdim=True).clamp(-1, 1)
-
-
-@torch.no_grad()
-def generate_digits(module, template: str = EVAL_TEMPLATE, num_per_class: int = 100, scale: float = 2.0,
-                    steps: int = 50, sampler: str = "ddim", guider="cfg", seed: int = 0, progress: bool = False,
-                    negative_prompt: str | None = None, **guider_params) -> tuple[Tensor, Tensor, float]:
-    """(digit images [10 n, 1, 8, 8], labels, network evaluations per sample) from a text method module trained
-    on the text digits pipeline, prompted class by class with `template`."""
-    prompts, labels = class_prompts(template, num_per_class)
-    latents, nfe = module.generate(prompts, scale, steps, sampler, guider, seed, progress=progress,
-                                   negative_prompt=negative_prompt, **guider_params)
-    return to_digits(module.decode_latents(latents)), labels, nfe
-
-
-def erased_digits(module) -> list[int]:
-    """The digit classes an erasure module removes: a class-conditional erasure's `concepts`, or the text erasure
-    concepts named by a digit's word ("seven"); [] for other modules."""
-    spec = getattr(module, "spec", None)
-    if spec is not None:
-        return [DIGIT_WORDS.index(c.name) for c in spec.concepts if c.name in DIGIT_WORDS]
-    return [c for c in (getattr(module, "concepts", None) or []) if isinstance(c, int)]
-
-
-def erasure_columns(row: dict, erased: Sequence[int]) -> dict:
-    """`erased_rate` (how often an erased digit's samples are still classified as it) and `other_accuracy`
-    (class accuracy on the other digits) from a metrics row's per-class accuracy."""
-    per_class = row.get("per_class_accuracy") or []
-    if not erased or not per_class:
-        return {}
-    kept = [a for c, a in enumerate(per_class) if c not in erased and a is not None]
-    gone = [per_class[c] for c in erased if per_class[c] is not None]
-    return {"erased_rate": sum(gone) / len(gone) if gone else None,
-            "other_accuracy": sum(kept) / len(kept) if kept else None}
 
 
 def write_captioned_digits(folder: str | Path, templates: Sequence[str] = TEMPLATES) -> Path:

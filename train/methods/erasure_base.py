@@ -1,4 +1,4 @@
-"""What the concept-erasure modules share (train.erasure.ConceptErasure on class labels, train.text_erasure.
+"""What the concept-erasure modules share (train.methods.erasure.ConceptErasure on class labels, train.methods.text_erasure.
 TextConceptErasure on prompts): the frozen model and its trainable copy, the weighted loss terms, the optimizer."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from torch import Tensor
 from guidance.denoiser import Denoiser
 from models.ema import EMA
 from models.param_select import add_lora, select_parameters
-from train.base import MethodModule
-from train.checkpoint import load_teacher
-from train.optim import adamw_with_warmup
+from train.methods.base import MethodModule
+from train.runtime.checkpoint import load_teacher
+from train.runtime.optim import adamw_with_warmup
 
 
 class ErasureMethod(MethodModule):

@@ -15,8 +15,8 @@ from guidance.guided import GuidedDenoiser
 from guidance.guiders import CFG
 from losses.erasure import esd_target, preservation_target, regression_loss, toward_target
 from models.adapters import NULL_LABEL, ConditionalNetwork
-from train.erasure import TrajectoryBank
-from train.erasure_base import ErasureMethod
+from train.methods.erasure import TrajectoryBank
+from train.methods.erasure_base import ErasureMethod
 
 TEXT_SELECTIONS = ("esd-x", "esd-u", "all", "lora")
 
@@ -76,7 +76,7 @@ class TextConceptErasure(ErasureMethod):
     embedded_guidance: a guidance-distilled Flux network's guidance input with every prompt.
     lr, weight_decay, warmup_steps: AdamW; ema_decay: EMA of the student used for sampling (0: off).
     model_config:     the frozen model's config, filled in automatically (the erased checkpoint rebuilds from it).
-    nonfinite, max_skips: the NaN/inf policy (train.nonfinite).
+    nonfinite, max_skips: the NaN/inf policy (train.runtime.nonfinite).
     """
 
     method_name = "erasure"
@@ -98,7 +98,7 @@ class TextConceptErasure(ErasureMethod):
         frozen = self._load_frozen(model, model_config)
         if getattr(frozen.net, "pretrained", None) is None:
             raise ValueError(f"{model!r} is not a text model loaded from a pipeline folder; erase class-conditional "
-                             f"models with train.erasure.ConceptErasure")
+                             f"models with train.methods.erasure.ConceptErasure")
         self._make_student(frozen, params, lora_rank, lora_alpha, ema_decay)
         self.eta, self.anchor_weight, self.uncond_weight, self.batch_size = eta, anchor_weight, uncond_weight, batch_size
         self.space = loss_space or frozen.parameterization
@@ -162,7 +162,7 @@ class TextConceptErasure(ErasureMethod):
 
     def losses(self, batch: Any = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Mean regression loss per term ('erase', 'anchor', 'uncond'); one student forward for all terms. batch: the
-        step index of train.erasure.ErasureSteps, unused (x_t comes from the frozen model's trajectories)."""
+        step index of data.steps.ErasureSteps, unused (x_t comes from the frozen model's trajectories)."""
         groups = self._groups(generator)
         x_t, t = torch.cat([g[1] for g in groups]), torch.cat([g[2] for g in groups])
         pred = self._by_id(self.student)(x_t, t, cond_cat([g[3] for g in groups])).read(self.space)

@@ -10,8 +10,8 @@ from guidance.schedules import Schedule, VPCosine
 from losses.denoising import denoising_loss
 from models.adapters import ConditionalNetwork
 from models.ema import EMA
-from train.base import MethodModule
-from train.optim import adamw_with_warmup
+from train.methods.base import MethodModule
+from train.runtime.optim import adamw_with_warmup
 
 
 class TeacherPretraining(MethodModule):
@@ -24,7 +24,7 @@ class TeacherPretraining(MethodModule):
     lr, weight_decay, warmup_steps: AdamW with linear warm-up.
     ema_decay:        EMA of the weights used for sampling (0 disables).
     val_scale, val_steps, val_samples: the CFG scale, sampler steps and sample count of validation metrics.
-    nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.nonfinite).
+    nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.runtime.nonfinite).
     """
 
     method_name = "teacher"

@@ -1,4 +1,4 @@
-"""Validation of OneStepDistillation's settings (train.onestep), each refusal saying what to change."""
+"""Validation of OneStepDistillation's settings (train.methods.onestep), each refusal saying what to change."""
 from __future__ import annotations
 
 OBJECTIVES = ("dmd", "decoupled")
@@ -66,10 +66,8 @@ def check_range(name: str, value, lo: float = 0.0, hi: float = 1.0) -> tuple[flo
 
 def check_real_data(datamodule) -> None:
     """The discriminator (GAN term, f-divergences other than reverse KL) needs real samples for its real branch; a
-    prompt-only text data module (train.text_data.EncodedPromptDataModule) has none."""
-    from train.text_data import EncodedPromptDataModule
-
-    if isinstance(datamodule, EncodedPromptDataModule):
-        raise ValueError("the GAN term and f-divergences other than reverse_kl train a discriminator on real latents, "
-                         "but EncodedPromptDataModule gives prompts only; use train.text_data.EncodedCaptionDataModule "
-                         "(images with captions), or set gan_weight: 0 and divergence: reverse_kl")
+    prompt-only data module (`has_images = False`, e.g. data.prompts.PromptDataModule) has none."""
+    if getattr(datamodule, "has_images", True) is False:
+        raise ValueError(f"the GAN term and f-divergences other than reverse_kl train a discriminator on real images "
+                         f"or latents, but {type(datamodule).__name__} gives prompts only; use captioned images "
+                         f"(data.captions.CaptionedImageDataModule), or set gan_weight: 0 and divergence: reverse_kl")

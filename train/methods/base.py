@@ -2,7 +2,6 @@
 policy and the per-batch random state that makes resumed runs exact."""
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Callable, Sequence
 
@@ -15,30 +14,10 @@ from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
 from guidance.guiders import Guider, build_guider
 from guidance.samplers import sample
-from train.nonfinite import NonFiniteGuard, nonfinite_gradient, nonfinite_terms
-from train.resume import StepSeed
-
-CHECKPOINT_KEY = "guidedistill"
-CHECKPOINT_FORMAT = 1
-
-
-def plain_config(obj: Any) -> Any:
-    """JSON-able copy of a config (dicts, lists, numbers, strings); anything else becomes None.
-
-    Lightning stores hyper-parameters with the checkpoint; keeping them plain is what lets checkpoints
-    load with `torch.load(weights_only=True)`."""
-    if isinstance(obj, dict):
-        return {str(k): plain_config(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain_config(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return None
-
-
-def is_rebuildable(hparams: dict) -> bool:
-    """True when hyper-parameters are a full config (built by the CLI or `train.config.instantiate`)."""
-    return "_class_path" in hparams and json.dumps(plain_config(hparams)) == json.dumps(hparams, default=lambda o: None)
+from train.runtime.nonfinite import NonFiniteGuard, nonfinite_gradient, nonfinite_terms
+from train.runtime.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, is_rebuildable, plain_config
+from train.runtime.resume import StepSeed
+DEFAULT_STEPS = 50  # sampler steps for models without a step count of their own
 
 
 class MethodModule(L.LightningModule):
@@ -50,14 +29,14 @@ class MethodModule(L.LightningModule):
     the sample grid and the validation metrics (`val/fd`, `val/accuracy`).
 
     Training, for every method:
-    - randomness: a StepSeed callback (train.resume) seeds each training batch from (seed, batch index, rank),
+    - randomness: a StepSeed callback (train.runtime.resume) seeds each training batch from (seed, batch index, rank),
       so that a resumed run repeats an uninterrupted one exactly;
-    - NaN/inf: `nonfinite_guard` (train.nonfinite) applies the `nonfinite` policy ("skip" the update or
+    - NaN/inf: `nonfinite_guard` (train.runtime.nonfinite) applies the `nonfinite` policy ("skip" the update or
       "stop") to the loss terms and the gradient of each update. With automatic optimization this happens
       here, just before the optimizer step: the terms are those passed to `record_terms` in training_step
       (default: the returned loss, as "loss"); a skipped update leaves weights, optimizer moments and EMA
       unchanged, though the step counter and learning-rate schedule move on. Manual optimization calls the
-      guard itself (train.onestep). Work that follows an applied update (EMA) goes in `on_update`.
+      guard itself (train.methods.onestep). Work that follows an applied update (EMA) goes in `on_update`.
     """
 
     method_name = "method"
@@ -128,10 +107,10 @@ class MethodModule(L.LightningModule):
         """Called after each applied optimizer update (automatic optimization), e.g. to update an EMA, so that
         checkpoints written by callbacks at this step include it."""
 
-    # --- what the DeepSpeed strategy wraps (train.strategy) -----------------------------------------
+    # --- what the DeepSpeed strategy wraps (train.runtime.strategy) -----------------------------------------
     def trainable_networks(self) -> dict[str, nn.Module]:
         """Attribute path -> network, one per optimizer returned by `configure_optimizers` and in the same
-        order; `train.strategy.MultiEngineDeepSpeed` gives each its own DeepSpeed engine. Networks not named
+        order; `train.runtime.strategy.MultiEngineDeepSpeed` gives each its own DeepSpeed engine. Networks not named
         here (teacher, EMA) are frozen replicas."""
         raise NotImplementedError(f"{type(self).__name__} does not name its trainable networks, so it cannot run "
                                   f"under the multi-engine DeepSpeed strategy")
@@ -151,7 +130,7 @@ class MethodModule(L.LightningModule):
         size samples, of which this process keeps rows rank, rank + W, rank + 2W, ... (the samples the
         distributed data sharding gives it: data.resumable.ResumableSampler).
 
-        Every process draws the same global tensor (train.resume.StepSeed seeds a batch identically on every
+        Every process draws the same global tensor (train.runtime.resume.StepSeed seeds a batch identically on every
         rank), so a run on W processes computes, sample for sample, what one process computes on the global
         batch: training draws made through here make multi-process runs match single-process ones."""
         world = self.trainer.world_size if self._trainer is not None else 1

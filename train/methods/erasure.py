@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from data.resumable import ResumableLoader
+from data.steps import ErasureSteps
 from guidance.conditions import cond_cat
 from guidance.guided import GuidedDenoiser
 from guidance.guiders import CFG
@@ -18,31 +16,10 @@ from losses.erasure import (ant_target, esd_target, preservation_target, regress
                             windowed)
 from models.adapters import NULL_LABEL
 from models.param_select import SELECTIONS, SaliencyMask
-from train.base import MethodModule
-from train.erasure_base import ErasureMethod
+from train.methods.base import MethodModule
+from train.methods.erasure_base import ErasureMethod
 
 SAMPLING = ("one", "all")
-
-
-class ErasureSteps(L.LightningDataModule):
-    """The data of an erasure run when it needs no real images: batches of step indices ([1] long) that only
-    pace training; x_t comes from the frozen model's trajectories (see ConceptErasure). Give a labelled
-    datamodule (data.digits.DigitsDataModule) instead to take x_t from real images.
-
-    steps_per_epoch: batches per training epoch (checkpoints and validation count steps, not epochs).
-    """
-
-    def __init__(self, steps_per_epoch: int = 1000):
-        super().__init__()
-        if steps_per_epoch <= 0:
-            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-        self.steps_per_epoch = steps_per_epoch
-
-    def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(torch.arange(self.steps_per_epoch), batch_size=1, shuffle=False)  # resumes mid-epoch
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(torch.arange(1), batch_size=1)
 
 
 class TrajectoryBank:
@@ -143,7 +120,7 @@ class ConceptErasure(ErasureMethod):
     val_scale, val_steps, val_samples: CFG scale, steps and samples per erased class of `val/erased_rate`.
     model_config:     the teacher's config, filled in automatically, so the erased checkpoint rebuilds even
                       when `model` has moved (its weights are in the checkpoint).
-    nonfinite, max_skips: what a NaN/inf loss term or gradient does: "skip" the update or "stop" (train.nonfinite).
+    nonfinite, max_skips: what a NaN/inf loss term or gradient does: "skip" the update or "stop" (train.runtime.nonfinite).
     """
 
     method_name = "erasure"

@@ -39,7 +39,7 @@ def instantiate(config: dict, base: type = L.LightningModule) -> Any:
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
     if not isinstance(config, dict) or "class_path" not in config:
-        raise ConfigError("a component config needs 'class_path' (e.g. train.teacher.TeacherPretraining) and 'init_args'")
+        raise ConfigError("a component config needs 'class_path' (e.g. train.methods.teacher.TeacherPretraining) and 'init_args'")
     hparams = {"_class_path": config["class_path"], **(config.get("init_args") or {})}
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(base, "obj", fail_untyped=False)

@@ -4,13 +4,58 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from guidance.denoiser import Denoiser
-from train.base import CHECKPOINT_KEY, MethodModule
-from train.config import ConfigError, instantiate
-from train.strategy import convert_zero_checkpoint, is_zero_checkpoint
+from train.runtime.config import ConfigError, instantiate
+from train.runtime.strategy import convert_zero_checkpoint, is_zero_checkpoint
+
+
+CHECKPOINT_KEY = "guidedistill"
+CHECKPOINT_FORMAT = 1
+
+
+def plain_config(obj: Any) -> Any:
+    """JSON-able copy of a config (dicts, lists, numbers, strings); anything else becomes None.
+
+    Lightning stores hyper-parameters with the checkpoint; keeping them plain is what lets checkpoints
+    load with `torch.load(weights_only=True)`."""
+    if isinstance(obj, dict):
+        return {str(k): plain_config(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_config(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return None
+
+
+def is_rebuildable(hparams: dict) -> bool:
+    """True when hyper-parameters are a full config (built by the CLI or `train.runtime.config.instantiate`)."""
+    return "_class_path" in hparams and json.dumps(plain_config(hparams)) == json.dumps(hparams, default=lambda o: None)
+
+
+# Where classes lived before train/ was split into methods/, runtime/ and evaluation/ (checkpoints written before
+# then record these paths in their config)
+LEGACY_CLASS_PATHS = {
+    "train.teacher.TeacherPretraining": "train.methods.teacher.TeacherPretraining",
+    "train.guidance_distillation.GuidanceDistillation": "train.methods.guidance_distillation.GuidanceDistillation",
+    "train.progressive.ProgressiveDistillation": "train.methods.progressive.ProgressiveDistillation",
+    "train.onestep.OneStepDistillation": "train.methods.onestep.OneStepDistillation",
+    "train.erasure.ConceptErasure": "train.methods.erasure.ConceptErasure",
+    "train.text_erasure.TextConceptErasure": "train.methods.text_erasure.TextConceptErasure",
+}
+
+
+def upgrade_config(config: Any) -> Any:
+    """A stored config with class paths of earlier layouts replaced by today's (LEGACY_CLASS_PATHS), recursively."""
+    if isinstance(config, dict):
+        return {k: (LEGACY_CLASS_PATHS.get(v, v) if k in ("_class_path", "class_path") and isinstance(v, str)
+                    else upgrade_config(v)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [upgrade_config(v) for v in config]
+    return config
 
 
 class CheckpointError(ValueError):
@@ -20,7 +65,7 @@ class CheckpointError(ValueError):
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """torch.load(weights_only=True) with one-line errors for missing, corrupt and foreign files.
 
-    A checkpoint directory of the multi-engine DeepSpeed strategy (ZeRO shards, train.strategy) is converted to
+    A checkpoint directory of the multi-engine DeepSpeed strategy (ZeRO shards, train.runtime.strategy) is converted to
     the plain checkpoint a single-process run would have written (without optimizer state)."""
     path = Path(path)
     if is_pipeline_folder(path):
@@ -44,6 +89,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a guidedistill checkpoint (no {CHECKPOINT_KEY!r} entry); "
                               f"pass a checkpoint written by `python -m train fit`")
+    ckpt[CHECKPOINT_KEY]["config"] = upgrade_config(ckpt[CHECKPOINT_KEY].get("config"))
     return ckpt
 
 
@@ -83,12 +129,12 @@ def pipeline_teacher_config(path: str | os.PathLike) -> dict:
                     "init_args": {"shift": float(sched.shift), "logit_normal": True}}
     else:
         raise CheckpointError(f"{path}: no config for its schedule {type(sched).__name__}")
-    return {"_class_path": "train.teacher.TeacherPretraining",
+    return {"_class_path": "train.methods.teacher.TeacherPretraining",
             "net": {"class_path": ADAPTERS[family], "init_args": {"pretrained": path}},
             "schedule": schedule, "parameterization": param, "ema_decay": 0.0}
 
 
-def load_method(path: str | os.PathLike, expect: str | None = None) -> MethodModule:
+def load_method(path: str | os.PathLike, expect: str | None = None) -> Any:
     """Rebuild the method module stored in a checkpoint and load its weights (eval mode, CPU).
 
     expect: a method name ('teacher', ...) the caller needs; another kind is refused with a message.
@@ -100,7 +146,7 @@ def load_method(path: str | os.PathLike, expect: str | None = None) -> MethodMod
     cfg = meta.get("config")
     if not cfg:
         raise CheckpointError(f"{str(path)!r} was written by a module built in Python without a config, so it cannot be "
-                              f"rebuilt; build methods with train.config.instantiate or the CLI")
+                              f"rebuilt; build methods with train.runtime.config.instantiate or the CLI")
     cfg = {k: v for k, v in cfg.items() if k != "_instantiator"}
     class_path = cfg.pop("_class_path")
     try:

@@ -20,7 +20,7 @@ class SampleMetrics(L.Callback):
 
     num_per_class: samples per class for the metrics (the grid shows the first 8 of each class).
     metrics:       set False for networks the digits classifier cannot judge (other data sets).
-    class_prompts: text models trained on the captioned digits (train.text_digits): the prompt template of a
+    class_prompts: text models trained on the captioned digits (train.digits_pipeline): the prompt template of a
                    class, e.g. "a handwritten {word}"; samples are generated from these prompts, decoded by the
                    model's VAE and judged by the same metrics.
     erased_classes: the classes an erasure removes, for the table's erased rate (default: a class-conditional
@@ -46,7 +46,7 @@ class SampleMetrics(L.Callback):
         if trainer.sanity_checking or not hasattr(pl_module, "generate"):
             return
         if self.class_prompts is not None:
-            from train.text_digits import generate_digits
+            from train.evaluation.digits_text import generate_digits
 
             images, labels, nfe = generate_digits(pl_module, self.class_prompts, self.num_per_class,
                                                   pl_module.val_scale, pl_module.val_steps, seed=self.seed)
@@ -95,7 +95,7 @@ class SampleMetrics(L.Callback):
                             caption=" | ".join(prompts))
 
     def _save_grid(self, trainer: L.Trainer, images: torch.Tensor, nrow: int = 8, caption: str | None = None) -> None:
-        from train.images import grid_array, save_grid
+        from train.evaluation.images import grid_array, save_grid
 
         root = Path(trainer.log_dir or trainer.default_root_dir)
         save_grid(images, root / "samples" / f"step{trainer.global_step:07d}.png", nrow=nrow)

@@ -1,10 +1,7 @@
 """Experiment tracking beyond the methods' own losses: learning rates and gradient norms of every trainable
-network (`TrainingDiagnostics`, added by the CLI whenever a logger is set) and the exported model as a W&B
-artifact (`ExportArtifact`, opt-in)."""
+network (`TrainingDiagnostics`, added by the CLI whenever a logger is set). The exported model as a W&B artifact
+is train.export.ExportArtifact."""
 from __future__ import annotations
-
-import shutil
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -31,7 +28,7 @@ class TrainingDiagnostics(L.Callback):
 
     Networks are named by `optimizer_names` (the one-step module: generator, fake_score, disc_head). The
     gradient norm is taken after every backward pass over the weights that require grad at that moment, so a
-    manual-optimization module that freezes the other networks during an update (train.onestep) reports each
+    manual-optimization module that freezes the other networks during an update (train.methods.onestep) reports each
     network after its own update; with several backward passes in one step the last one is logged. Under the
     multi-engine DeepSpeed strategy the gradients live in the engines, whose own norms are logged after each
     step instead.
@@ -56,52 +53,3 @@ class TrainingDiagnostics(L.Callback):
                 norm = trainer.strategy.grad_norm(full_name)
                 if norm is not None:
                     pl_module.log(f"train/grad_norm/{full_name.removesuffix('.net')}", norm)
-
-
-class ExportArtifact(L.Callback):
-    """At the end of training, export the model (`python -m train export`'s formats, with the last validation
-    metrics in its model card) to `<run>/export` and log it to W&B as an artifact of type "model".
-
-    format: diffusers (a folder from_pretrained loads), lora or safetensors.
-    name:   artifact name; default "<run name>-model".
-    Offline runs keep the artifact in the run folder; `wandb sync` uploads it with the rest of the run.
-    Without a W&B logger the callback does nothing.
-    """
-
-    def __init__(self, format: str = "diffusers", name: str | None = None):
-        from train.export import FORMATS
-
-        if format not in FORMATS:
-            raise ValueError(f"ExportArtifact format must be one of {', '.join(FORMATS)}, got {format!r}")
-        self.format, self.name = format, name
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
-        if not loggers or trainer.interrupted:
-            return
-        root = Path(trainer.default_root_dir)
-        tmp = root / ".export-checkpoint"
-        ckpt = tmp / "final.ckpt"
-        trainer.save_checkpoint(ckpt)  # every rank takes part (a ZeRO checkpoint is written by all of them)
-        if trainer.is_global_zero:
-            from train.export import export
-
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            out = export(ckpt, root / "export" if self.format != "safetensors" else root / "export.safetensors",
-                         self.format, force=True, metrics=metrics or None)
-            self._log(loggers[0], out, pl_module, trainer, metrics)
-            shutil.rmtree(tmp, ignore_errors=True)
-        trainer.strategy.barrier()
-
-    def _log(self, logger, path: Path, pl_module, trainer: L.Trainer, metrics: dict) -> None:
-        import wandb
-
-        run = logger.experiment
-        name = self.name or f"{run.name or run.id}-model"
-        artifact = wandb.Artifact(name, type="model", metadata={
-            "method": pl_module.method_name, "format": self.format, "step": int(trainer.global_step), **metrics})
-        if path.is_dir():
-            artifact.add_dir(str(path))
-        else:
-            artifact.add_file(str(path))
-        run.log_artifact(artifact, aliases=["latest", f"step{trainer.global_step}"])

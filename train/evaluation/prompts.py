@@ -2,10 +2,10 @@
 
 Two kinds of evaluation, side by side in one table:
 - class prompts (a template such as "a handwritten {word}" over the ten digits): the text digits model
-  (train.text_digits) is judged by the embedded digits metrics (FD, accuracy, precision, recall), as the
+  (train.digits_pipeline) is judged by the embedded digits metrics (FD, accuracy, precision, recall), as the
   class-conditional models are;
 - a prompt set (a file of prompts, e.g. COCO captions): FID against local reference images and CLIP score, when
-  the user has the Inception / CLIP weights locally (train.reference_metrics); what is missing is said, not
+  the user has the Inception / CLIP weights locally (train.evaluation.reference); what is missing is said, not
   downloaded.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def evaluate_class_prompts(module, template: str, scales: Sequence[float], steps
                            guider_params: dict | None = None, negative_prompt: str | None = None) -> list[dict]:
     """Digits-metrics rows (one per scale) for a text model of the captioned digits, prompted with `template`."""
     from train.evaluation.evaluate import evaluate_samples
-    from train.text_digits import generate_digits
+    from train.evaluation.digits_text import generate_digits
 
     rows = []
     for w in scales:
@@ -65,7 +65,7 @@ def evaluate_prompt_set(module, prompts: Sequence[str], scales: Sequence[float],
                         clip_model: str | None = None) -> tuple[list[dict], list[str]]:
     """(rows, missing): FID / CLIP score rows (one per scale) for samples of a prompt set, and a sentence for each
     metric that could not be computed for lack of local weights or reference images."""
-    from train.reference_metrics import text_metrics
+    from train.evaluation.reference import text_metrics
 
     rows, missing = [], []
     expanded = [p for p in prompts for _ in range(num_per_prompt)]

@@ -1,0 +1,85 @@
+"""`python -m train fit` / `validate`: LightningCLI over a YAML config, with the run folder, W&B mode, resume checks,
+interrupt checkpoints and training diagnostics set up the same way for every method."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def finish_wandb() -> None:
+    """Close the W&B run a fit opened, so its config and summary are written (also offline)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+def lightning_cli(argv: list[str] | None):
+    """LightningCLI with the method and data module chosen by class_path in the config.
+
+    Checkpoints go to <trainer.default_root_dir>/checkpoints and W&B files to <default_root_dir>/wandb
+    unless the config says otherwise, so a run is one folder."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    from train.methods.base import MethodModule
+    from train.runtime.checkpoint import check_resume, read_checkpoint
+    import train.runtime.strategy  # noqa: F401  (registers the zero1/zero2/zero3 strategy names)
+    from train.runtime.interrupt import InterruptCheckpoint
+    from train.runtime.tracking import TrainingDiagnostics
+
+    class SaveAndLogConfig(SaveConfigCallback):
+        """Write config.yaml to the run folder and log the whole resolved config to every logger (W&B)."""
+
+        def save_config(self, trainer, pl_module, stage) -> None:
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": self.config.as_dict()})
+
+    class GuidedCLI(LightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            cfg = self.config.get(self.config.get("subcommand") or "") or self.config
+            ckpt = cfg.get("ckpt_path")
+            if ckpt and ckpt not in ("last", "best", "hpc") and not Path(ckpt).is_dir():
+                read_checkpoint(ckpt)  # missing, corrupt, truncated or foreign: one line, before anything is built
+            self.requested_model = cfg.model.as_dict() if cfg.get("model") else None
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            if cfg.get("ckpt_path") and self.requested_model and Path(cfg.ckpt_path).is_file():
+                check_resume(cfg.ckpt_path, self.requested_model, cfg.model.as_dict())  # the checkpoint's model wins
+            root = cfg.trainer.get("default_root_dir") or "runs/default"
+            logger = cfg.trainer.get("logger")
+            mode = cfg.get("wandb") or os.environ.get("WANDB_MODE") or "offline"
+            os.environ["WANDB_MODE"] = mode
+            for lg in logger if isinstance(logger, list) else [logger]:
+                if lg is not None and not isinstance(lg, bool) and "Wandb" in str(lg.get("class_path", "")):
+                    # the mode decides, passed to wandb.init; WandbLogger(offline=True) would force offline over it
+                    lg.init_args["offline"], lg.init_args["mode"] = False, mode
+                    if lg.init_args.get("save_dir") in (None, "."):
+                        lg.init_args["save_dir"] = root
+                        Path(root).mkdir(parents=True, exist_ok=True)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None,
+                                help="W&B mode of a WandbLogger (default: $WANDB_MODE, else offline)")
+
+        def before_fit(self) -> None:
+            self.model.check_data(self.datamodule)  # images / classes the network cannot take, before any file
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            for cb in trainer.checkpoint_callbacks:
+                if cb.dirpath is None:
+                    cb.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
+            if not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
+                trainer.callbacks.append(InterruptCheckpoint())  # SIGTERM / Ctrl+C: write last.ckpt, then stop
+            if trainer.loggers and not any(isinstance(cb, TrainingDiagnostics) for cb in trainer.callbacks):
+                trainer.callbacks.append(TrainingDiagnostics())  # learning rates and gradient norms per network
+            return trainer
+
+    no_exit = {"exit_on_error": False}  # parse errors raise ArgumentError; main prints them as one line
+    return GuidedCLI(MethodModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     args=argv, save_config_callback=SaveAndLogConfig, save_config_kwargs={"overwrite": True},
+                     auto_configure_optimizers=False,
+                     parser_kwargs={**no_exit, **{name: no_exit for name in LightningCLI.subcommands()}})
