@@ -70,7 +70,7 @@ def describe(module) -> str:
     if name == "guidance_distillation":
         return f"w-conditioned student of {module.distilled_guider}"
     if name == "progressive_distillation":
-        n = module.default_steps
+        n = module.recipe().default_steps
         return f"progressive w-student, {n} step{'s' if n != 1 else ''}"
     if name == "onestep":
         bits = ["DMD" if module.divergence == "reverse_kl" else f"f-distill {module.divergence}",
@@ -92,10 +92,11 @@ def evaluate(module, steps: int | None, scale: float, num_per_class: int, seed: 
     from train.evaluation.evaluate import classify, reference_features
     from train.evaluation.metrics import frechet_distance, precision_recall
 
-    steps = steps or getattr(module, "default_steps", None) or getattr(module, "generator_steps", 1)
-    classes = module.sampling_denoiser().net.num_classes
-    labels = torch.arange(classes).repeat_interleave(num_per_class)
+    labels = torch.tensor(module.conditioner.enumerate()).repeat_interleave(num_per_class)
+    if module.recipe().name == "generator":  # its guidance is distilled in: it takes no scale
+        scale = None
     images, nfe = module.generate(labels, scale, steps, seed=seed)
+    steps = module.recipe().resolve(scale, steps).steps
     clf = load_digits_classifier()
     feats, logits = classify(clf, images)
     erased = torch.tensor(list(getattr(module, "concepts", []) or []), dtype=torch.long)

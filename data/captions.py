@@ -1,7 +1,9 @@
 """Image-caption pairs (an image folder with captions, a save_to_disk folder or a datasets name) as a
-LightningDataModule for text-to-image teachers and for real-data terms of distillation."""
+LightningDataModule for text-to-image teachers and for real-data terms of distillation: raw captions with images,
+or with the latents of a latent model, encoded once and cached."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -73,8 +75,21 @@ class CaptionedImages(torch.utils.data.Dataset):
         return image_to_tensor(row[self.image_column], self.image_size, 3), str(row[self.caption_column])
 
 
+class _SamplesWithCaptions(torch.utils.data.Dataset):
+    def __init__(self, samples: torch.Tensor, captions: list[str]):
+        self.samples, self.captions = samples, captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int):
+        return self.samples[int(i)], self.captions[int(i)]
+
+
 class CaptionedImageDataModule(L.LightningDataModule):
-    """Batches of (images [B, 3, S, S] float32 in [-1, 1], captions list[str]).
+    """Batches of (images [B, 3, S, S] float32 in [-1, 1], captions list[str]); for a latent model (the trained
+    method's `vae_folder` is set), (latents [B, C, S/f, S/f], captions), the latents encoded once by the model's own
+    VAE (the method's `images_to_samples`) and cached. The method encodes the captions (its conditioner).
 
     path:           see caption_folder_dataset; a folder written by save_to_disk or a datasets name go
                     through data.images.load_source.
@@ -83,18 +98,23 @@ class CaptionedImageDataModule(L.LightningDataModule):
     image_column:   the image field of datasets sources.
     val_size:       images held out (seeded) when the source has no validation split; 0 validates on the
                     first training images.
+    cache_dir:      where a latent model's latents are written once (latents-<hash>.safetensors, keyed by the
+                    source, size, captions and VAE folder); None keeps them in memory only.
     """
 
+    has_images = True
+
     def __init__(self, path: str, image_size: int = 512, batch_size: int = 4, caption_column: str | None = None,
-                 image_column: str = "image", val_size: int = 8, seed: int = 0, num_workers: int = 0):
+                 image_column: str = "image", val_size: int = 8, seed: int = 0, num_workers: int = 0,
+                 cache_dir: str | None = None):
         super().__init__()
         if image_size <= 0 or batch_size <= 0 or val_size < 0:
             raise ValueError(f"image_size and batch_size must be positive and val_size >= 0, got "
                              f"{image_size}, {batch_size}, {val_size}")
         self.path, self.image_size, self.batch_size = path, image_size, batch_size
         self.caption_column, self.image_column, self.val_size, self.seed = caption_column, image_column, val_size, seed
-        self.num_workers = num_workers
-        self.sets: dict[str, CaptionedImages] = {}
+        self.num_workers, self.cache_dir = num_workers, cache_dir
+        self.sets: dict[str, torch.utils.data.Dataset] = {}
 
     def _source(self):
         import datasets
@@ -104,6 +124,11 @@ class CaptionedImageDataModule(L.LightningDataModule):
                                                 for f in ("dataset_dict.json", "state.json"))
         source = caption_folder_dataset(local) if os.path.isdir(local) and not is_saved else load_source(self.path)
         return source if isinstance(source, datasets.DatasetDict) else datasets.DatasetDict({"train": source})
+
+    def _model(self):
+        """The method module being trained, when it works in a latent space (else None)."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return module if getattr(module, "vae_folder", None) is not None else None
 
     def setup(self, stage: str | None = None) -> None:
         if self.sets:
@@ -125,8 +150,41 @@ class CaptionedImageDataModule(L.LightningDataModule):
             else:
                 order = np.random.default_rng(self.seed).permutation(len(train))
                 val, train = train.select(sorted(order[:self.val_size])), train.select(sorted(order[self.val_size:]))
-        self.sets = {name: CaptionedImages(rows, self.image_size, self.image_column, col)
-                     for name, rows in (("train", train), ("validation", val))}
+        sets = {name: CaptionedImages(rows, self.image_size, self.image_column, col)
+                for name, rows in (("train", train), ("validation", val))}
+        model = self._model()
+        if model is not None:
+            sets = {name: self._encoded(name, data, model) for name, data in sets.items()}
+        self.sets = sets
+
+    def _encoded(self, split: str, data: CaptionedImages, model) -> _SamplesWithCaptions:
+        """The split's images as the model's latents (read from, or written to, the cache) with their captions."""
+        from safetensors.torch import load_file, save_file
+
+        texts = [str(data.rows[i][data.caption_column]) for i in range(len(data))]
+        cache = None
+        if self.cache_dir is not None:
+            key = hashlib.sha256(repr((os.path.abspath(os.path.expanduser(self.path)), self.image_size,
+                                       os.path.abspath(model.vae_folder), split, texts)).encode()).hexdigest()[:16]
+            cache = os.path.join(os.path.expanduser(self.cache_dir), f"latents-{key}.safetensors")
+            if os.path.isfile(cache):
+                return _SamplesWithCaptions(load_file(cache)["latents"], texts)
+        images = torch.stack([data[i][0] for i in range(len(data))])
+        latents = model.images_to_samples(images).float().contiguous()
+        if cache is not None:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = cache + ".tmp"
+            save_file({"latents": latents}, tmp)
+            os.replace(tmp, cache)
+        return _SamplesWithCaptions(latents, texts)
+
+    @property
+    def val_prompts(self) -> list[str]:
+        """The validation captions (the prompts of validation sample grids)."""
+        self.setup()
+        data = self.sets["validation"]
+        return data.captions if isinstance(data, _SamplesWithCaptions) else [
+            str(data.rows[i][data.caption_column]) for i in range(len(data))]
 
     def train_dataloader(self) -> ResumableLoader:
         self.setup()

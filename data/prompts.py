@@ -138,7 +138,8 @@ class Prompts(Dataset):
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Batches of prompts (list[str] of length batch_size) for data-free distillation and erasure.
+    """Batches of (None, prompts list[str] of length batch_size) for data-free distillation and erasure: no real
+    samples (None stands where image data modules give images), prompts the method encodes.
 
     path:       see read_prompts (text file, CSV, JSON lines, parquet, save_to_disk folder, datasets name).
     column:     the prompt column of tables (default: prompt, text, caption or Prompt).
@@ -148,6 +149,8 @@ class PromptDataModule(L.LightningDataModule):
     seed:       seed of the held-out choice (the training order follows the run's seed, resumably).
     split:      the split read from a DatasetDict source.
     """
+
+    has_images = False  # prompts only: no real samples (e.g. for a discriminator)
 
     def __init__(self, path: str, column: str | None = None, batch_size: int = 8, val_size: int = 8, seed: int = 0,
                  split: str = "train", num_workers: int = 0):
@@ -192,3 +195,6 @@ class PromptDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(self._sets["validation"], batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return None, list(batch)

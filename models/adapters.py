@@ -1,13 +1,14 @@
 """Adapters over diffusers networks with one calling convention: net(x, t, cond) -> raw output.
 
 x: [B, C, H, W] (already input-scaled by the Denoiser); t: [B] float network time (the schedule's
-`net_time`, e.g. 0..999); cond: the network's condition type. Every adapter also gives
-`null_cond(cond)` (the condition used for unconditional branches) and `drop_cond(cond, p)`
-(classifier-free training: replace a random fraction p of conditions by the null condition,
-Ho & Salimans 2022, arXiv 2207.12598, Algorithm 1).
+`net_time`, e.g. 0..999); cond: the network's condition, made from requests by its conditioner
+(`net.conditioner`, models.conditioning: class ids here, text embeddings for the text adapters). Every adapter
+also gives `null_cond(cond)` (the condition used for unconditional branches) and `drop_cond(cond, p)`
+(classifier-free training: replace a random fraction p of conditions by the null condition, Ho & Salimans 2022,
+arXiv 2207.12598, Algorithm 1), both its conditioner's, and `sample_shape()` (C, H, W of one sample).
 
-Text-conditioned adapters (UNet2DConditionModel, SD3, Flux) implement the same three methods with a
-dict condition; the samplers, guiders and methods only ever use these three.
+Text-conditioned adapters (UNet2DConditionModel, SD3, Flux: models.text_unet, models.text_transformer) have the
+same interface; the samplers, guiders and methods only ever use it.
 """
 from __future__ import annotations
 
@@ -17,21 +18,37 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from models.conditioning import NULL_LABEL, ClassConditioner, Conditioner
 from models.pag_attention import perturbed_self_attention
 
-NULL_LABEL = -1
+__all__ = ["NULL_LABEL", "ConditionalNetwork", "ClassConditionalUNet"]
 
 
 class ConditionalNetwork(nn.Module):
-    """Base class of every adapter: `forward(x, t, cond)`, `null_cond(cond)`, `drop_cond(cond, p)`."""
+    """Base class of every adapter: `forward(x, t, cond)`, its `conditioner`, `null_cond(cond)`, `drop_cond(cond, p)`,
+    `sample_shape()`; `pretrained` (the pipeline folder it was loaded from, or None) and `vae_folder` (the folder
+    whose vae/ maps its samples to images, or None for pixel-space networks)."""
+
+    conditioner: Conditioner
+    pretrained: str | None = None
+    feature_layer: str = "unet.mid_block"  # the discriminator's default tap (models.discriminator)
+
+    @property
+    def vae_folder(self) -> str | None:
+        return None
 
     def null_cond(self, cond: Any) -> Any:
-        raise NotImplementedError
+        return self.conditioner.null(cond)
 
     def drop_cond(self, cond: Any, p: float, generator: torch.Generator | None = None, u: Tensor | None = None) -> Any:
         """cond with the condition of a random fraction p of samples replaced by the null condition; `u` [B]:
         the uniform draws to use (drop where u < p) instead of drawing them here."""
-        raise NotImplementedError
+        return self.conditioner.drop(cond, p, generator, u)
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample (a latent model's latents), from the network's config."""
+        cfg = self.unet.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
     def describe(self) -> dict:
         """What an export records about the network (config for from_pretrained, condition kind)."""
@@ -64,12 +81,14 @@ class ClassConditionalUNet(ConditionalNetwork):
     pag_layers:         the self-attention layers `forward(..., perturb="pag")` perturbs (perturbed-attention
                         guidance, guidance.guiders.PAG), as patterns of module names
                         (models.pag_attention.pag_layer_modules); default the mid block's.
+    class_names:        one name per class (requests may name their class); None: the ids are the names.
     """
 
     def __init__(self, num_classes: int = 10, sample_size: int = 8, in_channels: int = 1,
                  out_channels: int | None = None, block_out_channels: tuple[int, ...] = (64, 128, 128),
                  attention_levels: tuple[bool, ...] = (False, True, True), layers_per_block: int = 2,
-                 norm_num_groups: int = 32, dropout: float = 0.0, pag_layers: Sequence[str] = ("mid",)):
+                 norm_num_groups: int = 32, dropout: float = 0.0, pag_layers: Sequence[str] = ("mid",),
+                 class_names: Sequence[str] | None = None):
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -83,6 +102,7 @@ class ClassConditionalUNet(ConditionalNetwork):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.pag_layers = num_classes, list(pag_layers)
+        self.conditioner = ClassConditioner(num_classes, class_names)
         self.unet = UNet2DModel(
             sample_size=sample_size, in_channels=in_channels, out_channels=out_channels or in_channels,
             block_out_channels=block_out_channels, layers_per_block=layers_per_block,
@@ -93,12 +113,14 @@ class ClassConditionalUNet(ConditionalNetwork):
         )
 
     @classmethod
-    def from_unet(cls, unet, pag_layers: Sequence[str] = ("mid",)) -> "ClassConditionalUNet":
+    def from_unet(cls, unet, pag_layers: Sequence[str] = ("mid",),
+                  class_names: Sequence[str] | None = None) -> "ClassConditionalUNet":
         """Wrap an existing UNet2DModel (e.g. `UNet2DModel.from_pretrained(path)`) whose class embedding
         has num_classes + 1 rows (the last one the null class)."""
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
         obj.num_classes, obj.pag_layers = unet.config.num_class_embeds - 1, list(pag_layers)
+        obj.conditioner = ClassConditioner(obj.num_classes, class_names)
         obj.unet = unet
         return obj
 
@@ -112,15 +134,7 @@ class ClassConditionalUNet(ConditionalNetwork):
         with perturbed_self_attention(self.unet, self.pag_layers) if perturb else nullcontext():
             return self.unet(x, t, class_labels=labels).sample
 
-    def null_cond(self, cond: Tensor) -> Tensor:
-        return torch.full_like(cond, NULL_LABEL)
-
-    def drop_cond(self, cond: Tensor, p: float, generator: torch.Generator | None = None, u: Tensor | None = None) -> Tensor:
-        if p <= 0:
-            return cond
-        drop = (torch.rand(cond.shape, generator=generator, device=cond.device) if u is None else u.to(cond.device)) < p
-        return torch.where(drop, torch.full_like(cond, NULL_LABEL), cond)
-
     def describe(self) -> dict:
         return {"kind": "class", "diffusers_class": "UNet2DModel", "num_classes": self.num_classes,
-                "null_class_label": self.num_classes, "config": dict(self.unet.config)}
+                "class_names": self.conditioner.names, "null_class_label": self.num_classes,
+                "config": dict(self.unet.config)}

@@ -29,9 +29,7 @@ INPUT_SUFFIX = ":input"
 def default_feature_layer(net: nn.Module) -> str:
     """The tapped layer of `net` (see the module docstring): "unet.mid_block" for UNets,
     "transformer.norm_out:input" for the SD3 / Flux transformer adapters."""
-    base = getattr(net, "_base", net)
-    base = getattr(base, "base", base)  # a w-conditioned student's network
-    return "transformer.norm_out" + INPUT_SUFFIX if hasattr(base, "transformer") else "unet.mid_block"
+    return net.feature_layer  # the adapter's own (ConditionalNetwork.feature_layer); an AdaptersOff view passes it on
 
 
 class FeatureTap:
@@ -104,16 +102,9 @@ def feature_map(features: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def probe_condition(net: nn.Module) -> Any:
-    """A one-sample condition for a probe forward of `net`: class 0 of a class-conditional network, the null text
-    of a text adapter (plus guidance 1.0 for a guidance-distilled Flux network)."""
-    base = getattr(net, "_base", net)
-    base = getattr(base, "base", base)
-    if getattr(base, "num_classes", None) is not None:
-        return torch.zeros(1, dtype=torch.long)
-    cond = {k: getattr(base, f"null_{k}") for k in base._null_keys}  # models.text_network.TextConditionalNetwork
-    if getattr(base, "guidance_embeds", False):
-        cond["guidance"] = torch.ones(1)
-    return cond
+    """A one-sample condition for a probe forward of `net`: its conditioner's null condition (the null class, or the
+    null text with a guidance-distilled Flux network's guidance input)."""
+    return net.conditioner.null_batch(1)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:

@@ -196,17 +196,6 @@ class PromptEncoder(nn.Module):
         return self.encode(prompts)
 
 
-def prompt_encoder_for(net: nn.Module, dtype: torch.dtype | None = None) -> PromptEncoder:
-    """The prompt encoder whose conditions a text adapter (or a wrapper of one: `.base`, EMA copies) takes: loaded
-    from the adapter's `pretrained` folder with the same kind, T5 use and token count."""
-    inner = getattr(net, "base", net)
-    path = getattr(inner, "pretrained", None)
-    if path is None:
-        raise ValueError(f"{type(inner).__name__} was not loaded from a pipeline folder (no `pretrained`), so its prompt "
-                         f"encoder is unknown; build a models.text_encoders.PromptEncoder for it")
-    return PromptEncoder.from_pretrained(str(path), dtype=dtype, **getattr(inner, "prompt_encoder_kwargs", {}))
-
-
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 

@@ -14,7 +14,6 @@ from guidance.guiders import Guider, build_guider
 from guidance.samplers import sample
 from guidance.schedules import Schedule
 from models.adapters import ConditionalNetwork
-from models.text_encoders import PromptEncoder
 from models.vae import LatentVAE
 
 
@@ -22,14 +21,13 @@ from models.vae import LatentVAE
 class TextToImage:
     """The parts of a latent text-to-image model, each usable on its own.
 
-    net:              the network adapter (net(x, t, cond), null_cond, drop_cond), e.g. TextConditionalUNet.
-    encoder:          prompts -> text condition dicts (cached per prompt).
+    net:              the network adapter (net(x, t, cond), null_cond, drop_cond), e.g. TextConditionalUNet; its
+                      conditioner turns prompts into text condition dicts (`encoder`: its prompt encoder).
     vae:              latents <-> images (None: latents only).
     schedule, parameterization: the model's training schedule and output type (from its scheduler config).
     """
 
     net: ConditionalNetwork
-    encoder: PromptEncoder
     vae: LatentVAE | None
     schedule: Schedule
     parameterization: str
@@ -49,31 +47,35 @@ class TextToImage:
         from models.pretrained import pipeline_family, schedule_from_pretrained, torch_dtype, vae_scale_factor_of
 
         family, td = pipeline_family(path), torch_dtype(dtype)
+        text_dtype = None if dtype == "float32" else dtype
         if family == "sd3":
             from models.text_transformer import SD3Transformer
 
             n = max_sequence_length or 256
-            encoder = PromptEncoder.from_pretrained(path, kind="sd3", dtype=td, use_t5=use_t5, max_sequence_length=n)
-            net: ConditionalNetwork = SD3Transformer(path, dtype=dtype, use_t5=use_t5, max_sequence_length=n)
+            net: ConditionalNetwork = SD3Transformer(path, dtype=dtype, use_t5=use_t5, max_sequence_length=n,
+                                                     text_encoder_dtype=text_dtype)
         elif family == "flux":
             from models.text_transformer import FluxTransformer
 
             n = max_sequence_length or 512
-            encoder = PromptEncoder.from_pretrained(path, kind="flux", dtype=td, max_sequence_length=n)
-            net = FluxTransformer(path, dtype=dtype, max_sequence_length=n)
+            net = FluxTransformer(path, dtype=dtype, max_sequence_length=n, text_encoder_dtype=text_dtype)
             f = vae_scale_factor_of(path)
             resolution = resolution or (128 * f, 128 * f)
         else:
             from models.text_unet import TextConditionalUNet
 
-            encoder = PromptEncoder.from_pretrained(path, dtype=td)
-            net = TextConditionalUNet(path, dtype=dtype)
+            net = TextConditionalUNet(path, dtype=dtype, text_encoder_dtype=text_dtype)
         vae = LatentVAE.from_pretrained(path, dtype=td) if with_vae else None
         seq = None
         if family == "flux":  # packed 2x2 latent tokens at the default resolution
             seq = (resolution[0] // (2 * f)) * (resolution[1] // (2 * f))
         schedule, param = schedule_from_pretrained(path, image_seq_len=seq)
-        return cls(net.eval(), encoder, vae, schedule, param, resolution)
+        return cls(net.eval(), vae, schedule, param, resolution)
+
+    @property
+    def encoder(self):
+        """The prompt encoder (models.text_encoders.PromptEncoder) of the network's conditioner."""
+        return self.net.conditioner.encoder
 
     def denoiser(self) -> Denoiser:
         return Denoiser(self.net, self.schedule, self.parameterization)
@@ -89,14 +91,14 @@ class TextToImage:
         """
         if negative_prompt is not None and negatives is not None:
             raise ValueError("give either negative_prompt (CFG's negative branch) or negatives (Perp-Neg's list), not both")
-        b = len(prompts)
-        cond = self.encoder.encode(list(prompts))
+        b, conditioner = len(prompts), self.net.conditioner
+        cond = conditioner.encode(list(prompts))
 
         def per_sample(p):
             p = [p] * b if isinstance(p, str) else list(p)
             if len(p) != b:
                 raise ValueError(f"a negative prompt list must have one entry per prompt ({b}), got {len(p)}")
-            return {**self.encoder.encode(p), **{k: v for k, v in cond.items() if k == "time_ids"}}
+            return {**conditioner.encode(p), **{k: v for k, v in cond.items() if k == "time_ids"}}
 
         if negative_prompt is not None:
             return cond, per_sample(negative_prompt)
@@ -114,14 +116,15 @@ class TextToImage:
         w: guidance scale in this project's convention D_u + w (D_c - D_u), which is diffusers'
         guidance_scale (for Flux: true_cfg_scale). noise: initial latents [B, C, h, w] (unit Gaussian); else drawn
         from `generator` at `size` (pixels; default `resolution`, else the network's sample_size times the VAE
-        factor). embedded_guidance: a guidance-distilled network's guidance INPUT (FLUX.1-dev's guidance_scale),
-        added to every condition as "guidance"; pair it with guider "conditional" for one evaluation per step.
+        factor). embedded_guidance: a guidance-distilled network's guidance INPUT (FLUX.1-dev's guidance_scale) in
+        every condition's "guidance" (None: the conditioner's); pair it with guider "conditional" for one
+        evaluation per step.
         For Flux the schedule's shift was computed for `resolution`; other sizes need their own schedule.
         """
         if isinstance(guider, str):
             guider = build_guider(guider)
         cond, neg = self.conditions(prompts, negative_prompt, negatives)
-        if getattr(self.net, "guidance_embeds", False):
+        if "guidance" in cond and embedded_guidance is not None:
             g = torch.full((len(prompts),), float(embedded_guidance))
             cond = {**cond, "guidance": g}
             neg = None if neg is None else [{**n, "guidance": g} for n in neg] if isinstance(neg, list) else {**neg, "guidance": g}
@@ -132,7 +135,7 @@ class TextToImage:
             packed = type(self.net).__name__ == "FluxTransformer"  # 2x2 patches of C channels per token
             channels = cfg.in_channels // 4 if packed else cfg.in_channels
             noise = torch.randn(len(prompts), channels, h // f, w_px // f, generator=generator)
-        noise = noise.to(self.encoder.device)
+        noise = noise.to(next(self.net.parameters()).device)
         guided = GuidedDenoiser(self.denoiser(), guider)
         latents = sample(guided, noise, cond, w, steps=steps, sampler=sampler, eta=eta, neg_cond=neg, generator=generator)
         return self.vae.decode(latents) if decode and self.vae is not None else latents

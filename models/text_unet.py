@@ -8,8 +8,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from models.adapters import ConditionalNetwork
+from models.conditioning import TextConditioner
 from models.pag_attention import perturbed_self_attention
-from models.text_network import TextConditionalNetwork
 
 TEXT_KEYS = ("encoder_hidden_states", "text_embeds")  # condition entries replaced by the null condition
 # PAG's perturbed self-attention (Ahn et al. 2024, arXiv 2403.17377): the mid block's, diffusers'
@@ -17,7 +18,7 @@ TEXT_KEYS = ("encoder_hidden_states", "text_embeds")  # condition entries replac
 PAG_LAYERS = ("mid",)
 
 
-class TextConditionalUNet(TextConditionalNetwork):
+class TextConditionalUNet(ConditionalNetwork):
     """`UNet2DConditionModel` on latents with a text condition dict (models.text_encoders):
 
         cond = {"encoder_hidden_states": [B, L, D]}                                  SD 1.x / 2.x
@@ -29,66 +30,62 @@ class TextConditionalUNet(TextConditionalNetwork):
     (H, W, 0, 0, H, W) with H, W = h, w times `vae_scale_factor`, as diffusers' SDXL pipeline does when
     no sizes are given (original size = target size = the generated size, no crop).
 
-    The null condition is the prompt encoder's null embedding (the embedding of "" for SD 1.x/2.x,
-    zeros for SDXL with force_zeros_for_empty_prompt), held as non-persistent buffers of shape [1, ...]
-    so that the module's state dict is exactly the diffusers UNet's (`unet.*`). `null_cond` keeps the
-    condition's time_ids (diffusers' negative branch uses the same sizes).
+    Prompts become conditions through the folder's own tokenizers and text encoders (`conditioner`, a
+    models.conditioning.TextConditioner: loaded when first needed, once per process); the null condition is
+    the embedding of "" for SD 1.x/2.x, zeros for SDXL with force_zeros_for_empty_prompt. The module's state dict
+    is exactly the diffusers UNet's (`unet.*`). `null_cond` keeps the condition's time_ids (diffusers' negative
+    branch uses the same sizes).
 
     pretrained:       a local pipeline folder in diffusers layout (unet/, text_encoder/, tokenizer/, vae/);
-                      the UNet loads from `subfolder`, the null embedding is computed once from the
-                      folder's text encoder(s), which are then released. Nothing is downloaded.
+                      the UNet loads from `subfolder`. Nothing is downloaded.
     subfolder:        where the UNet lives inside `pretrained`.
     dtype:            "float32", "float16" or "bfloat16": the UNet's weights (inputs are cast to it).
     vae_scale_factor: latent-to-pixel factor for the default SDXL time_ids (read from vae/ when None).
+    text_encoder_dtype: the frozen text encoders' dtype ("bfloat16" halves their memory; None: as stored).
     pag_layers:       the self-attention (`attn1`) layers that `forward(..., perturb="pag")` perturbs
                       (perturbed-attention guidance, guidance.guiders.PAG): patterns of module names as diffusers'
                       PAG pipelines take them (models.pag_attention.pag_layer_modules); default the mid block's.
     """
 
     def __init__(self, pretrained: str, subfolder: str = "unet", dtype: str = "float32",
-                 vae_scale_factor: int | None = None, pag_layers: Sequence[str] = PAG_LAYERS):
+                 vae_scale_factor: int | None = None, pag_layers: Sequence[str] = PAG_LAYERS,
+                 text_encoder_dtype: str | None = None):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
         from models.pretrained import check_pipeline_folder, torch_dtype, vae_scale_factor_of
-        from models.text_encoders import PromptEncoder
 
         root = check_pipeline_folder(pretrained, subfolder)
         unet = UNet2DConditionModel.from_pretrained(root, subfolder=subfolder, local_files_only=True,
                                                     torch_dtype=torch_dtype(dtype)).train()  # trainable, as a new module
-        null = PromptEncoder.from_pretrained(str(root)).null(1)  # the encoder is dropped after this
-        self._setup(unet, null, vae_scale_factor or vae_scale_factor_of(root), str(pretrained))
-        self.prompt_encoder_kwargs, self.pag_layers = {}, list(pag_layers)
+        settings = {"dtype": torch_dtype(text_encoder_dtype)} if text_encoder_dtype else {}
+        self._setup(unet, vae_scale_factor or vae_scale_factor_of(root), str(pretrained), settings, None, pag_layers)
 
     @classmethod
     def from_unet(cls, unet, null_cond: dict[str, Tensor], vae_scale_factor: int = 8,
                   pag_layers: Sequence[str] = PAG_LAYERS) -> "TextConditionalUNet":
         """Wrap an existing UNet2DConditionModel; null_cond: the null text condition with batch size 1
-        (e.g. `PromptEncoder.null(1)`)."""
+        (e.g. `PromptEncoder.null(1)`). Without a pipeline folder its conditioner cannot encode prompts."""
         obj = cls.__new__(cls)
-        TextConditionalNetwork.__init__(obj)
-        obj._setup(unet, null_cond, vae_scale_factor, None)
-        obj.prompt_encoder_kwargs, obj.pag_layers = {}, list(pag_layers)
+        ConditionalNetwork.__init__(obj)
+        obj._setup(unet, vae_scale_factor, None, {}, null_cond, pag_layers)
         return obj
 
-    def _setup(self, unet, null_cond: dict[str, Tensor], vae_scale_factor: int, pretrained: str | None) -> None:
+    def _setup(self, unet, vae_scale_factor: int, pretrained: str | None, settings: dict,
+               null_cond: dict[str, Tensor] | None, pag_layers: Sequence[str]) -> None:
         self.unet = unet
-        self.pretrained = pretrained
+        self.pretrained, self.pag_layers = pretrained, list(pag_layers)
         self.vae_scale_factor = int(vae_scale_factor)
         self.sdxl = unet.config.addition_embed_type == "text_time"
-        if self.sdxl and "text_embeds" not in null_cond:
+        if self.sdxl and null_cond is not None and "text_embeds" not in null_cond:
             raise ValueError("an SDXL-style UNet (addition_embed_type='text_time') needs text_embeds in its null "
                              "condition: use a two-encoder PromptEncoder (kind 'sdxl')")
-        self._set_null(null_cond, TEXT_KEYS if self.sdxl else TEXT_KEYS[:1], unet.dtype)
-        d = null_cond["encoder_hidden_states"].shape[-1]
-        if d != unet.config.cross_attention_dim:
-            raise ValueError(f"text embeddings have D={d} but the UNet's cross_attention_dim is "
-                             f"{unet.config.cross_attention_dim}; the text encoder and UNet come from different models")
+        self.conditioner = TextConditioner(TEXT_KEYS if self.sdxl else TEXT_KEYS[:1], pretrained, settings, null_cond,
+                                           width=unet.config.cross_attention_dim)
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of the latents the UNet generates by default (its config's sample_size)."""
-        cfg = self.unet.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    @property
+    def vae_folder(self) -> str | None:
+        return self.pretrained
 
     def _time_ids(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
@@ -115,5 +112,5 @@ class TextConditionalUNet(TextConditionalNetwork):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "text", "diffusers_class": "UNet2DConditionModel", "pretrained": self.pretrained,
-                "condition_keys": list(self._null_keys) + (["time_ids"] if self.sdxl else []),
+                "condition_keys": self.conditioner.text_keys + (["time_ids"] if self.sdxl else []),
                 "vae_scale_factor": self.vae_scale_factor, "config": dict(self.unet.config)}

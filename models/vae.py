@@ -59,6 +59,20 @@ class LatentVAE(nn.Module):
         return self.vae.decode(z.to(self.dtype)).sample.float()
 
 
+_SHARED: dict[str, LatentVAE] = {}
+
+
+def shared_vae(folder: str) -> LatentVAE:
+    """The process's LatentVAE of a pipeline folder's vae/ (loaded once; the methods, evaluation and data of a run
+    share it)."""
+    import os
+
+    key = os.path.abspath(os.path.expanduser(folder))
+    if key not in _SHARED:
+        _SHARED[key] = LatentVAE.from_pretrained(key)
+    return _SHARED[key]
+
+
 @torch.no_grad()
 def cached_latents(vae: LatentVAE, images: Tensor, cache: str | Path | None = None, batch_size: int = 16) -> Tensor:
     """Latents [N, C, h, w] of images [N, 3, H, W] in [-1, 1], encoded once (in batches) and kept.

@@ -119,6 +119,26 @@ class WConditionedNetwork(ConditionalNetwork):
     def num_classes(self) -> int:
         return self.base.num_classes
 
+    # what the wrapped adapter is: its conditioner, sample shape, folders and discriminator tap
+    @property
+    def conditioner(self):
+        return self.base.conditioner
+
+    @property
+    def pretrained(self) -> str | None:
+        return self.base.pretrained
+
+    @property
+    def vae_folder(self) -> str | None:
+        return self.base.vae_folder
+
+    @property
+    def feature_layer(self) -> str:
+        return f"base.{self.base.feature_layer}"
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.base.sample_shape()
+
     def forward(self, x: Tensor, t: Tensor, cond: dict, **kwargs) -> Tensor:
         w = torch.as_tensor(cond["w"], device=x.device, dtype=torch.float32)
         w = w.expand(x.shape[0]) if w.ndim == 0 else w

@@ -77,19 +77,23 @@ def _parse_params(items: list[str]) -> dict:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint written by `fit` (e.g. runs/x/checkpoints/last.ckpt)")
-    p.add_argument("--guider", default="cfg", help="guider name (see `python -m train guiders`)")
+    p.add_argument("--guider", default=None, help="guider name (default cfg; see `python -m train guiders`)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="guider parameter, repeatable")
-    p.add_argument("--sampler", default="ddim", help="ddim, euler or dpmpp_2m")
+    p.add_argument("--sampler", default=None, help="ddim (default), euler or dpmpp_2m")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps (default: the model's own, e.g. a progressive student's distilled count; else 50)")
+                   help="sampler steps (default: the model's own: a progressive student's distilled count, a "
+                        "generator's; else 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    t = p.add_argument_group("text-to-image models")
-    t.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    t.add_argument("--prompts", default=None, metavar="FILE", help="prompt file: .txt, .csv, .jsonl, .json, .parquet")
-    t.add_argument("--class-prompts", default=None, metavar="TEMPLATE",
+    r = p.add_argument_group("what to sample (default: every class of a class-conditional model)")
+    r.add_argument("--class", dest="classes", action="append", default=[], metavar="CLASS",
+                   help="a class id or name (repeatable)")
+    r.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    r.add_argument("--prompts", default=None, metavar="FILE", help="prompt file: .txt, .csv, .jsonl, .json, .parquet")
+    r.add_argument("--class-prompts", default=None, metavar="TEMPLATE",
                    help='digits text model: one prompt per digit, e.g. "a handwritten {word}" ({word}: seven, {digit}: 7)')
-    t.add_argument("--negative-prompt", default=None, help="the negative prompt of CFG-like guiders (instead of the empty one)")
+    r.add_argument("--negative", "--negative-prompt", dest="negative", default=None, metavar="REQUEST",
+                   help="the negative condition of CFG-like guiders (a prompt, or a class) instead of the null one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,17 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="write a PNG grid and an .npz of samples from a checkpoint")
     _sampling_args(s)
-    s.add_argument("--scale", type=float, default=2.0, help="guidance scale w (D_u + w (D_c - D_u))")
+    s.add_argument("--scale", type=float, default=None,
+                   help="guidance scale w (D_u + w (D_c - D_u)); default 2, or what a generator was distilled at")
     s.add_argument("--num-per-class", type=int, default=8, help="samples per class (or per class prompt)")
-    s.add_argument("--num-per-prompt", type=int, default=4, help="text models: samples per prompt")
+    s.add_argument("--num-per-prompt", type=int, default=4, help="samples per prompt")
     s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="sample and write metrics (FD, accuracy, precision/recall, NFE) as JSON")
     _sampling_args(e)
-    e.add_argument("--scales", type=float, nargs="+", default=[2.0], help="guidance scales to evaluate")
+    e.add_argument("--scales", type=float, nargs="+", default=None,
+                   help="guidance scales to evaluate (default 2, or what a generator was distilled at)")
     e.add_argument("--num-per-class", type=int, default=100, help="samples per class (or per class prompt)")
-    e.add_argument("--num-per-prompt", type=int, default=1, help="text models, --prompts: samples per prompt")
+    e.add_argument("--num-per-prompt", type=int, default=1, help="samples per prompt")
     e.add_argument("--fid-weights", default=None, metavar="PATH",
                    help="local FID Inception weights (pt_inception-2015-12-05-6726825d.pth); with --fid-reference")
     e.add_argument("--fid-reference", default=None, metavar="DIR", help="local folder of reference images for FID")
@@ -142,128 +148,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_sampling(args) -> None:
-    from guidance.guiders import build_guider
-    from guidance.samplers import check_sampler
-    from train.methods.base import DEFAULT_STEPS
+def _load(args):
+    """The checkpoint's method module and the RequestSets the flags ask for (checked before anything is sampled)."""
+    from train.evaluation.requests import prompt_list, request_sets
+    from train.runtime.checkpoint import load_method
 
-    check_sampler(args.sampler, DEFAULT_STEPS if args.steps is None else args.steps)
-    build_guider(args.guider, **_parse_params(args.param))
-
-
-def _steps(args, module) -> int:
-    """--steps, or the model's own default (a progressive student's distilled step count), else 50."""
-    from train.methods.base import DEFAULT_STEPS
-
-    return args.steps if args.steps is not None else getattr(module, "default_steps", DEFAULT_STEPS)
+    module = load_method(args.ckpt)
+    module.recipe().resolve(getattr(args, "scale", None), args.steps, args.sampler, args.guider,
+                            _parse_params(args.param), args.eta, args.negative is not None)
+    sets = request_sets(module, args.classes, prompt_list(args.prompt, args.prompts), args.class_prompts,
+                        args.num_per_class, args.num_per_prompt)
+    if args.negative is not None:
+        module.conditioner.parse(args.negative)
+    return module, sets
 
 
 def cmd_sample(args) -> None:
     import numpy as np
     import torch
 
-    from train.runtime.checkpoint import load_method
     from train.evaluation.images import save_grid
+    from train.evaluation.requests import generate_images
 
-    _check_sampling(args)
-    if args.num_per_class <= 0:
-        raise ValueError(f"--num-per-class must be positive, got {args.num_per_class}")
-    module = load_method(args.ckpt)
-    if _text_inputs(args, module):
-        return _sample_text(args, module)
-    labels = torch.arange(module.sampling_denoiser().net.num_classes).repeat_interleave(args.num_per_class)
-    images, nfe = module.generate(labels, args.scale, _steps(args, module), args.sampler, args.guider, args.seed,
-                                  progress=True, **_parse_params(args.param))
+    module, sets = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_grid(images, out / "grid.png", nrow=args.num_per_class)
-    np.savez(out / "samples.npz", images=images.numpy(), labels=labels.numpy(), nfe_per_sample=nfe)
-    print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({len(labels)} samples, {nfe:g} network evaluations each)")
-
-
-def _text_inputs(args, module) -> bool:
-    """True when `module` is a text model, which then needs prompts; prompts for a class model are refused."""
-    from train.evaluation.prompts import is_text_model
-
-    given = bool(args.prompt or args.prompts or args.class_prompts)
-    if not is_text_model(module):
-        if given or args.negative_prompt:
-            raise ValueError(f"{args.ckpt} is a class-conditional model: drop --prompt/--prompts/--class-prompts/"
-                             f"--negative-prompt (it samples --num-per-class images of each class)")
-        return False
-    if not given:
-        raise ValueError(f"{args.ckpt} is a text-to-image model: give --prompt TEXT (repeatable), --prompts FILE, or "
-                         f"--class-prompts TEMPLATE for the digits text model")
-    return True
-
-
-def _sample_text(args, module) -> None:
-    import numpy as np
-
-    from train.evaluation.images import save_grid
-    from train.evaluation.prompts import generate_images, prompt_list
-    from train.evaluation.digits_text import class_prompts
-
-    prompts, n = prompt_list(args.prompt, args.prompts), args.num_per_prompt
-    if args.class_prompts:
-        prompts += class_prompts(args.class_prompts, 1)[0]  # the ten digits' prompts
-    if n <= 0:
-        raise ValueError(f"--num-per-prompt must be positive, got {n}")
-    rows = [p for p in prompts for _ in range(n)]
-    images, nfe = generate_images(module, rows, args.scale, _steps(args, module), args.sampler, args.guider, args.seed,
-                                  args.negative_prompt, **_parse_params(args.param))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_grid(images, out / "grid.png", nrow=n)
-    np.savez(out / "samples.npz", images=images.numpy(), prompts=np.array(rows), nfe_per_sample=nfe)
-    (out / "prompts.txt").write_text("".join(f"row {i}: {p}\n" for i, p in enumerate(prompts)), encoding="utf-8")
-    print(f"wrote {out / 'grid.png'} (one row per prompt, listed in {out / 'prompts.txt'}) and {out / 'samples.npz'} "
+    rows = [r for rs in sets for r in rs.requests]
+    nrow = args.num_per_class if all(rs.labels is not None for rs in sets) else args.num_per_prompt
+    images, nfe = generate_images(module, rows, args.scale, args.steps, args.sampler, args.guider, args.seed,
+                                  args.negative, args.eta, _parse_params(args.param))
+    save_grid(images, out / "grid.png", nrow=nrow)
+    labelled = {"labels": torch.cat([rs.labels for rs in sets]).numpy()} if all(rs.labels is not None for rs in sets) else {}
+    np.savez(out / "samples.npz", images=images.numpy(), requests=np.array([str(r) for r in rows]),
+             nfe_per_sample=nfe, **labelled)
+    listed = list(dict.fromkeys(str(r) for r in rows))
+    (out / "requests.txt").write_text("".join(f"row {i}: {r}\n" for i, r in enumerate(listed)), encoding="utf-8")
+    print(f"wrote {out / 'grid.png'} (one row per request, listed in {out / 'requests.txt'}) and {out / 'samples.npz'} "
           f"({len(rows)} samples, {nfe:g} network evaluations each)")
 
 
 def cmd_evaluate(args) -> None:
-    from train.runtime.checkpoint import load_method
     from train.evaluation import format_table
+    from train.evaluation.requests import evaluate_set
 
-    _check_sampling(args)
-    module = load_method(args.ckpt)
-    columns = ["guider", "w", "sampler", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall"]
-    missing: list[str] = []
-    if _text_inputs(args, module):
-        rows, columns = _evaluate_text(args, module, missing), ["prompts", *columns, "fid", "clip_score"]
-    else:
-        from train.evaluation.evaluate import evaluate_checkpoint
-
-        rows = evaluate_checkpoint(module, args.scales, _steps(args, module), args.sampler, args.guider, args.seed,
-                                   args.num_per_class, _parse_params(args.param))
+    module, sets = _load(args)
+    rows, missing = [], []
+    for rs in sets:
+        more, missing = evaluate_set(module, rs, args.scales or [None], args.steps, args.sampler, args.guider,
+                                     _parse_params(args.param), args.seed, args.negative, args.eta, args.fid_weights,
+                                     args.fid_reference, args.clip_model)
+        rows += more
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps({"checkpoint": str(args.ckpt), "rows": rows, "not_computed": missing}, indent=2))
     os.replace(tmp, out)
-    print(format_table(rows, [c for c in columns if any(c in r for r in rows)]))
+    columns = ["requests", "guider", "w", "sampler", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall",
+               "fid", "clip_score"]
+    print(format_table(rows, [c for c in columns if any(r.get(c) is not None for r in rows)]))
     for line in missing:
         print(f"not computed: {line}")
     print(f"wrote {out}")
-
-
-def _evaluate_text(args, module, missing: list[str]) -> list[dict]:
-    """Rows of a text model: digits metrics for --class-prompts, FID / CLIP score for --prompt / --prompts."""
-    from train.evaluation.prompts import evaluate_class_prompts, evaluate_prompt_set, prompt_list
-
-    steps, params, rows = _steps(args, module), _parse_params(args.param), []
-    if args.class_prompts:
-        rows += evaluate_class_prompts(module, args.class_prompts, args.scales, steps, args.sampler, args.guider,
-                                       args.seed, args.num_per_class, params, args.negative_prompt)
-    prompts = prompt_list(args.prompt, args.prompts)
-    if prompts:
-        if args.num_per_prompt <= 0:
-            raise ValueError(f"--num-per-prompt must be positive, got {args.num_per_prompt}")
-        more, missing[:] = evaluate_prompt_set(module, prompts, args.scales, steps, args.sampler, args.guider, args.seed,
-                                               args.num_per_prompt, params, args.negative_prompt, args.fid_weights,
-                                               args.fid_reference, args.clip_model)
-        rows += more
-    return rows
 
 
 def cmd_export(args) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCALES = (1.0, 2.0, 3.0, 5.0)
-COLUMNS = ["stage", "prompts", "guider", "w", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall",
+COLUMNS = ["stage", "requests", "guider", "w", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall",
            "erased_rate", "other_accuracy"]
 TEXT = "text"  # the text stages' folder under <out>: pipeline/, captions/, latents/ and one folder per stage
 TEXT_DATA = {"path": "captions", "cache_dir": "latents"}  # data init args -> folders under <out>/text
@@ -85,11 +85,11 @@ def run_demo(out: Path, max_steps: int | None = None, stages: list[str] | None =
     """Run the demo stages into `out` (all by default); returns what out/metrics.json holds."""
     import torch
 
-    from train.runtime.checkpoint import load_method
-    from train.evaluation.evaluate import evaluate_checkpoint
-    from train.fit import finish_wandb
     from train.evaluation import format_table
     from train.evaluation.images import save_grid
+    from train.evaluation.requests import evaluate_checkpoint, evaluate_class_prompts
+    from train.fit import finish_wandb
+    from train.runtime.checkpoint import load_method
 
     out.mkdir(parents=True, exist_ok=True)
     wanted = stages or [s[0] for s in STAGES]
@@ -115,7 +115,6 @@ def run_demo(out: Path, max_steps: int | None = None, stages: list[str] | None =
         module = load_method(ckpt)
         w = scales[0] if len(scales) == 1 else 2.0
         if templates:
-            from train.evaluation.prompts import evaluate_class_prompts
             from train.evaluation.digits_text import generate_digits
 
             save_grid(generate_digits(module, templates[0], 8, w, steps)[0], root / "grid.png", nrow=8)

@@ -29,7 +29,6 @@ import torch
 from guidance.denoiser import Denoiser
 from models.param_select import lora_adapter, lora_layers, merge_lora
 from models.w_embedding import WConditionedNetwork
-from train.methods.base import DEFAULT_STEPS
 from train.runtime.checkpoint import load_method
 from train.model_card import WHY_W_EMBEDDING_IS_SEPARATE, model_card
 
@@ -63,18 +62,6 @@ def plain_network(net: torch.nn.Module) -> torch.nn.Module:
     return merge_lora(net) if lora_layers(net) else net
 
 
-def sampling_recipe(module, den: Denoiser) -> dict:
-    """How the exported network samples: recipe (cfg: two branches per step; w_input: w is an input, one
-    evaluation per step; generator: the one/few-step generator's own times), default steps, evaluations per step."""
-    if hasattr(module, "generator_times"):
-        return {"recipe": "generator", "steps": module.generator_steps, "evaluations_per_step": 1}
-    steps = getattr(module, "default_steps", DEFAULT_STEPS)
-    if isinstance(den.net, WConditionedNetwork):
-        return {"recipe": "w_input", "steps": steps, "distilled": hasattr(module, "default_steps"),
-                "evaluations_per_step": 1}
-    return {"recipe": "cfg", "steps": steps, "evaluations_per_step": 2}
-
-
 def generator_table(module) -> dict:
     """The one-step generator's times t, network times and alpha(t), sigma(t), as float32 values exactly as
     OneStepDistillation.run_generator uses them."""
@@ -90,7 +77,7 @@ def export_meta(module, den: Denoiser, fmt: str, metrics: dict | None) -> dict:
     hp = dict(module.hparams) if module.hparams else {}
     meta = {"method": module.method_name, "format": fmt, "parameterization": den.parameterization,
             "schedule": den.schedule.describe(), "guidance_convention": "D_u + w * (D_c - D_u)",
-            **den.net.describe(), "sampling": sampling_recipe(module, den)}
+            **den.net.describe(), "sampling": module.recipe().describe()}
     if meta["sampling"]["recipe"] == "generator":
         meta["generator"] = generator_table(module)
         meta["distilled_guidance_scale"] = module.pg_sb_range or module.guidance_scale  # PG-SB: a range of w

@@ -27,13 +27,17 @@ from tests.guidance.gmm import GaussianMixture, gmm_denoiser
 class ExactGuidedStudent(nn.Module):
     """The stage-1 optimum for a GaussianMixture teacher: net(x_t, net_time, {"cond": labels, "w": w}) returns,
     in `parameterization`, the CFG prediction D_u + w (D_c - D_u) of the exact posterior means (the "uncond"
-    branch uses `negative_label` when given). `w_offset` makes a deliberately wrong student (scale w + offset)."""
+    branch uses `negative_label` when given). `w_offset` makes a deliberately wrong student (scale w + offset).
+    Its `conditioner` takes the mixture's class ids, as a class-conditional network adapter's does."""
 
     def __init__(self, gmm: GaussianMixture, schedule, parameterization: str = "eps", negative_label: int | None = None,
                  w_offset: float = 0.0):
         super().__init__()
+        from models.conditioning import ClassConditioner
+
         self.gmm, self.schedule, self.parameterization = gmm, schedule, parameterization
         self.negative_label, self.w_offset = negative_label, w_offset
+        self.conditioner = ClassConditioner(int(gmm.classes.max()) + 1)
 
     def forward(self, x_t, net_time, cond):
         t = torch.as_tensor(net_time, dtype=x_t.dtype) / self.schedule.time_scale

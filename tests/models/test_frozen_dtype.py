@@ -108,7 +108,7 @@ def test_text_condition_dicts_are_cast(tiny_sd_folder):
 
 
 def _cond(net, b: int) -> dict:
-    null = net.null_cond({k: getattr(net, f"null_{k}") for k in net._null_keys})
+    null = net.conditioner.null_batch(1)
     g = torch.Generator().manual_seed(3)
     return {k: torch.randn(b, *v.shape[1:], generator=g) for k, v in null.items()}
 

@@ -24,7 +24,7 @@ CONCEPTS = {"concepts": [{"name": "cat", "prompts": ["a cat", "the cat"]}, {"nam
 def build(method: str, teacher: str, batch: int, nan_at: int = -1, frozen_dtype: str = "float32"):
     """(module, datamodule) of a tiny text run of `method`; `batch` samples per process."""
     from data.steps import ErasureSteps
-    from train.text_data import EncodedCaptionDataModule
+    from data.captions import CaptionedImageDataModule
 
     if method == "text_onestep":  # generator, LoRA fake score and discriminator (f-distill JS + GAN): three engines
         module = instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
@@ -33,7 +33,7 @@ def build(method: str, teacher: str, batch: int, nan_at: int = -1, frozen_dtype:
                                             "discriminator_hidden": 16, "ema_decay": 0.9,
                                             "val_samples": 0, "frozen_dtype": frozen_dtype}})
         images = Path(teacher).parent / "images"
-        return module, EncodedCaptionDataModule(str(images), image_size=16, batch_size=batch, val_size=2)
+        return module, CaptionedImageDataModule(str(images), image_size=16, batch_size=batch, val_size=2)
     if method == "text_erasure":  # ESD-x with anchors and the null prompt, x_t from the frozen trajectories
         module = instantiate({"class_path": "train.methods.text_erasure.TextConceptErasure",
                               "init_args": {"model": teacher, "concepts": CONCEPTS, "params": "esd-x",

@@ -13,7 +13,7 @@ from losses.erasure import ant_target, esd_target, preservation_target, toward_t
 from models.param_select import adapters_disabled
 from train.runtime.checkpoint import load_method
 from train.cli import main
-from train.evaluation.evaluate import evaluate_checkpoint
+from train.evaluation.requests import evaluate_checkpoint
 from data.steps import ErasureSteps
 from train.methods.erasure import ConceptErasure
 

@@ -163,7 +163,7 @@ def test_progressive_student_exports_and_samples_with_its_distilled_step_count(s
                           {"student": str(student_ckpt), "start_steps": 4, "end_steps": 1, "steps_per_round": 1,
                            "ema_decay": 0.0, "lr": 1e-3})
     module = load_method(ckpt)
-    assert module.default_steps == 2
+    assert module.recipe().default_steps == 2
     out = tmp_path / "progressive"
     main(["export", "--ckpt", str(ckpt), "--out", str(out)])
     meta = json.loads((out / "guidedistill.json").read_text())

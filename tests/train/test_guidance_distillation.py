@@ -105,7 +105,7 @@ def _gd(tiny_teacher_ckpt, **kw) -> GuidanceDistillation:
 def test_stage1_loss_on_gaussian_data_has_the_analytic_values(tiny_teacher_ckpt, negative_label):
     """The module's loss with a closed-form GMM teacher: 0 for the exact guided student, and the analytic
     ((w' - w)(D_c - D_neg))^2 weighted error for a student with the wrong scale."""
-    m = _gd(tiny_teacher_ckpt, negative_label=negative_label, loss_space="v", weighting="none")
+    m = _gd(tiny_teacher_ckpt, negative=negative_label, loss_space="v", weighting="none")
     sched = m.student.schedule
     gmm = GaussianMixture.random(num_classes=3, per_class=2, shape=(1, 3, 3), seed=5)
     m.teacher = gmm_denoiser(gmm, sched, "v")

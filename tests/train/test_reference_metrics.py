@@ -199,9 +199,9 @@ def test_reference_images_read_every_local_layout(tmp_path):
         rm.reference_images(tmp_path / "flat", 9, 6)
 
 
-def test_text_metrics_computes_what_has_weights_and_says_what_is_missing(tmp_path, clip_folder, monkeypatch):
+def test_reference_metrics_computes_what_has_weights_and_says_what_is_missing(tmp_path, clip_folder, monkeypatch):
     x = images(3, 6)
-    out = rm.text_metrics(x, PROMPTS[:3])
+    out = rm.reference_metrics(x, PROMPTS[:3])
     assert set(out) == {"missing"} and len(out["missing"]) == 3
     assert any("--fid-weights" in s and WEIGHTS_NAME in s for s in out["missing"])
     assert any("--fid-reference" in s for s in out["missing"]) and any("--clip-model" in s for s in out["missing"])
@@ -209,11 +209,11 @@ def test_text_metrics_computes_what_has_weights_and_says_what_is_missing(tmp_pat
     calls = []
     monkeypatch.setattr(rm, "fid", lambda images, reference, weights, batch_size: calls.append((reference, weights)) or 1.5)
     write_images(tmp_path / "real", 5)
-    out = rm.text_metrics(x, PROMPTS[:3], fid_weights="w.pth", fid_reference=str(tmp_path / "real"), clip_model=clip_folder)
+    out = rm.reference_metrics(x, PROMPTS[:3], fid_weights="w.pth", fid_reference=str(tmp_path / "real"), clip_model=clip_folder)
     assert out["missing"] == [] and out["fid"] == 1.5
     assert out["clip_score"] == pytest.approx(manual_clip_score(clip_folder, x, PROMPTS[:3])[0], rel=1e-5)
     reference, weights = calls[0]
     assert weights == "w.pth"  # as many reference images as generated ones, at the generated size
     torch.testing.assert_close(reference, rm.reference_images(tmp_path / "real", 3, 8), rtol=0, atol=0)
-    out = rm.text_metrics(x, PROMPTS[:3], fid_weights="w.pth")
+    out = rm.reference_metrics(x, PROMPTS[:3], fid_weights="w.pth")
     assert "fid" not in out and len(out["missing"]) == 2

@@ -29,9 +29,9 @@ def shrunk(cfg: dict, model: Path, ws, root: Path) -> dict:
     if "fake_updates" in args:
         args["fake_updates"] = 1
     data = cfg["data"]["init_args"]
-    if cfg["data"]["class_path"].endswith("EncodedCaptionDataModule"):
+    if cfg["data"]["class_path"].endswith("CaptionedImageDataModule"):
         data.update(path=str(ws.images), cache_dir=str(root / "latents"), val_size=2)
-    elif cfg["data"]["class_path"].endswith("EncodedPromptDataModule"):
+    elif cfg["data"]["class_path"].endswith("PromptDataModule"):
         data["path"] = str(ws.prompts)
     data.update({k: v for k, v in SHRINK.items() if k in data})
     cfg["trainer"].update(max_steps=1, accelerator="cpu", logger=False, default_root_dir=str(root),

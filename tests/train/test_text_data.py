@@ -1,5 +1,6 @@
 """Text-to-image teacher fine-tuning through the CLI on a tiny SD 1.5 folder: captioned images encoded to
-latents once (cached), captions encoded per prompt, the existing teacher's caption dropout on the text condition."""
+latents once by the model's own VAE (cached), raw captions in the batches, encoded by the method (its network's
+conditioner), the existing teacher's caption dropout on the text condition."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ model:
   init_args:
     net:
       class_path: {net}
-      init_args: {{pretrained: {model}}}
+      init_args: {{pretrained: {model}{net_extra}}}
     schedule: {schedule}
     parameterization: {param}
     p_uncond: 0.5
@@ -26,8 +27,8 @@ model:
     warmup_steps: 1
     ema_decay: 0.0
 data:
-  class_path: train.text_data.EncodedCaptionDataModule
-  init_args: {{path: {images}, image_size: 16, batch_size: 2, val_size: 2, cache_dir: {cache}, embedded_guidance: {guidance}}}
+  class_path: data.captions.CaptionedImageDataModule
+  init_args: {{path: {images}, image_size: 16, batch_size: 2, val_size: 2, cache_dir: {cache}}}
 trainer:
   max_steps: 3
   accelerator: cpu
@@ -44,13 +45,13 @@ trainer:
 """
 
 
-FAMILIES = {  # net, schedule, parameterization, embedded guidance
+FAMILIES = {  # net, schedule, parameterization, more net init args (Flux-dev: its embedded guidance)
     "sd15": ("models.text_unet.TextConditionalUNet", "{class_path: guidance.schedules.VPLinear, init_args: "
-             "{num_steps: 1000, beta_start: 0.00085, beta_end: 0.012, scaled: true}}", "eps", "null"),
+             "{num_steps: 1000, beta_start: 0.00085, beta_end: 0.012, scaled: true}}", "eps", ""),
     "sd3": ("models.text_transformer.SD3Transformer", "{class_path: guidance.schedules.RectifiedFlow, init_args: "
-            "{shift: 3.0, logit_normal: true}}", "flow", "null"),
+            "{shift: 3.0, logit_normal: true}}", "flow", ""),
     "flux": ("models.text_transformer.FluxTransformer", "{class_path: guidance.schedules.RectifiedFlow, init_args: "
-             "{shift: 1.58, logit_normal: true}}", "flow", "1.0"),
+             "{shift: 1.58, logit_normal: true}}", "flow", ", embedded_guidance: 1.0"),
 }
 
 
@@ -74,36 +75,46 @@ def test_teacher_fine_tunes_a_text_model_from_one_config(folders, kind):
     from train.cli import main
 
     root, models, images = folders
-    net, schedule, param, guidance = FAMILIES[kind]
+    net, schedule, param, net_extra = FAMILIES[kind]
     cfg = root / f"{kind}.yaml"
     cfg.write_text(CONFIG.format(model=models[kind], images=images, cache=root / f"cache-{kind}", root=root / kind / "run",
-                                 net=net, schedule=schedule, param=param, guidance=guidance))
+                                 net=net, schedule=schedule, param=param, net_extra=net_extra))
     main(["fit", "--config", str(cfg)])
     assert (root / kind / "run" / "checkpoints" / "last.ckpt").is_file()
     cached = list((root / f"cache-{kind}").glob("latents-*.safetensors"))
     assert len(cached) == 2  # train and validation latents, each encoded once
 
 
-def test_batches_are_cached_latents_and_prompt_embeddings(folders):
-    from train.text_data import EncodedCaptionDataModule
+def test_batches_are_the_models_cached_latents_and_raw_captions(folders):
+    """A latent model's data module yields its VAE's latents of the images (encoded once, cached) with the raw
+    captions; the method encodes the captions with its network's conditioner."""
+    from types import SimpleNamespace
+
+    from data.captions import CaptionedImageDataModule
+    from train.runtime.checkpoint import load_method
 
     root, models, images = folders
-    model = models["sd15"]
-
-    dm = EncodedCaptionDataModule(str(images), pretrained=str(model), image_size=16, batch_size=2, val_size=2,
-                                  cache_dir=str(root / "cache-sd15"))
-    raw_latents, captions = next(iter(dm.train_dataloader()))
-    latents, cond = dm.on_after_batch_transfer((raw_latents, captions), 0)
-    assert latents.shape == (2, 4, 8, 8) and cond["encoder_hidden_states"].shape == (2, 16, 32)
+    module = load_method(models["sd15"])  # a pipeline folder reads as a teacher
+    dm = CaptionedImageDataModule(str(images), image_size=16, batch_size=2, val_size=2, cache_dir=str(root / "c15"))
+    dm.trainer = SimpleNamespace(lightning_module=module)
+    latents, captions = next(iter(dm.train_dataloader()))
+    assert latents.shape == (2, 4, 8, 8) and all(isinstance(c, str) for c in captions)
+    pixels = CaptionedImageDataModule(str(images), image_size=16, batch_size=2, val_size=2)
+    pixels.setup()
+    train_images = torch.stack([pixels.sets["train"][j][0] for j in range(len(pixels.sets["train"]))])
+    torch.testing.assert_close(dm.sets["train"].samples, module.images_to_samples(train_images), rtol=0, atol=0)
+    assert len(list((root / "c15").glob("latents-*.safetensors"))) == 2  # train and validation, each encoded once
+    cond = module.encode(captions)
+    assert cond["encoder_hidden_states"].shape == (2, 16, 32)
     for c, h in zip(captions, cond["encoder_hidden_states"]):
-        torch.testing.assert_close(h, dm.encoder.encode([c])["encoder_hidden_states"][0], rtol=0, atol=0)
-    i = dm.sets["train"].captions.index(captions[0])
-    torch.testing.assert_close(dm.sets["train"].latents[i], raw_latents[0], rtol=0, atol=0)
+        torch.testing.assert_close(h, module.conditioner.encoder.encode([c])["encoder_hidden_states"][0], rtol=0, atol=0)
 
 
-def test_missing_model_path_is_a_clear_error(folders):
-    from train.text_data import EncodedCaptionDataModule
+def test_a_pixel_model_gets_the_images_and_raw_captions(folders):
+    from data.captions import CaptionedImageDataModule
 
     _, _, images = folders
-    with pytest.raises(ValueError, match="set data `pretrained:`"):
-        EncodedCaptionDataModule(str(images), image_size=16, batch_size=2).setup()
+    dm = CaptionedImageDataModule(str(images), image_size=16, batch_size=2, val_size=2)
+    x, captions = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)

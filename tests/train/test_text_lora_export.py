@@ -7,7 +7,7 @@ import diffusers
 import pytest
 import torch
 
-from tests.train.text_fits import PIPELINES, PROMPTS, pipeline_latents, randomised
+from tests.train.text_fits import FLUX_GUIDANCE, PIPELINES, PROMPTS, pipeline_latents, randomised
 from train.runtime.checkpoint import load_method
 from train.cli import main
 from train.text_export import LORA_WEIGHTS
@@ -30,7 +30,7 @@ def card_pipeline(folder, base):
 def cfg_args(kind: str, steps: int, scale: float) -> dict:
     """Pipeline arguments for CFG with the negative prompt "a red car" on PROMPTS, our sampler's time grid."""
     args = {"prompt": PROMPTS, "negative_prompt": ["a red car"] * len(PROMPTS), "num_inference_steps": steps,
-            **({"true_cfg_scale": scale, "guidance_scale": 1.0} if kind == "flux" else {"guidance_scale": scale})}
+            **({"true_cfg_scale": scale, "guidance_scale": FLUX_GUIDANCE} if kind == "flux" else {"guidance_scale": scale})}
     if kind == "sd3":  # its pipeline's default grid ends at sigma 1/1000; ours is 1 - i/N (shifted)
         args["sigmas"] = [1 - i / steps for i in range(steps)]
         del args["num_inference_steps"]
@@ -47,7 +47,7 @@ def test_erasure_lora_loads_onto_the_original_pipeline(t2i_workspace, kind, tmp_
     assert (out / LORA_WEIGHTS).is_file() and (out / "scheduler").is_dir() == (kind in ("sd15", "sdxl"))
     assert not (out / "w_embedding").exists()
 
-    ours, _ = load_method(ckpt).generate(PROMPTS, scale=4.0, steps=2, negative_prompt="a red car", seed=3)
+    ours, _ = load_method(ckpt).generate(PROMPTS, scale=4.0, steps=2, negative="a red car", seed=3)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     plain = getattr(diffusers, PIPELINES[kind]).from_pretrained(base, local_files_only=True)
     plain.set_progress_bar_config(disable=True)

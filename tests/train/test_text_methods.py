@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.train.text_fits import PIPELINES, PROMPTS
+from tests.train.text_fits import FLUX_GUIDANCE, PIPELINES, PROMPTS
 
 KINDS = ("sd15", "sd3", "flux")
 
@@ -48,7 +48,7 @@ def test_guidance_distillation_on_text_models(workspace, kind):
     student = load_method(fitted(workspace, "gd", kind))
     latents, nfe = student.generate(PROMPTS, scale=3.0, steps=2)
     assert latents.shape == (2, 4, 8, 8) and nfe == 2 and torch.isfinite(latents).all()
-    assert student.decode_latents(latents).shape == (2, 3, 16, 16)
+    assert student.samples_to_images(latents).shape == (2, 3, 16, 16)
     # w enters the network (UNet time_embedding or the transformers' time_text_embed): a w-embedding that is no
     # longer zero changes the output with w
     net = student.student.net
@@ -79,7 +79,7 @@ def test_erasure_trains_cross_attention_only(workspace, kind):
                if not torch.equal(p, q)]
     assert changed
     assert all(".attn2." in n or ".attn.add_" in n or ".attn.to_add_out." in n for n in changed), changed
-    latents, nfe = module.generate(["a cat"], scale=3.0, steps=2, negative_prompt="the dog")
+    latents, nfe = module.generate(["a cat"], scale=3.0, steps=2, negative="the dog")
     assert latents.shape == (1, 4, 8, 8) and nfe == 4
 
 
@@ -144,9 +144,9 @@ def test_export_loads_in_the_diffusers_pipeline_and_generates_what_we_sample(wor
     erased = load_method(fitted(workspace, "erase", kind))
     folder = export(fitted(workspace, "erase", kind), tmp_path / "erased")
     assert (folder / ("transformer" if kind != "sd15" else "unet")).is_dir() and (folder / "README.md").is_file()
-    ours, _ = erased.generate(PROMPTS, scale=4.0, steps=4, negative_prompt="a red car", seed=3)
+    ours, _ = erased.generate(PROMPTS, scale=4.0, steps=4, negative="a red car", seed=3)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    cfg = {"true_cfg_scale": 4.0, "guidance_scale": 1.0} if flux else {"guidance_scale": 4.0}
+    cfg = {"true_cfg_scale": 4.0, "guidance_scale": FLUX_GUIDANCE} if flux else {"guidance_scale": 4.0}
     args = {"prompt": PROMPTS, "negative_prompt": ["a red car"] * 2, "num_inference_steps": 4, **cfg}
     if flux:
         args.update(height=16, width=16)
@@ -161,7 +161,8 @@ def test_export_loads_in_the_diffusers_pipeline_and_generates_what_we_sample(wor
     ours, _ = generator.generate(PROMPTS, seed=5)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     z = z * generator.generator.schedule.sigma(generator.generator_times[:1])  # the generator's input sigma(t_0) z
-    args = {"prompt": PROMPTS, "num_inference_steps": 1, "guidance_scale": 1.0, **({"height": 16, "width": 16} if flux else {})}
+    args = {"prompt": PROMPTS, "num_inference_steps": 1, "guidance_scale": FLUX_GUIDANCE if flux else 1.0,
+            **({"height": 16, "width": 16} if flux else {})}
     theirs = run_pipeline(folder, kind, z, args, tmp_path)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 

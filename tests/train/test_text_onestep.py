@@ -53,15 +53,14 @@ class Losses(L.Callback):
 def test_fdistill_js_with_gan_fits_on_text_models(workspace, kind):
     """Two generator steps of JS f-distill + GAN (two fake-score/discriminator updates each) on captioned latents:
     every loss term finite, and the generator, the LoRA fake score and the discriminator head all move."""
-    from train.text_data import EncodedCaptionDataModule
+    from data.captions import CaptionedImageDataModule
 
     module = build(workspace["models"][kind], fake_updates=2)
     assert module.disc_head is not None
     assert module.discriminator_layer == ("unet.mid_block" if kind == "sd15" else "transformer.norm_out:input")
     before = {name: {k: v.detach().clone() for k, v in net.state_dict().items()}
               for name, net in module.trainable_networks().items()}
-    data = EncodedCaptionDataModule(str(workspace["images"]), image_size=16, batch_size=3, val_size=2,
-                                    embedded_guidance=1.0 if kind == "flux" else None)
+    data = CaptionedImageDataModule(str(workspace["images"]), image_size=16, batch_size=3, val_size=2)
     losses = Losses()
     torch.manual_seed(0)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
@@ -119,14 +118,12 @@ def _direct_features(module, kind, x_t, t, cond):
 def test_discriminator_logits_for_a_text_batch_equal_the_head_on_the_networks_features(workspace, kind):
     """module._disc_logits (FeatureTap through our adapter, aborted after the tap) = the head applied to the features
     a hook reads from the diffusers network called directly, for a text batch with the fake score's LoRA moved."""
-    from models.text_encoders import prompt_encoder_for
-
     module = build(workspace["models"][kind]).eval()
     with torch.no_grad():
         for name, p in module.fake_score.net.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)  # the fake score differs from the teacher
-    cond = prompt_encoder_for(module.teacher.net).encode(PROMPTS)
+    cond = module.teacher.net.conditioner.encode(PROMPTS)
     if kind == "flux":
         cond["guidance"] = torch.full((3,), 2.0)
     x_t, t = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.2, 0.5, 0.9])
@@ -137,19 +134,19 @@ def test_discriminator_logits_for_a_text_batch_equal_the_head_on_the_networks_fe
     assert ours.shape == (3,) and feats.shape[1] == module.disc_head.norm.num_channels
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # the features depend on the text: another prompt gives other logits
-        other = module._disc_logits(x_t, t, prompt_encoder_for(module.teacher.net).encode(["the red dog"] * 3)
+        other = module._disc_logits(x_t, t, module.teacher.net.conditioner.encode(["the red dog"] * 3)
                                     | ({"guidance": cond["guidance"]} if kind == "flux" else {}))
     assert not torch.allclose(ours, other)
 
 
 def test_a_discriminator_on_prompt_only_data_says_what_to_use(workspace):
-    from train.text_data import EncodedPromptDataModule
+    from data.prompts import PromptDataModule
 
     module = build(workspace["models"]["sd15"])
     with pytest.raises(ValueError, match="CaptionedImageDataModule"):
-        module.check_data(EncodedPromptDataModule(str(workspace["prompts"]), batch_size=2))
+        module.check_data(PromptDataModule(str(workspace["prompts"]), batch_size=2))
     build(workspace["models"]["sd15"], gan_weight=0.0, divergence="reverse_kl").check_data(
-        EncodedPromptDataModule(str(workspace["prompts"]), batch_size=2))  # DMD alone needs no real latents
+        PromptDataModule(str(workspace["prompts"]), batch_size=2))  # DMD alone needs no real latents
 
 
 def test_a_layer_that_does_not_exist_names_the_default(workspace):

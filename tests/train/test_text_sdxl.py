@@ -36,7 +36,7 @@ def test_guidance_distillation_on_sdxl(t2i_workspace):
     student = load_method(t2i_workspace.fitted("gd", "sdxl"))
     latents, nfe = student.generate(PROMPTS, scale=3.0, steps=2)
     assert latents.shape == (2, 4, 8, 8) and nfe == 2 and torch.isfinite(latents).all()
-    assert student.decode_latents(latents).shape == (2, 3, 16, 16)
+    assert student.samples_to_images(latents).shape == (2, 3, 16, 16)
     net = student.student.net
     assert net.hooked == "unet.time_embedding" and net.base.sdxl
     torch.nn.init.normal_(net.w_embedding.linear_2.weight)  # w enters: a non-zero w-embedding changes the output
@@ -57,7 +57,7 @@ def test_erasure_on_sdxl_trains_cross_attention_only(t2i_workspace):
     changed = [n for (n, p), q in zip(module.student.net.named_parameters(), module.frozen.net.parameters())
                if not torch.equal(p, q)]
     assert changed and all(".attn2." in n for n in changed), changed
-    latents, nfe = module.generate(["a cat"], scale=3.0, steps=2, negative_prompt="the dog")
+    latents, nfe = module.generate(["a cat"], scale=3.0, steps=2, negative="the dog")
     assert latents.shape == (1, 4, 8, 8) and nfe == 4
 
 
@@ -65,7 +65,7 @@ def test_sdxl_exports_load_in_the_sdxl_pipeline_and_generate_what_we_sample(t2i_
     """The erased model (CFG with a negative prompt) and the one-step generator as full pipeline folders."""
     erased = load_method(t2i_workspace.fitted("erase", "sdxl"))
     pipe = sdxl_pipeline(export(t2i_workspace.fitted("erase", "sdxl"), tmp_path / "erased"))
-    ours, _ = erased.generate(PROMPTS, scale=4.0, steps=4, negative_prompt="a red car", seed=3)
+    ours, _ = erased.generate(PROMPTS, scale=4.0, steps=4, negative="a red car", seed=3)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     args = {"prompt": PROMPTS, "negative_prompt": ["a red car"] * 2, "num_inference_steps": 4, "guidance_scale": 4.0}
     torch.testing.assert_close(ours, pipeline_latents(pipe, "sdxl", noise, args), **TOL)

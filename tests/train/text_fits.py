@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 PROMPTS = ["a cat", "the dog"]
+FLUX_GUIDANCE = 3.5  # the embedded guidance of a Flux-dev folder's conditioner (FluxPipeline's guidance_scale)
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
              "flux": "FluxPipeline"}
 TRAINER = {"max_steps": 2, "accelerator": "cpu", "limit_val_batches": 1, "check_val_every_n_epoch": None,
@@ -46,20 +47,19 @@ class TextWorkspace:
 
     def config(self, method: str, kind: str, **overrides) -> dict:
         """The fit config of `method` on the tiny `kind` folder; `overrides` replace model init_args."""
-        model, guidance = str(self.model(kind)), (1.0 if kind == "flux" else None)
+        model = str(self.model(kind))  # a Flux-dev folder: its conditioner gives embedded guidance 3.5 with every prompt
         if method == "gd":
             cfg = {"model": {"class_path": "train.methods.guidance_distillation.GuidanceDistillation", "init_args": {
                        "teacher": model, "w_min": 1.0, "w_max": 4.0, "lr": 1e-4, "warmup_steps": 1, "ema_decay": 0.0,
                        "val_samples": 0}},
-                   "data": {"class_path": "train.text_data.EncodedCaptionDataModule", "init_args": {
-                       "path": str(self.images), "image_size": 16, "batch_size": 2, "val_size": 2,
-                       "embedded_guidance": guidance}}}
+                   "data": {"class_path": "data.captions.CaptionedImageDataModule", "init_args": {
+                       "path": str(self.images), "image_size": 16, "batch_size": 2, "val_size": 2}}}
         elif method == "dmd":
             cfg = {"model": {"class_path": "train.methods.onestep.OneStepDistillation", "init_args": {
                        "teacher": model, "guidance_scale": 3.0, "fake_score": "lora", "lora_rank": 4, "lr": 1e-3,
                        "ema_decay": 0.0, "val_samples": 0}},
-                   "data": {"class_path": "train.text_data.EncodedPromptDataModule", "init_args": {
-                       "path": str(self.prompts), "batch_size": 2, "val_size": 2, "embedded_guidance": guidance}}}
+                   "data": {"class_path": "data.prompts.PromptDataModule", "init_args": {
+                       "path": str(self.prompts), "batch_size": 2, "val_size": 2}}}
         elif method == "erase":
             cfg = {"model": {"class_path": "train.methods.text_erasure.TextConceptErasure", "init_args": {
                        "model": model, "concepts": CONCEPTS, "params": "esd-x", "uncond_weight": 1.0, "batch_size": 2,

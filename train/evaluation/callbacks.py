@@ -48,18 +48,19 @@ class SampleMetrics(L.Callback):
         if self.class_prompts is not None:
             from train.evaluation.digits_text import generate_digits
 
-            images, labels, nfe = generate_digits(pl_module, self.class_prompts, self.num_per_class,
-                                                  pl_module.val_scale, pl_module.val_steps, seed=self.seed)
+            images, labels, nfe = generate_digits(pl_module, self.class_prompts, self.num_per_class, seed=self.seed,
+                                                  **pl_module.val_sampling())
             num_classes = 10
-        elif getattr(pl_module.sampling_denoiser().net, "num_classes", None) is None:  # a text model, no class prompts
+        elif pl_module.conditioner.enumerate() is None:  # prompts, no class prompts: a grid of the validation prompts
             prompts = getattr(trainer.datamodule, "val_prompts", None)
             if prompts:
                 self._prompt_grid(trainer, pl_module, list(prompts))
             return
         else:
-            num_classes = pl_module.sampling_denoiser().net.num_classes
-            labels = torch.arange(num_classes).repeat_interleave(self.num_per_class)
-            images, nfe = pl_module.generate(labels, scale=pl_module.val_scale, steps=pl_module.val_steps, seed=self.seed)
+            classes = pl_module.conditioner.enumerate()
+            num_classes = len(classes)
+            labels = torch.tensor(classes).repeat_interleave(self.num_per_class)
+            images, nfe = pl_module.generate(labels, seed=self.seed, **pl_module.val_sampling())
         if trainer.is_global_zero:
             self._save_grid(trainer, images.view(num_classes, self.num_per_class, *images.shape[1:])[:, :8].flatten(0, 1))
         if self.metrics:
@@ -89,9 +90,9 @@ class SampleMetrics(L.Callback):
     def _prompt_grid(self, trainer: L.Trainer, pl_module, prompts: list[str]) -> None:
         """A grid of `num_per_class` decoded samples per validation prompt (one row each), captioned in W&B."""
         rows = [p for p in prompts for _ in range(self.num_per_class)]
-        latents, _ = pl_module.generate(rows, scale=pl_module.val_scale, steps=pl_module.val_steps, seed=self.seed)
+        samples, _ = pl_module.generate(rows, seed=self.seed, **pl_module.val_sampling())
         if trainer.is_global_zero:
-            self._save_grid(trainer, pl_module.decode_latents(latents), nrow=self.num_per_class,
+            self._save_grid(trainer, pl_module.samples_to_images(samples), nrow=self.num_per_class,
                             caption=" | ".join(prompts))
 
     def _save_grid(self, trainer: L.Trainer, images: torch.Tensor, nrow: int = 8, caption: str | None = None) -> None:

@@ -40,15 +40,16 @@ def to_digits(images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def generate_digits(module, template: str = EVAL_TEMPLATE, num_per_class: int = 100, scale: float = 2.0,
-                    steps: int = 50, sampler: str = "ddim", guider="cfg", seed: int = 0, progress: bool = False,
-                    negative_prompt: str | None = None, **guider_params) -> tuple[Tensor, Tensor, float]:
+def generate_digits(module, template: str = EVAL_TEMPLATE, num_per_class: int = 100, scale: float | None = None,
+                    steps: int | None = None, sampler: str | None = None, guider=None, seed: int = 0,
+                    progress: bool = False, negative_prompt: str | None = None,
+                    guider_params: dict | None = None) -> tuple[Tensor, Tensor, float]:
     """(digit images [10 n, 1, 8, 8], labels, network evaluations per sample) from a text method module trained
     on the text digits pipeline, prompted class by class with `template`."""
     prompts, labels = class_prompts(template, num_per_class)
-    latents, nfe = module.generate(prompts, scale, steps, sampler, guider, seed, progress=progress,
-                                   negative_prompt=negative_prompt, **guider_params)
-    return to_digits(module.decode_latents(latents)), labels, nfe
+    samples, nfe = module.generate(prompts, scale, steps, sampler, guider, seed, progress=progress,
+                                   negative=negative_prompt, guider_params=guider_params)
+    return to_digits(module.samples_to_images(samples)), labels, nfe
 
 
 def erased_digits(module) -> list[int]:

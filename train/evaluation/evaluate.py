@@ -44,7 +44,8 @@ def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_spl
                      nfe_per_sample: float | None = None) -> dict[str, Any]:
     """Score generated (or real) digits against the real digits of `reference_split`.
 
-    images:          [N, 1, 8, 8] in data space [-1, 1] (clamped before classification), N >= k + 1 and >= 2.
+    images:          [N, 1, 8, 8] in data space [-1, 1] (clamped before classification), N >= k + 1 and >= 2; RGB
+                     images [N, 3, 8, 8] are read as gray (their channel mean).
     labels:          [N] int classes the samples were requested for, or None for unconditional samples.
     reference_split: real digits that give the reference features ('validation': 300, 30 per class).
     classifier:      feature extractor; default `load_digits_classifier()` (trained once, cached).
@@ -61,8 +62,10 @@ def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_spl
         num_samples        N
         nfe_per_sample     as given (None when not given)
     """
+    if images.ndim == 4 and tuple(images.shape[1:]) == (3, 8, 8):  # RGB (a latent model's decoded samples): gray
+        images = images.float().mean(1, keepdim=True)
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"images must be [N, 1, 8, 8] in [-1, 1], got shape {tuple(images.shape)}")
+        raise ValueError(f"images must be [N, 1, 8, 8] (or RGB [N, 3, 8, 8]) in [-1, 1], got shape {tuple(images.shape)}")
     if labels is not None and labels.shape != (len(images),):
         raise ValueError(f"labels must be [N] = [{len(images)}] or None, got shape {tuple(labels.shape)}")
     classifier = classifier if classifier is not None else load_digits_classifier()
@@ -91,16 +94,12 @@ def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_spl
     }
 
 
-def evaluate_checkpoint(module, scales, steps=50, sampler="ddim", guider="cfg", seed=0, num_per_class=100,
-                        guider_params=None) -> list[dict]:
-    """Metrics rows (one per scale) for a trained method on the digits classifier."""
-    labels = torch.arange(module.sampling_denoiser().net.num_classes).repeat_interleave(num_per_class)
-    rows = []
-    for w in scales:
-        images, nfe = module.generate(labels, w, steps, sampler, guider, seed, progress=True, **(guider_params or {}))
-        m = evaluate_samples(images, labels, nfe_per_sample=nfe)
-        rows.append({"guider": guider, "w": w, "sampler": sampler, "steps": steps, **m})
-    return rows
+def sampling_columns(module, scale=None, steps=None, sampler=None, guider=None, guider_params=None) -> dict:
+    """The guider, w, sampler and steps a method's recipe samples with for these requests (its defaults filled in;
+    a w the recipe does not take, e.g. a PG-SB generator's, is None)."""
+    s = module.recipe().resolve(scale, steps, sampler, guider, guider_params)
+    return {"guider": s.guider if isinstance(s.guider, str) else s.guider.name, "w": s.scale, "sampler": s.sampler,
+            "steps": s.steps}
 
 
 def _cell(v: Any) -> str:

@@ -3,7 +3,7 @@
     fid(images, reference, weights)        Frechet Inception Distance (Heusel et al. 2017, arXiv 1706.08500)
     clip_score(images, prompts, model)     CLIP score (Hessel et al. 2021, arXiv 2104.08718)
     reference_images(source, n, size)      the real images FID compares with, from a local folder
-    text_metrics(images, prompts, ...)     whichever of them have weights, plus a sentence for each that has none
+    reference_metrics(images, prompts)   whichever of them have weights, plus a sentence for each that has none
 
 Images are what the samplers + VAE decode give: float [N, 3, H, W] in [-1, 1]; they are quantised to 8 bits
 (`to_uint8`) as a saved PNG would be before either metric sees them.
@@ -190,11 +190,11 @@ def reference_images(source: str | os.PathLike, n: int | None, size: int, seed: 
 
 # ------------------------------------------------------------------------------------------------ all of them
 
-def text_metrics(images: Tensor, prompts: Sequence[str], fid_weights: str | None = None,
+def reference_metrics(images: Tensor, prompts: Sequence[str] | None = None, fid_weights: str | None = None,
                  fid_reference: str | Tensor | None = None, clip_model: str | None = None, *,
                  reference_count: int | None = None, batch_size: int = 32, seed: int = 0) -> dict:
-    """The reference metrics that have weights, for generated `images` (float [N, 3, H, W] in [-1, 1]) and the
-    `prompts` they were generated from.
+    """The reference metrics that have weights, for generated `images` (float [N, 3, H, W] in [-1, 1]; gray
+    [N, 1, H, W] is read as RGB) and the `prompts` they were generated from (None: no CLIP score).
 
     Returns {"fid": float (with fid_weights and fid_reference), "clip_score": float (with clip_model),
     "missing": [one plain sentence per metric left out, naming the flag that enables it]}.
@@ -202,6 +202,8 @@ def text_metrics(images: Tensor, prompts: Sequence[str], fid_weights: str | None
     many as were generated or all the folder holds if fewer) or a float tensor of real images in [-1, 1].
     A path that is given but missing or unreadable is an error (FileNotFoundError / ValueError), not "missing".
     """
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
     check_images(images)
     out: dict = {}
     missing = [s for s, given in ((FID_WEIGHTS_MISSING, fid_weights), (FID_REFERENCE_MISSING, fid_reference))
@@ -213,7 +215,9 @@ def text_metrics(images: Tensor, prompts: Sequence[str], fid_weights: str | None
                 reference_count = min(len(images), reference_source(fid_reference)[0])
             reference = reference_images(fid_reference, reference_count, images.shape[-1], seed)
         out["fid"] = fid(images, reference, fid_weights, batch_size)
-    if clip_model is None:
+    if prompts is None:
+        pass  # class requests: no text to score the images against
+    elif clip_model is None:
         missing.append(CLIP_MISSING)
     else:
         out["clip_score"] = clip_score(images, prompts, clip_model, batch_size)

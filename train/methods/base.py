@@ -2,22 +2,22 @@
 policy and the per-batch random state that makes resumed runs exact."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from guidance.conditions import cond_index, cond_to
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
-from guidance.guiders import Guider, build_guider
-from guidance.samplers import sample
+from guidance.guiders import Guider
+from models.conditioning import Conditioner
+from models.vae import shared_vae
 from train.runtime.nonfinite import NonFiniteGuard, nonfinite_gradient, nonfinite_terms
+from train.methods.sampling import DEFAULT_STEPS, GuidedSampling, Recipe
 from train.runtime.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, is_rebuildable, plain_config
 from train.runtime.resume import StepSeed
-DEFAULT_STEPS = 50  # sampler steps for models without a step count of their own
+__all__ = ["DEFAULT_STEPS", "MethodModule"]
 
 
 class MethodModule(L.LightningModule):
@@ -157,88 +157,90 @@ class MethodModule(L.LightningModule):
         return self.per_sample(lambda m: torch.rand(m, generator=generator, device=generator.device if generator else device),
                                n).to(device)
 
+    # --- conditions and samples ---------------------------------------------------------------------
+    @property
+    def conditioner(self) -> Conditioner:
+        """What requests (class ids or names, prompts) become for the network (models.conditioning)."""
+        return self.sampling_denoiser().net.conditioner
+
+    def encode(self, requests: Sequence | Tensor, device=None) -> Any:
+        """The network's condition for requests [B] (a batch's labels or prompts), on this module's device."""
+        return self.conditioner.encode(requests, self.device if device is None else device)
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample (a latent model's latents), from the network's config."""
+        return self.sampling_denoiser().net.sample_shape()
+
+    @property
+    def vae_folder(self) -> str | None:
+        """The folder whose vae/ turns samples into images (latent models), or None (samples are images)."""
+        return self.sampling_denoiser().net.vae_folder
+
+    @torch.no_grad()
+    def images_to_samples(self, images: Tensor, batch_size: int = 16) -> Tensor:
+        """Images [N, 3, H, W] in [-1, 1] -> what the network generates (a latent model's latents [N, C, h, w])."""
+        if self.vae_folder is None:
+            return images
+        vae = shared_vae(self.vae_folder)
+        dev = next(vae.parameters()).device
+        return torch.cat([vae.encode(images[i:i + batch_size].to(dev)).cpu() for i in range(0, len(images), batch_size)])
+
+    @torch.no_grad()
+    def samples_to_images(self, samples: Tensor, batch_size: int = 16) -> Tensor:
+        """Samples [N, C, h, w] -> images [N, C', H, W] in about [-1, 1] (decoded by a latent model's VAE)."""
+        if self.vae_folder is None:
+            return samples
+        vae = shared_vae(self.vae_folder)
+        dev = next(vae.parameters()).device
+        return torch.cat([vae.decode(samples[i:i + batch_size].to(dev)).cpu() for i in range(0, len(samples), batch_size)])
+
     # --- sampling -----------------------------------------------------------------------------
     def sampling_denoiser(self) -> Denoiser:
         raise NotImplementedError
 
+    def recipe(self) -> Recipe:
+        """How this method's model samples (train.methods.sampling); a guided sampler by default."""
+        return GuidedSampling(self.sampling_denoiser)
+
+    def val_sampling(self) -> dict:
+        """generate() settings of validation samples (the module's val_scale and val_steps)."""
+        return {"scale": self.val_scale, "steps": self.val_steps}
+
     def guided(self, guider: Guider | str = "cfg", **guider_params) -> GuidedDenoiser:
-        """The trained model wrapped by a guider, ready for `guidance.samplers.sample`."""
-        g = build_guider(guider, **guider_params) if isinstance(guider, str) else guider
-        return GuidedDenoiser(self.sampling_denoiser(), g)
+        """The trained model wrapped by a guider (a w-input student: the student itself), for
+        `guidance.samplers.sample`."""
+        return self.recipe().guided(self.recipe().resolve(guider=guider, guider_params=guider_params))
 
     @torch.no_grad()
-    def generate(self, labels: Tensor | Sequence[str], scale: float = 2.0, steps: int = 50, sampler: str = "ddim",
-                 guider: Guider | str = "cfg", seed: int = 0, batch_size: int = 500, progress: bool = False,
-                 negative_prompt: str | Sequence[str] | None = None, embedded_guidance: float = 1.0,
-                 **guider_params) -> tuple[Tensor, float]:
-        """Samples [N, C, H, W] for class labels [N] (or, for a text model, latents [N, C, h, w] for N prompts;
-        `decode_latents` turns them into images) and network evaluations per sample.
+    def generate(self, requests: Sequence | Tensor, scale: float | None = None, steps: int | None = None,
+                 sampler: str | None = None, guider: Guider | str | None = None, seed: int = 0, batch_size: int = 500,
+                 progress: bool = False, negative: Any = None, eta: float = 0.0,
+                 guider_params: dict | None = None) -> tuple[Tensor, float]:
+        """Samples [N, C, H, W] for N requests (class ids or names [N], or prompts; a latent model's latents, which
+        `samples_to_images` decodes) and network evaluations per sample.
 
-        negative_prompt, embedded_guidance: text models only, see `conditions`.
+        scale, steps, sampler, guider, guider_params ({name: value}), eta (DDIM's): as the method's recipe takes them
+        (None: its defaults); one it cannot honour is a ValueError. negative: the negative condition of CFG-like guiders (a request, or
+        one per sample: a negative prompt, or a class) instead of the null condition.
         Noise comes from a CPU generator seeded with `seed`, so samples are identical across devices."""
-        guided = self.guided(guider, **guider_params)
-        shape = self.sample_shape()
+        recipe = self.recipe()
+        negs = None
+        if negative is not None:
+            negs = [negative] * len(requests) if isinstance(negative, (str, int)) else list(negative)
+            if len(negs) != len(requests):
+                raise ValueError(f"give one negative condition, or one per request ({len(requests)}), not {len(negs)}")
+        settings = recipe.resolve(scale, steps, sampler, guider, guider_params, eta, negs is not None)
         gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(labels), *shape, generator=gen)
-        cond, neg = self.conditions(labels, negative_prompt, embedded_guidance)
-        out = []
-        for i in range(0, len(labels), batch_size):
+        noise = torch.randn(len(requests), *self.sample_shape(), generator=gen)
+        out, evaluations = [], 0.0
+        for i in range(0, len(requests), batch_size):
             part = slice(i, i + batch_size)
-            lab, neg_part = cond_to(cond_index(cond, part), self.device), cond_to(cond_index(neg, part), self.device)
-            out.append(sample(guided, noise[part].to(self.device), lab, scale, steps, sampler, neg_cond=neg_part,
-                              generator=gen, progress=progress).cpu())
-        nfe = guided.nfe / max(1, math.ceil(len(labels) / batch_size))
-        return torch.cat(out), nfe
-
-    def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one sample; read from the network's config (a text model's latent shape)."""
-        net = self.sampling_denoiser().net
-        inner = getattr(net, "base", net)  # a w-conditioned student's network
-        if hasattr(inner, "latent_shape"):
-            return inner.latent_shape()
-        cfg = net.unet.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-
-    # --- text models ------------------------------------------------------------------------------
-    def prompt_encoder(self):
-        """The text model's prompt encoder (models.text_encoders.prompt_encoder_for), loaded once and kept outside
-        the module tree (its weights are not the method's)."""
-        if getattr(self, "_prompt_encoder", None) is None:
-            from models.text_encoders import prompt_encoder_for
-
-            object.__setattr__(self, "_prompt_encoder", prompt_encoder_for(self.sampling_denoiser().net))
-        return self._prompt_encoder
-
-    def conditions(self, labels: Tensor | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                   embedded_guidance: float = 1.0) -> tuple[Any, Any]:
-        """(cond, neg_cond) of `generate`: class labels [N] as they are (no negative); prompts (a list of N
-        strings) encoded into a text condition dict, negative_prompt (one string or N) into the condition the
-        guider's negative branch uses instead of the null text; a guidance-distilled Flux network also gets
-        its guidance input `embedded_guidance` per sample (the value its data gave it when fine-tuned)."""
-        if isinstance(labels, Tensor):
-            return labels, None
-        prompts = list(labels)
-        enc = self.prompt_encoder()
-        cond = {k: v.cpu() for k, v in enc.encode(prompts).items()}
-        neg = None
-        if negative_prompt is not None:
-            negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            neg = {k: v.cpu() for k, v in enc.encode(negs).items()}
-        if getattr(getattr(self.sampling_denoiser().net, "base", self.sampling_denoiser().net), "guidance_embeds", False):
-            g = torch.full((len(prompts),), float(embedded_guidance))
-            cond = {**cond, "guidance": g}
-            neg = None if neg is None else {**neg, "guidance": g}
-        return cond, neg
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor, batch_size: int = 16) -> Tensor:
-        """A text model's latents [N, C, h, w] -> images [N, 3, H, W] in about [-1, 1], by the VAE of its folder."""
-        if getattr(self, "_vae", None) is None:
-            from models.vae import LatentVAE
-
-            net = self.sampling_denoiser().net
-            object.__setattr__(self, "_vae", LatentVAE.from_pretrained(getattr(net, "base", net).pretrained))
-        return torch.cat([self._vae.decode(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)])
+            cond = self.encode(requests[part])
+            neg = None if negs is None else self.encode(negs[part])
+            x, nfe = recipe.run(noise[part].to(self.device), cond, neg, settings, gen, progress)
+            out.append(x.cpu())
+            evaluations += nfe * len(x)
+        return torch.cat(out), evaluations / len(requests)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser, teacher_target
-from guidance.guiders import Conditional, Guider, build_guider
+from guidance.guiders import build_guider
 from losses.distillation import (LOSS_SPACES, W_DISTRIBUTIONS, WEIGHTINGS, check_choice, guidance_distillation_loss,
                                  sample_guidance_scale)
 from models.ema import EMA
-from models.w_embedding import WConditionedNetwork, WInputGuided
+from models.w_embedding import WConditionedNetwork
 from train.methods.base import MethodModule
+from train.methods.sampling import WInputSampling
 from train.runtime.checkpoint import CHECKPOINT_KEY
 from train.runtime.optim import LR_DECAYS, adamw_with_warmup
 
@@ -50,25 +53,7 @@ def inject_lora(net: nn.Module, rank: int, alpha: float | None, targets: list[st
                                        lora_dropout=0.0), net)
 
 
-class WStudentSampling:
-    """Sampling for modules whose `sampling_denoiser()` is a w-conditioned student: w is the network's
-    input and each step is ONE network evaluation, whatever guider the student was distilled from.
-
-    `guided(guider)` accepts "conditional", "cfg" (the CLI default) and the distilled guider's name, all
-    meaning "the student"; another rule, or guider parameters, are refused with a message."""
-
-    distilled_guider: str = "cfg"
-
-    def guided(self, guider: Guider | str = "cfg", **guider_params) -> GuidedDenoiser:
-        name = guider.name if isinstance(guider, Guider) else guider
-        if name not in ("conditional", "cfg", self.distilled_guider) or guider_params:
-            raise ValueError(f"this is a guidance-distilled student (distilled from guider {self.distilled_guider!r}): "
-                             f"it takes w as input and runs one network evaluation per step; sample it with "
-                             f"--guider {self.distilled_guider} (or conditional) and no --param")
-        return WInputGuided(self.sampling_denoiser(), Conditional())
-
-
-class GuidanceDistillation(WStudentSampling, MethodModule):
+class GuidanceDistillation(MethodModule):
     """Stage 1 of Meng et al. 2023 (arXiv 2210.03142, sec. 4.1): a student s(x_t, t, c, w), initialised
     from the teacher plus a zero-initialised w-embedding (models.w_embedding), regresses the frozen
     teacher's guided prediction at random t and per-sample w, on noised training images.
@@ -76,7 +61,8 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
     teacher:        path of a teacher checkpoint (`python -m train fit --config configs/digits/teacher.yaml`).
     guider, guider_params: the guidance rule the student learns, by name (guidance.guiders; CFG default;
                     apg, rescale, cfg_zero_star, ... work; rules that need a second model do not).
-    negative_label: a class used as the negative condition of the "uncond" branch (None: the null label).
+    negative:       a request (a class, or a negative prompt) whose condition the guider's "uncond" branch uses instead
+                    of the null condition, at training and so in what the student learns (None: the null condition).
     w_min, w_max, w_distribution: the scales w ~ U[w_min, w_max] ("uniform") or log-uniform, per sample.
     loss_space, weighting: the error's parameterisation (x0, eps, v) and the weight omega(lambda_t) (none,
                     snr, snr_trunc, snr_plus_one); see losses.distillation. Default: x0 with truncated SNR
@@ -95,7 +81,7 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
     method_name = "guidance_distillation"
 
     def __init__(self, teacher: str, guider: str = "cfg", guider_params: dict | None = None,
-                 negative_label: int | None = None, w_min: float = 1.0, w_max: float = 6.0,
+                 negative: int | str | None = None, w_min: float = 1.0, w_max: float = 6.0,
                  w_distribution: str = "uniform", loss_space: str = "x0", weighting: str = "snr_trunc",
                  w_embed_dim: int | None = None, w_hidden_dim: int | None = None, w_scale: float = 1000.0,
                  lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: list[str] | None = None,
@@ -117,7 +103,7 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
         self.distilled_guider = guider
-        self.negative_label = negative_label
+        self.negative = negative
         self.w_min, self.w_max, self.w_distribution = w_min, w_max, w_distribution
 
         teacher_module, cfg = load_frozen(teacher, "teacher", teacher_config)
@@ -135,6 +121,9 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
         self.val_scale, self.val_steps, self.val_samples = val_scale, val_steps, val_samples
 
     # --- sampling -----------------------------------------------------------------------------
+    def recipe(self) -> WInputSampling:
+        return WInputSampling(self.sampling_denoiser, self.distilled_guider)
+
     def sampling_denoiser(self) -> Denoiser:
         if self.ema is None:
             return self.student
@@ -152,27 +141,28 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
             self.ema.module.eval()
         return self
 
-    def distillation_loss(self, x0: Tensor, labels: Tensor, t: Tensor, eps: Tensor, w: Tensor) -> Tensor:
-        """Per-sample stage-1 loss [B] at given noise: x0, eps [B, C, H, W]; labels [B]; t [B] in [0, 1]; w [B].
+    def distillation_loss(self, x0: Tensor, cond: Any, t: Tensor, eps: Tensor, w: Tensor) -> Tensor:
+        """Per-sample stage-1 loss [B] at given noise: x0, eps [B, C, H, W]; cond: the batch's condition (self.encode
+        of its requests); t [B] in [0, 1]; w [B].
 
         x_t = alpha x0 + sigma eps (real images noised); target = the guided teacher's x0 at (x_t, t, c, w)
         (guidance.guided.teacher_target, no grad); loss = losses.distillation.guidance_distillation_loss."""
         x_t = self.student.schedule.add_noise(x0, eps, t)
-        neg = None if self.negative_label is None else torch.full_like(labels, self.negative_label)
-        target = teacher_target(self.teacher_guided(), x_t, t, labels, w, space="x0", neg_cond=neg)
-        pred = self.student(x_t, t, {"cond": labels, "w": w})
+        neg = None if self.negative is None else self.encode([self.negative] * x0.shape[0])
+        target = teacher_target(self.teacher_guided(), x_t, t, cond, w, space="x0", neg_cond=neg)
+        pred = self.student(x_t, t, {"cond": cond, "w": w})
         return guidance_distillation_loss(pred, target, self.loss_space, self.weighting)
 
-    def _loss(self, x0: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _loss(self, x0: Tensor, cond: Any, generator: torch.Generator | None = None) -> Tensor:
         b, dev = x0.shape[0], x0.device
         t = self.per_sample(lambda n: self.student.schedule.sample_t(n, generator=generator, device=dev), b)
         eps = self.noise_like(x0, generator)
         w = self.per_sample(lambda n: sample_guidance_scale(n, self.w_min, self.w_max, self.w_distribution, generator, dev), b)
-        return self.distillation_loss(x0, labels, t, eps, w).mean()
+        return self.distillation_loss(x0, cond, t, eps, w).mean()
 
     def training_step(self, batch, batch_idx):
-        x0, labels = batch
-        loss = self._loss(x0, labels)
+        x0, requests = batch
+        loss = self._loss(x0, self.encode(requests))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -181,9 +171,9 @@ class GuidanceDistillation(WStudentSampling, MethodModule):
             self.ema.update(self.student.net)
 
     def validation_step(self, batch, batch_idx):
-        x0, labels = batch
+        x0, requests = batch
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)  # same t, noise and w every validation
-        self.log("val/loss", self._loss(x0, labels, gen), prog_bar=True)
+        self.log("val/loss", self._loss(x0, self.encode(requests), gen), prog_bar=True)
 
     def trainable_networks(self):
         return {"student.net": self.student.net}

@@ -4,12 +4,12 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
-from guidance.conditions import cond_cat, cond_device, cond_index, cond_size, cond_to
+from guidance.conditions import cond_cat, cond_device, cond_size
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import build_guider
@@ -23,10 +23,10 @@ from models.ema import EMA
 from models.fake_score import FakeScore
 from models.frozen_dtype import frozen_dtype_of, run_frozen_in
 from train.methods.base import MethodModule
-from train.runtime.checkpoint import CHECKPOINT_KEY
-from train.runtime.checkpoint import load_teacher
-from train.runtime.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
 from train.methods.onestep_checks import check_erase, check_options, check_range, check_real_data
+from train.methods.sampling import GeneratorSampling
+from train.runtime.checkpoint import CHECKPOINT_KEY, load_teacher
+from train.runtime.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
 from train.runtime.optim import adamw_with_warmup
 
 
@@ -50,8 +50,8 @@ class OneStepDistillation(MethodModule):
 
     Data: the generator needs none; each batch's labels (or text condition dict) are what the generator is asked
     for (so classes or prompts follow the data's frequencies), and its images (a text model's latents: e.g.
-    train.text_data.EncodedCaptionDataModule) are the discriminator's real branch. Prompt-only data
-    (EncodedPromptDataModule) serves DMD without a discriminator.
+    data.captions.CaptionedImageDataModule) are the discriminator's real branch. Prompt-only data
+    (data.prompts.PromptDataModule) serves DMD without a discriminator.
     The fake score starts as the teacher (which already fits the real digits) and then sees only
     generator samples.
 
@@ -226,26 +226,14 @@ class OneStepDistillation(MethodModule):
         last = int(torch.randint(self.generator_steps, ())) if self.generator_steps > 1 else 0
         return self.run_generator(self.generator, z, labels, last, grad)
 
-    @torch.no_grad()
-    def generate(self, labels: Tensor | Sequence[str], scale: float = 2.0, steps: int = 50, sampler: str = "ddim",
-                 guider: Any = "cfg", seed: int = 0, batch_size: int = 500, progress: bool = False,
-                 negative_prompt: Any = None, embedded_guidance: float = 1.0, **guider_params) -> tuple[Tensor, float]:
-        """Generator samples [N, C, H, W] for labels [N] (or latents for N prompts of a text model) and network
-        evaluations per sample (k: 1 for one step).
-
-        scale, steps, sampler, guider and negative_prompt are accepted for the CLI's sake and ignored: guidance
-        was distilled into the generator at training time. Noise comes from a CPU generator seeded with `seed`."""
+    def recipe(self) -> GeneratorSampling:
+        """The generator at its own times (one evaluation per step); the guidance is distilled into it."""
         den = self.sampling_denoiser()
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(labels), *self.sample_shape(), generator=gen)
-        cond = self.conditions(labels, None, embedded_guidance)[0]
-        out, calls = [], 0
-        for i in range(0, len(labels), batch_size):
-            z = noise[i:i + batch_size].to(self.device)
-            part = cond_to(cond_index(cond, slice(i, i + batch_size)), self.device)
-            out.append(self.run_generator(den, z, part, generator=gen).cpu())
-            calls += self.generator_steps
-        return torch.cat(out), calls / max(1, math.ceil(len(labels) / batch_size))
+        return GeneratorSampling(lambda z, cond, gen: self.run_generator(den, z, cond, generator=gen),
+                                 self.generator_steps, None if self.pg_sb_range else float(self.guidance_scale))
+
+    def val_sampling(self) -> dict:
+        return {}
 
     # --- predictions ----------------------------------------------------------------------------------
     def _scales(self, b: int, device) -> Tensor:
@@ -340,7 +328,8 @@ class OneStepDistillation(MethodModule):
 
     # --- optimisation --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        x_real, labels = batch
+        x_real, requests = batch
+        labels = self.encode(requests)
         opts = self.optimizers()
         scheds = self.lr_schedulers()
         opt_g, opt_f = opts[0], opts[1]
@@ -409,9 +398,10 @@ class OneStepDistillation(MethodModule):
     def validation_step(self, batch, batch_idx):
         """val/fake_score: the fake score's denoising loss on real validation digits (fixed t and noise):
         how far the fake score has moved from the data (the teacher's fit)."""
-        x0, labels = batch
-        if x0 is None:  # prompt-only data (train.text_data.EncodedPromptDataModule): no real latents to score
+        x0, requests = batch
+        if x0 is None:  # prompt-only data (data.prompts.PromptDataModule): no real latents to score
             return
+        labels = self.encode(requests)
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
         t = self.fake_score.schedule.sample_t(x0.shape[0], generator=gen, device=x0.device)
         eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)

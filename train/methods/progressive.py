@@ -18,7 +18,8 @@ from losses.distillation import (LOSS_SPACES, W_DISTRIBUTIONS, WEIGHTINGS, check
 from models.ema import EMA
 from models.w_embedding import WInputGuided
 from train.methods.base import MethodModule
-from train.methods.guidance_distillation import WStudentSampling, freeze, load_frozen
+from train.methods.guidance_distillation import freeze, load_frozen
+from train.methods.sampling import WInputSampling
 
 CLEAN = -1.0  # time marker of the samplers: the step after the last one reaches clean data (alpha 1, sigma 0)
 
@@ -31,7 +32,7 @@ def alpha_sigma_or_clean(schedule: Schedule, t: Tensor, like: Tensor) -> tuple[T
     return torch.where(clean, torch.ones_like(a), a), torch.where(clean, torch.zeros_like(s), s)
 
 
-class ProgressiveDistillation(WStudentSampling, MethodModule):
+class ProgressiveDistillation(MethodModule):
     """Progressive distillation (Salimans & Ho 2022, arXiv 2202.00512, Algorithm 2) of a stage-1 guidance-
     distilled student, with w kept as an input (Meng et al. 2023, sec. 4.2).
 
@@ -108,11 +109,6 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
     def val_steps(self) -> int:  # validation samples with the current student's step count
         return self.student_steps()
 
-    @property
-    def default_steps(self) -> int:
-        """Sampler steps when none are given (`python -m train sample` / `evaluate`, export): the step count
-        the student was distilled for (the current round's)."""
-        return self.student_steps()
 
     def _check_grids(self) -> None:
         sched = self.student.schedule
@@ -178,9 +174,9 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
             return self.student
         return Denoiser(self.ema.module, self.student.schedule, self.student.parameterization, self.student.sigma_data)
 
-    def generate(self, labels: Tensor, scale: float = 2.0, steps: int | None = None, *args, **kwargs):
-        """As MethodModule.generate; `steps` defaults to the current round's student step count."""
-        return super().generate(labels, scale, steps or self.student_steps(), *args, **kwargs)
+    def recipe(self) -> WInputSampling:
+        """The w-input student at the DDIM step count it is distilled to (the current round's)."""
+        return WInputSampling(self.sampling_denoiser, self.distilled_guider, self.student_steps())
 
     # --- training -----------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -224,16 +220,16 @@ class ProgressiveDistillation(WStudentSampling, MethodModule):
         return self.progressive_loss(x0, labels, step, eps, w).mean()
 
     def training_step(self, batch, batch_idx):
-        x0, labels = batch
-        loss = self._loss(x0, labels)
+        x0, requests = batch
+        loss = self._loss(x0, self.encode(requests))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/round", float(self.round_index))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x0, labels = batch
+        x0, requests = batch
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
-        self.log("val/loss", self._loss(x0, labels, gen), prog_bar=True)
+        self.log("val/loss", self._loss(x0, self.encode(requests), gen), prog_bar=True)
 
     def trainable_networks(self):
         raise NotImplementedError("progressive distillation reloads the student's weights at every round, which "

@@ -53,8 +53,9 @@ class TeacherPretraining(MethodModule):
         return denoising_loss(self.denoiser, x0, cond, t, eps).mean()
 
     def training_step(self, batch, batch_idx):
-        x0, labels = batch
-        cond = self.denoiser.net.drop_cond(labels, self.p_uncond, u=self.uniform(cond_size(labels), cond_device(labels)))
+        x0, requests = batch
+        cond = self.encode(requests)
+        cond = self.denoiser.net.drop_cond(cond, self.p_uncond, u=self.uniform(cond_size(cond), cond_device(cond)))
         loss = self._loss(x0, cond)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -65,9 +66,9 @@ class TeacherPretraining(MethodModule):
             self.ema.update(self.denoiser.net)
 
     def validation_step(self, batch, batch_idx):
-        x0, labels = batch
+        x0, requests = batch
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)  # same t and noise every validation
-        self.log("val/loss", self._loss(x0, labels, gen), prog_bar=True)
+        self.log("val/loss", self._loss(x0, self.encode(requests), gen), prog_bar=True)
 
     def trainable_networks(self):
         return {"denoiser.net": self.denoiser.net}

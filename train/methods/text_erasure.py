@@ -73,7 +73,6 @@ class TextConceptErasure(ErasureMethod):
     trajectory_steps, trajectory_scale, bank_size: DDIM steps and CFG scale of the frozen trajectories x_t comes
                       from, trajectories kept per prompt.
     loss_space:       space of the regression (eps as ESD, x0, v, flow); None: the network's parameterisation.
-    embedded_guidance: a guidance-distilled Flux network's guidance input with every prompt.
     lr, weight_decay, warmup_steps: AdamW; ema_decay: EMA of the student used for sampling (0: off).
     model_config:     the frozen model's config, filled in automatically (the erased checkpoint rebuilds from it).
     nonfinite, max_skips: the NaN/inf policy (train.runtime.nonfinite).
@@ -84,7 +83,7 @@ class TextConceptErasure(ErasureMethod):
     def __init__(self, model: str, concepts: str | dict, eta: float = 1.0, params: str = "esd-x",
                  anchor_weight: float = 1.0, uncond_weight: float = 0.0, batch_size: int = 1,
                  trajectory_steps: int = 50, trajectory_scale: float = 3.0, bank_size: int = 8,
-                 loss_space: str | None = None, embedded_guidance: float = 1.0, lora_rank: int = 1,
+                 loss_space: str | None = None, lora_rank: int = 1,
                  lora_alpha: float | None = None, lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
                  ema_decay: float = 0.0, val_scale: float = 3.0, val_steps: int = 20, val_samples: int = 0,
                  model_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10):
@@ -104,17 +103,15 @@ class TextConceptErasure(ErasureMethod):
         self.space = loss_space or frozen.parameterization
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.val_scale, self.val_steps, self.val_samples = val_scale, val_steps, val_samples
-        self._encode_prompts(embedded_guidance)
+        self._encode_prompts()
         self._bank_args = (trajectory_steps, trajectory_scale, bank_size)
         self.bank: TrajectoryBank | None = None
 
-    def _encode_prompts(self, embedded_guidance: float) -> None:
+    def _encode_prompts(self) -> None:
         """Every prompt of the spec (erased, alternatives, anchors) encoded once, as non-persistent buffers."""
         self.prompts = list(dict.fromkeys([*self.spec.erased_prompts, *(c.alternative for c in self.spec.concepts
                                                                           if c.alternative), *self.spec.anchors]))
-        table = self.prompt_encoder().encode(self.prompts)
-        if getattr(self.frozen.net, "guidance_embeds", False):
-            table["guidance"] = torch.full((len(self.prompts),), float(embedded_guidance))
+        table = self.encode(self.prompts, device="cpu")
         self._table_keys = list(table)
         for k, v in table.items():
             self.register_buffer(f"prompt_{k}", v.detach().cpu(), persistent=False)
