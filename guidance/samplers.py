@@ -126,3 +126,36 @@ def sample(guided: GuidedDenoiser, noise: Tensor, cond: Any, w: Tensor | float =
         state_s["t"] = t
         x = step_fn(pred, x, t_next, schedule, eta=eta, generator=generator, state=state_s)
     return x
+
+
+@torch.no_grad()
+def sample_until(guided: GuidedDenoiser, noise: Tensor, cond: Any, w: Tensor | float = 1.0, steps: int = 50,
+                 stop: int | None = None, sampler: str = "ddim", eta: float = 0.0, neg_cond: Any = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The point of a sampling trajectory after its first `stop` steps: (x [B, C, H, W], t [B]).
+
+    The trajectory is `sample`'s with the same arguments (default: DDIM, Song et al. 2021, arXiv 2010.02502,
+    Eq. 12, on `steps` points of schedule.sampling_times): it starts from noise [B, C, H, W] (unit Gaussian, scaled
+    by sqrt(alpha^2 + sigma^2) at t_max) and runs steps 0 .. stop - 1. Returns x_t at t = sampling_times(steps)[stop]
+    (stop = 0: the scaled noise at t_max, no evaluation), or, for stop = steps (the default), the sample itself with
+    t = -1 (the samplers' clean-data marker): then x equals sample(...) exactly. Distillation and erasure draw
+    on-policy x_t from here (a guided teacher's own trajectory down to a random grid step, ESD sec. 3) instead of
+    noising data. cond, w, eta, neg_cond, generator: as `sample` (w [B] or scalar, this project's CFG convention).
+    """
+    check_sampler(sampler, steps)
+    stop = steps if stop is None else stop
+    if int(stop) != stop or not 0 <= stop <= steps:
+        raise ValueError(f"stop must be a step index in 0..{steps} (steps={steps}), got {stop}")
+    stop = int(stop)
+    schedule, step_fn, b = guided.schedule, SAMPLERS[sampler], noise.shape[0]
+    times = schedule.sampling_times(steps, device=noise.device).to(noise.dtype)
+    a0, s0 = schedule.alpha_sigma(times[:1])
+    x = noise * (a0**2 + s0**2).sqrt()  # as `sample`: the prior at t_max for unit-variance data
+    state_g, state_s = guided.guider.init_state(b), {}
+    for i in range(stop):
+        t = times[i].expand(b)
+        t_next = times[i + 1].expand(b) if i + 1 < steps else _clean_time(t)
+        pred, state_g = guided.guide(x, t, cond, w, neg_cond, state_g)
+        state_s["t"] = t
+        x = step_fn(pred, x, t_next, schedule, eta=eta, generator=generator, state=state_s)
+    return x, (times[stop].expand(b) if stop < steps else _clean_time(times[0].expand(b)))
