@@ -100,10 +100,15 @@ def build(method: str, teacher: str | None, batch: int, nan_at: int = -1, frozen
         return instantiate({"class_path": "train.methods.guidance_distillation.GuidanceDistillation",
                             "init_args": {"teacher": teacher, "w_min": 1.0, "w_max": 5.0, "lr": 1e-3,
                                           "warmup_steps": 1, "ema_decay": 0.5}}), digits
+    if method == "progressive":  # --teacher: a stage-1 checkpoint; 8 -> 4 -> 2 -> 1 steps, a round boundary per step
+        return instantiate({"class_path": "train.methods.progressive.ProgressiveDistillation",
+                            "init_args": {"student": teacher, "start_steps": 8, "end_steps": 1, "steps_per_round": 1,
+                                          "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.5}}), digits
     if method == "onestep":  # generator, LoRA fake score and discriminator (f-distill JS + GAN): three engines
         return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
-                            "init_args": {"teacher": teacher, "divergence": "jensen_shannon", "gan_weight": 0.1,
-                                          "fake_updates": 2, "lora_rank": 4, "discriminator_hidden": 16,
+                            "init_args": {"teacher": teacher, "objective": {"divergence": "jensen_shannon"},
+                                          "discriminator": {"gan_weight": 0.1, "hidden": 16},
+                                          "fake_score": {"updates": 2, "rank": 4},
                                           "ema_decay": 0.9, "frozen_dtype": frozen_dtype}}), digits
     if method == "erasure":
         return instantiate({"class_path": "train.methods.erasure.ConceptErasure",

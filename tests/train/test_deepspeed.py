@@ -8,6 +8,8 @@
 The equality runs train with SGD + momentum (ds_run.use_sgd), whose update is linear in the gradient: Adam's
 is not (a near-zero gradient still takes a learning-rate-sized step, with the sign of its rounding error), so
 comparing Adam-trained weights would compare the CPU's float reduction order.
+- progressive distillation (its student reloaded at every round boundary) under ZeRO-2 and ZeRO-3 equals one process
+  across round boundaries;
 - a run resumed from a ZeRO checkpoint repeats the uninterrupted run's losses exactly;
 - the CLI entry point under torchrun (the multi-node launch path), and export from a ZeRO checkpoint.
 Each run is a subprocess (tests/train/ds_run.py or `python -m train`), so no process group leaks into pytest.
@@ -227,11 +229,50 @@ def test_configuration_errors_are_clear():
         EnginePrecision("16-mixed")
 
 
-def test_progressive_distillation_refuses_the_strategy_with_a_reason():
-    from train.methods.progressive import ProgressiveDistillation
+@pytest.fixture(scope="module")
+def progressive_runs(runs, tmp_path_factory):
+    """progressive_runs(stage) -> (root, per-rank losses): progressive distillation (ds_run.build "progressive":
+    8 -> 4 -> 2 -> 1 steps, one optimizer step per round) of the single-process stage-1 run's last.ckpt, for 3 steps:
+    stage 0 on one process x 16 without DeepSpeed, else two processes x 8 under that ZeRO stage."""
+    stage1 = runs("guidance_distillation", 0)[0] / "checkpoints" / "last.ckpt"
+    base, done = tmp_path_factory.mktemp("zero_progressive"), {}
 
-    with pytest.raises(NotImplementedError, match="reloads the student's weights at every round"):
-        ProgressiveDistillation.trainable_networks(object.__new__(ProgressiveDistillation))
+    def get(stage: int):
+        if stage not in done:
+            root = base / f"progressive-zero{stage}"
+            devices, batch = (1, 16) if stage == 0 else (2, 8)
+            done[stage] = root, fit("progressive", root, stage=stage, devices=devices, batch=batch, teacher=stage1,
+                                    extra=SGD)
+        return done[stage]
+
+    return get
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_progressive_distillation_under_zero_equals_one_process_across_round_boundaries(stage, progressive_runs):
+    """Replaces the refusal this strategy used to give progressive distillation. Round boundaries before steps 1 and 2
+    load the EMA weights into the round teacher and the student and clear the optimizer state (SGD's momentum here);
+    under ZeRO the student is reloaded through MultiEngineDeepSpeed.load_network, which re-partitions the weights at
+    stage 3 and refreshes the fp32 master partitions (without it the next step would write the old weights back, and
+    a kept momentum would push them on). Two processes x 8 then compute what one process computes on the 16-sample
+    global batch (every draw through per_sample): losses to 1e-5 in every round, weight updates to 1e-4 of their size,
+    and the ZeRO checkpoint converts to exactly the trained weights."""
+    root, losses = progressive_runs(stage)
+    single_root, single = progressive_runs(0)
+    assert losses[0] != losses[1]  # each process trained on its own share of the batch
+    zero = global_mean(losses)
+    assert sorted(zero) == sorted(single[0]) == [0, 1, 2]
+    assert [single[0][i]["train/round"] for i in (0, 1, 2)] == [0.0, 1.0, 2.0]
+    for i, row in single[0].items():
+        for k, v in row.items():
+            assert zero[i][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (i, k)
+    assert_same_updates(root, single_root, rtol=1e-4)
+    trained = torch.load(root / "weights.pt", weights_only=True)
+    converted = trainable_state_dict(root / "checkpoints" / "last.ckpt")
+    assert sorted(converted) == sorted(trained) and all(k.startswith("student.net.") for k in trained)
+    for k in trained:
+        assert torch.equal(converted[k], trained[k]), k
+    assert (root / "checkpoints" / "round_1_2steps.ckpt" / "lightning.pt").is_file()  # RoundCheckpoint under ZeRO
 
 
 def test_strategy_names_are_registered():

@@ -5,6 +5,7 @@ import copy
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,7 +16,7 @@ from guidance.samplers import ddim_step
 from guidance.schedules import Schedule, _bcast
 from losses.distillation import (LOSS_SPACES, W_DISTRIBUTIONS, WEIGHTINGS, check_choice, guidance_distillation_loss,
                                  progressive_target, sample_guidance_scale)
-from models.ema import EMA
+from models.ema import EMA, gathered_weights
 from models.w_embedding import WInputGuided
 from train.methods.base import MethodModule
 from train.methods.guidance_distillation import freeze, load_frozen
@@ -32,6 +33,29 @@ def alpha_sigma_or_clean(schedule: Schedule, t: Tensor, like: Tensor) -> tuple[T
     return torch.where(clean, torch.ones_like(a), a), torch.where(clean, torch.zeros_like(s), s)
 
 
+def check_grid_halving(schedule: Schedule, start_steps: int, rounds: int) -> None:
+    """Refuse, saying what to change, a schedule on which `rounds` halvings from start_steps DDIM steps do not nest:
+    for each round's N (start_steps, start_steps / 2, ...) the N / 2-step grid must be every other point of the
+    N-step grid (so two teacher steps span one student step) and the N-step grid must not repeat a time (a discrete
+    schedule with fewer timesteps than N). Rectified flow (any shift), EDM and continuous VP schedules nest for every
+    N; discrete VP schedules (SD 1.5's 1000 steps, "trailing" spacing) nest for power-of-two N up to their step count
+    and fail where the trailing spacing rounds unevenly (e.g. 1000 steps, 224 -> 112)."""
+    name = type(schedule).__name__
+    for k in range(rounds):
+        n = start_steps // 2 ** k
+        fine, coarse = schedule.sampling_times(n), schedule.sampling_times(n // 2)
+        if not bool((fine[1:] < fine[:-1]).all()):
+            limit = getattr(schedule, "num_steps", None)
+            raise ValueError(f"{name}.sampling_times({n}) repeats times{f' (the schedule has {limit} timesteps)' if limit else ''}, "
+                             f"so some teacher steps would not move; choose start_steps <= "
+                             f"{limit if limit else 'the schedule resolution'} (e.g. 64)")
+        if not torch.equal(fine[::2], coarse):
+            raise ValueError(f"{name}.sampling_times({n // 2}) is not every other point of sampling_times({n}), so two "
+                             f"teacher steps do not span one student step; choose start_steps so that num_steps / "
+                             f"start_steps is a power of two fraction (e.g. start_steps 64 with 1000 discrete steps) "
+                             f"or use a continuous schedule")
+
+
 class ProgressiveDistillation(MethodModule):
     """Progressive distillation (Salimans & Ho 2022, arXiv 2202.00512, Algorithm 2) of a stage-1 guidance-
     distilled student, with w kept as an input (Meng et al. 2023, sec. 4.2).
@@ -40,10 +64,16 @@ class ProgressiveDistillation(MethodModule):
     for round 0) samples with N_k = start_steps / 2^k DDIM steps; the student learns N_k / 2 steps by
     matching two teacher steps t -> t' -> t'' with one step, through the x0 target of
     losses.distillation.progressive_target. The student's grid is every other point of the teacher's,
-    i.e. schedule.sampling_times(N_k / 2) == schedule.sampling_times(N_k)[::2] (checked at start).
-    Each round lasts `steps_per_round` optimizer steps; at a boundary the student's EMA weights become
-    both the new round teacher and the student's start, the EMA restarts and Adam's moments are cleared.
-    A checkpoint `round_{k}_{N_k/2}steps.ckpt` is written at the end of every round beside last.ckpt.
+    i.e. schedule.sampling_times(N_k / 2) == schedule.sampling_times(N_k)[::2] (checked at start, see
+    `check_grid_halving`). Each round lasts `steps_per_round` optimizer steps; at a boundary the student's EMA
+    weights become both the new round teacher and the student's start, the EMA restarts and Adam's moments are
+    cleared. A checkpoint `round_{k}_{N_k/2}steps.ckpt` is written at the end of every round beside last.ckpt.
+
+    Class- and text-conditioned students alike (the condition is whatever the stage-1 network's conditioner
+    encodes); the data must give images (digits, CaptionedImageDataModule): the round teacher's two steps start
+    from noised data. Under the multi-engine DeepSpeed strategy (ZeRO 1-3) the round boundary reloads the student
+    through the strategy (train.runtime.strategy.MultiEngineDeepSpeed.load_network), which also refreshes ZeRO's
+    fp32 master partitions and clears the engine's optimizer state.
 
     student:         path of a stage-1 checkpoint (train.methods.guidance_distillation.GuidanceDistillation).
     start_steps:     the round-0 teacher's step count N (a power-of-two multiple of end_steps).
@@ -111,26 +141,26 @@ class ProgressiveDistillation(MethodModule):
 
 
     def _check_grids(self) -> None:
-        sched = self.student.schedule
-        for k in range(self.num_rounds):
-            fine, coarse = sched.sampling_times(self.teacher_steps(k)), sched.sampling_times(self.student_steps(k))
-            if not torch.equal(fine[::2], coarse):
-                raise ValueError(f"{type(sched).__name__}.sampling_times({self.student_steps(k)}) is not every other point "
-                                 f"of sampling_times({self.teacher_steps(k)}), so two teacher steps do not span one student "
-                                 f"step; choose start_steps so that num_steps / start_steps is a power of two fraction "
-                                 f"(e.g. start_steps 64 with 1000 discrete steps) or use a continuous schedule")
+        check_grid_halving(self.student.schedule, self.start_steps, self.num_rounds)
 
     def _start_round(self, k: int) -> None:
         """Round boundary: the model at the end of the last round becomes the round teacher and the
         student's starting point; EMA restarts; Adam's moments are cleared (Salimans & Ho, Algorithm 2)."""
-        src = (self.ema.module if self.ema is not None else self.student.net).state_dict()
+        source = self.ema.module if self.ema is not None else self.student.net
+        with gathered_weights(source):  # the student's own weights are partitioned under ZeRO-3
+            src = {key: v.detach().clone() for key, v in source.state_dict().items()}
         self.round_teacher.net.load_state_dict(src)
-        self.student.net.load_state_dict(src)
         if self.ema is not None:
             self.ema.module.load_state_dict(src)
             self.ema.num_updates.zero_()
-        for opt in self.trainer.optimizers:
-            opt.state.clear()
+        strategy = self.trainer.strategy
+        if hasattr(strategy, "load_network"):  # DeepSpeed: weights, fp32 master partitions and optimizer state
+            (name,) = self.trainable_networks()
+            strategy.load_network(name, src)
+        else:
+            self.student.net.load_state_dict(src)
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
         self.round_index.fill_(k)
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -187,16 +217,17 @@ class ProgressiveDistillation(MethodModule):
         return self
 
     @torch.no_grad()
-    def two_teacher_steps(self, x_t: Tensor, t: Tensor, t_mid: Tensor, t_next: Tensor, labels: Tensor, w: Tensor) -> Tensor:
+    def two_teacher_steps(self, x_t: Tensor, t: Tensor, t_mid: Tensor, t_next: Tensor, labels: Any, w: Tensor) -> Tensor:
         """z_t'' [B, C, H, W]: two deterministic DDIM steps t -> t' -> t'' of the round teacher (w as input).
-        x_t [B, C, H, W]; t, t_mid, t_next [B] (t_next may be CLEAN); labels [B]; w [B]."""
+        x_t [B, C, H, W]; t, t_mid, t_next [B] (t_next may be CLEAN); labels: the condition; w [B]."""
         guided = WInputGuided(self.round_teacher)
         sched = self.round_teacher.schedule
         x_mid = ddim_step(guided(x_t, t, labels, w), x_t, t_mid, sched)
         return ddim_step(guided(x_mid, t_mid, labels, w), x_mid, t_next, sched)
 
-    def progressive_loss(self, x0: Tensor, labels: Tensor, step: Tensor, eps: Tensor, w: Tensor) -> Tensor:
-        """Per-sample loss [B] for student step indices `step` [B] (0 .. student_steps - 1) at given noise.
+    def progressive_loss(self, x0: Tensor, labels: Any, step: Tensor, eps: Tensor, w: Tensor) -> Tensor:
+        """Per-sample loss [B] for student step indices `step` [B] (0 .. student_steps - 1) at given noise;
+        x0, eps [B, C, H, W]; labels: the batch's condition (self.encode of its requests: labels or prompts); w [B].
 
         x_t = alpha x0 + sigma eps at the student's grid time t = times[step]; the target is the x0 whose
         one DDIM step reaches the teacher's two-step result (Salimans & Ho 2022, Algorithm 2)."""
@@ -212,11 +243,20 @@ class ProgressiveDistillation(MethodModule):
         pred = self.student(x_t, t, {"cond": labels, "w": w})
         return guidance_distillation_loss(pred, target, self.loss_space, self.weighting)
 
-    def _loss(self, x0: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _loss(self, x0: Tensor, labels: Any, generator: torch.Generator | None = None) -> Tensor:
+        """The batch's mean loss; every draw (student step, noise, w) goes through per_sample, so N processes
+        compute what one process computes on the global batch."""
+        if x0 is None:
+            raise ValueError("progressive distillation starts the round teacher's two steps from noised images, but "
+                             "the data gave none (a prompt-only data module); train it on images, e.g. "
+                             "data.captions.CaptionedImageDataModule for a text model")
         b, dev = x0.shape[0], x0.device
-        step = torch.randint(0, self.student_steps(), (b,), generator=generator, device=dev)
-        eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
-        w = sample_guidance_scale(b, self.w_min, self.w_max, self.w_distribution, generator, dev)
+        gdev = generator.device if generator is not None else dev
+        steps = self.student_steps()
+        step = self.per_sample(lambda n: torch.randint(0, steps, (n,), generator=generator, device=gdev), b).to(dev)
+        eps = self.noise_like(x0, generator)
+        w = self.per_sample(lambda n: sample_guidance_scale(n, self.w_min, self.w_max, self.w_distribution, generator,
+                                                            gdev), b).to(dev)
         return self.progressive_loss(x0, labels, step, eps, w).mean()
 
     def training_step(self, batch, batch_idx):
@@ -232,9 +272,7 @@ class ProgressiveDistillation(MethodModule):
         self.log("val/loss", self._loss(x0, self.encode(requests), gen), prog_bar=True)
 
     def trainable_networks(self):
-        raise NotImplementedError("progressive distillation reloads the student's weights at every round, which "
-                                  "ZeRO's partitioned master weights do not follow yet; run it without the "
-                                  "multi-engine DeepSpeed strategy")
+        return {"student.net": self.student.net}
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.student.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -18,6 +18,8 @@ registry) and changes what is wrapped:
   every engine that has parameters requiring grad, so a loss that reaches several networks (the
   discriminator loss through the fake score's features) reduces each network's gradients in its own
   engine; `optimizer_step` steps the engine that owns the optimizer (clipping, ZeRO update, zero grad);
+- `load_network` loads full weights into a trainable network mid-run (gathering and re-partitioning at stage 3)
+  and refreshes its engine's fp32 master partitions, so a method may restart its student (progressive rounds);
 - precision: fp32 weights, gradients and optimizer states in every engine; "bf16-mixed" computes in
   bf16 through autocast. fp16 needs loss scaling shared by all engines and is refused;
 - checkpoints are directories: one DeepSpeed checkpoint per engine (`<name>/`, every rank writes its
@@ -233,6 +235,30 @@ class MultiEngineDeepSpeed(DeepSpeedStrategy):
                 return not getattr(engine.optimizer, "overflow", False)
         raise ValueError("optimizer_step got an optimizer that belongs to no DeepSpeed engine; step the optimizers "
                          "returned by self.optimizers()")
+
+    def load_network(self, name: str, state: dict[str, Tensor], clear_optimizer: bool = True) -> None:
+        """Load full weights `state` (keys of the network's own state dict, the same on every rank) into trainable
+        network `name` mid-training, as a method that restarts its student does (progressive distillation's rounds).
+
+        Loading into the module alone is not enough under ZeRO: the engine's optimizer updates its own fp32 master
+        partitions and copies them back over the weights at the next step. So: at stage 3 the partitioned weights
+        are gathered, loaded and re-partitioned (GatheredParameters with modifier_rank 0, which writes the new
+        values into every rank's partition); at every stage the master partitions are then refreshed from the
+        weights (the ZeRO optimizer's refresh_fp32_params). clear_optimizer: drop the optimizer's state (Adam's
+        moments, SGD's momentum) as a fresh optimizer would have it; they are recreated at the next step."""
+        engine = self.engines[name]
+        net, opt = engine.module, engine.optimizer
+        partitioned = [p for p in net.parameters() if hasattr(p, "ds_id")]
+        if partitioned:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+                net.load_state_dict(state)
+        else:
+            net.load_state_dict(state)
+        opt.refresh_fp32_params()
+        if clear_optimizer:
+            opt.optimizer.state.clear()  # the wrapped torch optimizer's, keyed by the master partitions
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs):
         model = model or self.lightning_module
