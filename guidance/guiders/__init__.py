@@ -3,7 +3,10 @@
 `list_guiders()`."""
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import types
+import typing
 from typing import Any
 
 from guidance.guiders.adaptive import AdaptiveGuidance
@@ -41,9 +44,55 @@ def build_guider(name: str, **params) -> Guider:
     if unknown:
         allowed = [p for p in sig.parameters if p != "self"]
         raise ValueError(f"guider {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(allowed) or 'none'}")
+    hints = typing.get_type_hints(cls.__init__)
+    for p, spec in sig.parameters.items():
+        if p == "self" or p in params or spec.default is not inspect.Parameter.empty:
+            continue
+        if _is_callable(hints.get(p)):
+            raise ValueError(f"guider {name!r} needs `{p}`, a Python callable, so it is usable from Python only "
+                             f"(guidance.guiders.build_guider({name!r}, {p}=...)); from the command line use another "
+                             f"guider (`python -m train guiders` marks which)")
+        raise ValueError(f"guider {name!r} needs the parameter {p} (--param {p}=VALUE)")
+    for p, value in params.items():
+        if p != "inner" and p in hints and not _matches(value, hints[p]):
+            raise ValueError(f"guider {name!r} parameter {p} must be {_describe(hints[p])}, got {value!r}")
     if "inner" in params:
         params["inner"] = _build_inner(name, params["inner"])
     return cls(**params)
+
+
+def _is_callable(hint: Any) -> bool:
+    return typing.get_origin(hint) is collections.abc.Callable or hint is collections.abc.Callable
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a parameter value fits its annotation (numbers, booleans, strings, sequences of numbers, unions)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if origin in (collections.abc.Sequence, tuple, list):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else True
+    return True  # anything else (a callable, a Guider, Any) is checked by the guider itself
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin in (collections.abc.Sequence, tuple, list):
+        item = typing.get_args(hint)[0]
+        return "a list of " + {float: "numbers", int: "integers", str: "strings"}.get(item, _describe(item))
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _build_inner(outer: str, spec: Any) -> Guider | None:
@@ -60,13 +109,19 @@ def _build_inner(outer: str, spec: Any) -> Guider | None:
 
 
 def list_guiders() -> list[tuple[str, str, dict]]:
-    """(name, first docstring line, {parameter: default}) for every registered guider."""
+    """(name, first docstring line, {parameter: default}) for every registered guider; the line of a guider that
+    needs a Python callable (usable from Python only) says so."""
     out = []
     for name, cls in sorted(GUIDERS.items()):
         sig = inspect.signature(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__)
         params = {p.name: (None if p.default is inspect.Parameter.empty else p.default)
                   for p in sig.parameters.values() if p.name != "self"}
-        out.append((name, (cls.__doc__ or "").strip().splitlines()[0], params))
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        if any(p.default is inspect.Parameter.empty and _is_callable(hints.get(p.name))
+               for p in sig.parameters.values() if p.name != "self"):
+            doc += " (Python only: needs a callable)"
+        out.append((name, doc, params))
     return out
 
 

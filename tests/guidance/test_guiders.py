@@ -332,6 +332,13 @@ def test_combine_called_directly_with_hand_built_context():
     ("pag", {"pag_scale": -1.0}, "pag_scale must be >= 0"),
     ("nope", {}, "unknown guider 'nope'"),
     ("apg", {"momentum": 0.5}, "has no parameter"),
+    ("apg", {"eta": "xyz"}, "parameter eta must be a number, got 'xyz'"),  # e.g. --param eta=xyz
+    ("cfg_zero_star", {"optimized_scale": "xyz"}, "optimized_scale must be true or false"),
+    ("perp_neg", {"neg_weights": [1.0, "a"]}, "neg_weights must be a list of numbers"),
+    ("adaptive", {"min_steps": 1.5}, "min_steps must be an integer"),
+    ("classifier", {}, "usable from Python only"),
+    ("gfcg", {}, "usable from Python only"),
+    ("flowchef", {}, "usable from Python only"),
 ])
 def test_bad_parameters_raise_at_construction(name, params, match):
     if match is None:  # valid nesting builds fine
@@ -339,3 +346,10 @@ def test_bad_parameters_raise_at_construction(name, params, match):
         return
     with pytest.raises(ValueError, match=match):
         build_guider(name, **params)
+
+
+def test_the_guider_list_marks_the_python_only_guiders():
+    from guidance.guiders import list_guiders
+
+    marked = {name for name, doc, _ in list_guiders() if "Python only" in doc}
+    assert marked == {"classifier", "gfcg", "flowchef"}
