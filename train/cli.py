@@ -1,7 +1,8 @@
-"""The command line: `python -m train {fit,validate,sample,evaluate,export,guiders,demo} ...`.
+"""The command line: `python -m train {fit,validate,sample,evaluate,export,guiders,demo,digits-pipeline} ...`.
 
 fit / validate are LightningCLI over a YAML config (model:, data:, trainer:); the rest are plain
 commands over a checkpoint. Every error a user can cause is printed as one line that says what to do.
+Nothing heavy is imported before a command runs, so --help and argument errors answer at once.
 """
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from pathlib import Path
 from train.runtime.config import read_yaml, user_message
 
 LIGHTNING_COMMANDS = ("fit", "validate")
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, PermissionError, NotADirectoryError,
+               IsADirectoryError)
+EXAMPLES = """examples:
+  python -m train demo                                          the embedded default, end to end
+  python -m train fit --config configs/digits/teacher.yaml     train (a YAML config: model, data, trainer)
+  python -m train sample --ckpt runs/digits/teacher/checkpoints/last.ckpt --scale 3 --out samples
+  python -m train evaluate --ckpt CKPT --scales 1 2 3 --out metrics.json
+  python -m train export --ckpt CKPT --out exported             a diffusers folder (or --format lora, safetensors)
+  python -m train guiders                                       the guidance rules and their parameters"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,8 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")  # W&B stays offline unless the user sets WANDB_MODE=online
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        helping = any(a in ("-h", "--help") or a.startswith("--print_config") for a in argv[1:])
+        if not helping and not any(a in ("--config", "-c") or a.startswith(("--config=", "--model", "--data"))
+                                   for a in argv[1:]):
+            print(f"error: `{argv[0]}` needs a config: pass --config FILE.yaml (e.g. configs/digits/teacher.yaml; "
+                  f"configs/ holds one per method and model; `python -m train {argv[0]} --help` lists the options)",
+                  file=sys.stderr)
+            raise SystemExit(2)
         from argparse import ArgumentError
 
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         from train.runtime.nonfinite import NonFiniteError
@@ -38,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             cli = lightning_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself, no warning
             finish_wandb()
             return cli
-        except USER_ERRORS as e:  # bad data path, bad config value: one line, no traceback
+        except (*USER_ERRORS, MisconfigurationException) as e:  # bad data path, bad config value: one line
             print(f"error: {user_message(e)}", file=sys.stderr)
             raise SystemExit(2) from None
         except ArgumentError as e:  # unknown class, option or value in the config: one line instead of the usage
@@ -49,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1) from None
         except SIGTERMException as e:  # stopped by SIGTERM/SIGINT; train.runtime.interrupt wrote last.ckpt and said so
             raise SystemExit(e.code if isinstance(e.code, int) else 128 + signal.SIGTERM) from None
-    parser = build_parser()
+    parser = build_parser(with_guiders=any(a in ("-h", "--help") for a in argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -75,9 +92,20 @@ def _parse_params(items: list[str]) -> dict:
     return out
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not None, not an empty list, not a required option's)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False or action.default == [] \
+                or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _sampling_args(p: argparse.ArgumentParser, guiders: str) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint written by `fit` (e.g. runs/x/checkpoints/last.ckpt)")
-    p.add_argument("--guider", default=None, help="guider name (default cfg; see `python -m train guiders`)")
+    p.add_argument("--guider", default=None, help=f"guidance rule (default cfg){guiders}; `python -m train guiders` "
+                                                  f"lists their parameters")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="guider parameter, repeatable")
     p.add_argument("--sampler", default=None, help="ddim (default), euler or dpmpp_2m")
     p.add_argument("--steps", type=int, default=None,
@@ -96,14 +124,26 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="the negative condition of CFG-like guiders (a prompt, or a class) instead of the null one")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(metavar="{fit,validate,sample,evaluate,export,guiders,demo,digits-pipeline}")
-    sub.add_parser("fit", help="train from a YAML config (LightningCLI: --config configs/digits/teacher.yaml)")
-    sub.add_parser("validate", help="validate a checkpoint (LightningCLI)")
+def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
+    """The argument parser; with_guiders lists the guider names in the help (it imports the guidance core)."""
+    guiders = ""
+    if with_guiders:
+        from guidance.guiders import GUIDERS
 
-    s = sub.add_parser("sample", help="write a PNG grid and an .npz of samples from a checkpoint")
-    _sampling_args(s)
+        guiders = ": " + ", ".join(sorted(GUIDERS))
+    fmt = _DefaultsFormatter
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(metavar="{fit,validate,sample,evaluate,export,guiders,demo,digits-pipeline}")
+    sub.add_parser("fit", help="train from a YAML config: --config configs/digits/teacher.yaml")
+    sub.add_parser("validate", help="validate a checkpoint: --config CONFIG --ckpt_path CKPT")
+
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=f"example: {example}", formatter_class=fmt)
+
+    s = command("sample", "write a PNG grid and an .npz of samples from a checkpoint",
+                "python -m train sample --ckpt runs/digits/teacher/checkpoints/last.ckpt --scale 3 --out samples")
+    _sampling_args(s, guiders)
     s.add_argument("--scale", type=float, default=None,
                    help="guidance scale w (D_u + w (D_c - D_u)); default 2, or what a generator was distilled at")
     s.add_argument("--num-per-class", type=int, default=8, help="samples per class (or per class prompt)")
@@ -111,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("evaluate", help="sample and write metrics (FD, accuracy, precision/recall, NFE) as JSON")
-    _sampling_args(e)
+    e = command("evaluate", "sample and write metrics (FD, accuracy, precision/recall, NFE; FID, CLIP) as JSON",
+                "python -m train evaluate --ckpt CKPT --scales 1 2 3 5 --out metrics.json")
+    _sampling_args(e, guiders)
     e.add_argument("--scales", type=float, nargs="+", default=None,
                    help="guidance scales to evaluate (default 2, or what a generator was distilled at)")
     e.add_argument("--num-per-class", type=int, default=100, help="samples per class (or per class prompt)")
@@ -124,22 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="metrics JSON path")
     e.set_defaults(func=cmd_evaluate)
 
-    x = sub.add_parser("export", help="export a checkpoint as a diffusers folder, peft LoRA weights or one safetensors file")
+    x = command("export", "export a checkpoint as a diffusers folder, LoRA weights or one safetensors file",
+                "python -m train export --ckpt CKPT --out exported --format diffusers")
     x.add_argument("--ckpt", required=True, help="checkpoint written by `fit`")
     x.add_argument("--out", required=True, help="target folder (diffusers, lora) or .safetensors file")
     x.add_argument("--format", default="diffusers", help="diffusers (folder), lora (peft adapter for the teacher) or safetensors")
     x.add_argument("--force", action="store_true", help="replace an existing target")
     x.set_defaults(func=cmd_export)
 
-    b = sub.add_parser("digits-pipeline", help="build the text digits pipeline folder and the captioned digits (text demo)")
+    b = command("digits-pipeline", "build the text digits pipeline folder and the captioned digits (text demo)",
+                "python -m train digits-pipeline --out runs/text_demo")
     b.add_argument("--out", default="runs/text_demo", help="writes <out>/pipeline and <out>/captions")
     b.add_argument("--vae-steps", type=int, default=600, help="training steps of the digits autoencoder")
     b.set_defaults(func=cmd_digits_pipeline)
 
-    g = sub.add_parser("guiders", help="list the available guiders and their parameters")
+    g = command("guiders", "list the available guiders and their parameters", "python -m train guiders")
     g.set_defaults(func=cmd_guiders)
 
-    d = sub.add_parser("demo", help="the embedded default: train the digits teacher, sample, print metrics")
+    d = command("demo", "the embedded default end to end: train, distil, erase on the digits; print the metrics",
+                "python -m train demo --out runs/demo")
     d.add_argument("--out", default="runs/demo", help="output folder")
     d.add_argument("--max-steps", type=int, default=None, help="override every stage's training steps (quick runs)")
     d.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all, in order)")

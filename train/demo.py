@@ -71,7 +71,8 @@ def _takes(out: Path, name: str, takes: dict[str, str]) -> list[str]:
 def _fit(config: Path, root: Path, overrides: list[str], max_steps: int | None) -> Path:
     from train.fit import lightning_cli
 
-    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *overrides]
+    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root), "--reuse_run_folder", "true",
+            *overrides]
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps)]
     lightning_cli(args)

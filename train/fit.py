@@ -20,13 +20,19 @@ def lightning_cli(argv: list[str] | None):
     Checkpoints go to <trainer.default_root_dir>/checkpoints and W&B files to <default_root_dir>/wandb
     unless the config says otherwise, so a run is one folder."""
     import lightning as L
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+    import train.runtime.strategy  # noqa: F401  (registers the zero1/zero2/zero3 strategy names)
     from train.methods.base import MethodModule
     from train.runtime.checkpoint import check_resume, read_checkpoint
-    import train.runtime.strategy  # noqa: F401  (registers the zero1/zero2/zero3 strategy names)
     from train.runtime.interrupt import InterruptCheckpoint
+    from train.runtime.progress import StepProgressBar
+    from train.runtime.run_folder import AtomicCheckpointIO, RunFolder, is_main_process
     from train.runtime.tracking import TrainingDiagnostics
+
+    claimed: list[RunFolder] = []  # the run folder this command holds, released when it ends
 
     class SaveAndLogConfig(SaveConfigCallback):
         """Write config.yaml to the run folder and log the whole resolved config to every logger (W&B)."""
@@ -40,8 +46,21 @@ def lightning_cli(argv: list[str] | None):
             super().parse_arguments(parser, args)
             cfg = self.config.get(self.config.get("subcommand") or "") or self.config
             ckpt = cfg.get("ckpt_path")
-            if ckpt and ckpt not in ("last", "best", "hpc") and not Path(ckpt).is_dir():
+            if ckpt in ("best", "hpc"):
+                raise ValueError(f"--ckpt_path {ckpt} is not supported; pass the checkpoint file to resume (e.g. "
+                                 f"<run folder>/checkpoints/last.ckpt) or `last`")
+            if ckpt == "last":  # Lightning's "last": this run folder's last.ckpt, checked like any other
+                root = Path(cfg.trainer.get("default_root_dir") or "runs/default")
+                ckpt = cfg.ckpt_path = str(root / "checkpoints" / "last.ckpt")
+                if not Path(ckpt).exists():
+                    raise ValueError(f"--ckpt_path last: {root} has no checkpoints/last.ckpt to resume; pass the "
+                                     f"checkpoint file, or drop --ckpt_path to start a new run")
+            if ckpt and not Path(ckpt).is_dir():
                 read_checkpoint(ckpt)  # missing, corrupt, truncated or foreign: one line, before anything is built
+            steps = cfg.trainer.get("max_steps")
+            if steps is not None and (steps == 0 or steps < -1):
+                raise ValueError(f"trainer.max_steps={steps} trains nothing; give the number of optimizer steps to train "
+                                 f"(or -1 with trainer.max_epochs)")
             self.requested_model = cfg.model.as_dict() if cfg.get("model") else None
 
         def before_instantiate_classes(self) -> None:
@@ -49,6 +68,9 @@ def lightning_cli(argv: list[str] | None):
             if cfg.get("ckpt_path") and self.requested_model and Path(cfg.ckpt_path).is_file():
                 check_resume(cfg.ckpt_path, self.requested_model, cfg.model.as_dict())  # the checkpoint's model wins
             root = cfg.trainer.get("default_root_dir") or "runs/default"
+            if self.subcommand == "fit" and is_main_process():  # refused before the model is built; held once it is
+                self.run_folder = RunFolder(root, bool(cfg.get("ckpt_path")), bool(cfg.get("reuse_run_folder")))
+                self.run_folder.check()
             logger = cfg.trainer.get("logger")
             mode = cfg.get("wandb") or os.environ.get("WANDB_MODE") or "offline"
             os.environ["WANDB_MODE"] = mode
@@ -63,15 +85,31 @@ def lightning_cli(argv: list[str] | None):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None,
                                 help="W&B mode of a WandbLogger (default: $WANDB_MODE, else offline)")
+            parser.add_argument("--reuse_run_folder", type=bool, default=False,
+                                help="start a new run in a default_root_dir that already holds one (its files are "
+                                     "kept; config.yaml and last.ckpt are replaced); without it such a folder is "
+                                     "refused unless the run resumes it (--ckpt_path)")
 
         def before_fit(self) -> None:
             self.model.check_data(self.datamodule)  # images / classes the network cannot take, before any file
 
         def instantiate_trainer(self, **kwargs):
+            folder = getattr(self, "run_folder", None)
+            if folder is not None:
+                folder.claim()
+                claimed.append(folder)
             trainer = super().instantiate_trainer(**kwargs)
             for cb in trainer.checkpoint_callbacks:
                 if cb.dirpath is None:
                     cb.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
+                if isinstance(cb, ModelCheckpoint):  # one run per folder: last.ckpt is always the latest, never last-v1
+                    cb._enable_version_counter = False
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # written beside the target, then renamed
+            if not trainer.loggers and any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
+                raise ValueError("LearningRateMonitor needs a logger: remove it from trainer.callbacks or set "
+                                 "trainer.logger (with a logger, learning rates are logged as train/lr/<network> anyway)")
+            trainer.callbacks = [StepProgressBar() if type(cb) is TQDMProgressBar else cb for cb in trainer.callbacks]
             if not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
                 trainer.callbacks.append(InterruptCheckpoint())  # SIGTERM / Ctrl+C: write last.ckpt, then stop
             if trainer.loggers and not any(isinstance(cb, TrainingDiagnostics) for cb in trainer.callbacks):
@@ -79,7 +117,11 @@ def lightning_cli(argv: list[str] | None):
             return trainer
 
     no_exit = {"exit_on_error": False}  # parse errors raise ArgumentError; main prints them as one line
-    return GuidedCLI(MethodModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                     args=argv, save_config_callback=SaveAndLogConfig, save_config_kwargs={"overwrite": True},
-                     auto_configure_optimizers=False,
-                     parser_kwargs={**no_exit, **{name: no_exit for name in LightningCLI.subcommands()}})
+    try:
+        return GuidedCLI(MethodModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         args=argv, save_config_callback=SaveAndLogConfig, save_config_kwargs={"overwrite": True},
+                         auto_configure_optimizers=False,
+                         parser_kwargs={**no_exit, **{name: no_exit for name in LightningCLI.subcommands()}})
+    finally:
+        for folder in claimed:
+            folder.release()

@@ -118,8 +118,15 @@ def records_of(records: list, kind: str):
 ONESTEP = """
 model:
   class_path: train.methods.onestep.OneStepDistillation
-  init_args: {{teacher: {teacher}, divergence: jensen_shannon, gan_weight: 0.1, fake_updates: 2, lora_rank: 4,
-              discriminator_hidden: 16, ema_decay: 0.9, val_samples: 20, warmup_steps: 2, lr: 1.0e-4, lr_fake: 2.0e-4}}
+  init_args:
+    teacher: {teacher}
+    objective: {{divergence: jensen_shannon}}
+    fake_score: {{rank: 4, updates: 2, lr: 2.0e-4}}
+    discriminator: {{gan_weight: 0.1, hidden: 16}}
+    generator: {{lr: 1.0e-4}}
+    optimizer: {{warmup_steps: 2}}
+    ema_decay: 0.9
+    val_samples: 20
 data:
   class_path: data.digits.DigitsDataModule
   init_args: {{batch_size: 8}}
@@ -180,8 +187,8 @@ def test_wandb_flag_and_environment_choose_the_mode(tmp_path, monkeypatch):
 
     def fit(root, *extra):
         cli = lightning_cli(["fit", "--config", str(TINY_TEACHER), "--trainer.default_root_dir", str(root),
-                             "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.max_steps", "0",
-                             "--trainer.logger.offline", "true", *extra])
+                             "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.max_steps", "1",
+                             "--trainer.limit_val_batches", "0", "--trainer.logger.offline", "true", *extra])
         finish_wandb()
         return cli.trainer.logger._wandb_init["mode"]
 

@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import yaml
 
 
@@ -29,15 +28,17 @@ def read_yaml(path: str | Path) -> dict:
     return cfg
 
 
-def instantiate(config: dict, base: type = L.LightningModule) -> Any:
+def instantiate(config: dict, base: type | None = None) -> Any:
     """Build an object from {"class_path": ..., "init_args": {...}} (nested class_paths included).
 
     Method modules built this way record the config as their hyper-parameters (as LightningCLI does),
     so their checkpoints can be rebuilt by `sample`, `evaluate` and `export` without any pickling.
     """
+    import lightning as L
     from jsonargparse import ArgumentParser
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
+    base = base or L.LightningModule
     if not isinstance(config, dict) or "class_path" not in config:
         raise ConfigError("a component config needs 'class_path' (e.g. train.methods.teacher.TeacherPretraining) and 'init_args'")
     hparams = {"_class_path": config["class_path"], **(config.get("init_args") or {})}
