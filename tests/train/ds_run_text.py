@@ -28,10 +28,10 @@ def build(method: str, teacher: str, batch: int, nan_at: int = -1, frozen_dtype:
 
     if method == "text_onestep":  # generator, LoRA fake score and discriminator (f-distill JS + GAN): three engines
         module = instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
-                              "init_args": {"teacher": teacher, "divergence": "jensen_shannon", "gan_weight": 0.1,
-                                            "guidance_scale": 3.0, "fake_updates": 2, "lora_rank": 4,
-                                            "discriminator_hidden": 16, "ema_decay": 0.9,
-                                            "val_samples": 0, "frozen_dtype": frozen_dtype}})
+                              "init_args": {"teacher": teacher, "objective": {"divergence": "jensen_shannon"},
+                                            "discriminator": {"gan_weight": 0.1, "hidden": 16},
+                                            "guidance_scale": 3.0, "fake_score": {"updates": 2, "rank": 4},
+                                            "ema_decay": 0.9, "val_samples": 0, "frozen_dtype": frozen_dtype}})
         images = Path(teacher).parent / "images"
         return module, CaptionedImageDataModule(str(images), image_size=16, batch_size=batch, val_size=2)
     if method == "text_erasure":  # ESD-x with anchors and the null prompt, x_t from the frozen trajectories

@@ -180,8 +180,8 @@ def test_progressive_student_exports_and_samples_with_its_distilled_step_count(s
 @pytest.mark.parametrize("steps", [1, 2])
 def test_one_step_generator_samples_through_diffusers_exactly(tiny_teacher_ckpt, tmp_path, steps):
     ckpt = fit_checkpoint(tmp_path / "onestep.ckpt", "train.methods.onestep.OneStepDistillation",
-                          {"teacher": str(tiny_teacher_ckpt), "lora_rank": 4, "ema_decay": 0.9,
-                           "generator_steps": steps, "lr": 1e-3})
+                          {"teacher": str(tiny_teacher_ckpt), "fake_score": {"rank": 4}, "ema_decay": 0.9,
+                           "generator": {"steps": steps, "lr": 1e-3}})
     out = tmp_path / "generator"
     main(["export", "--ckpt", str(ckpt), "--out", str(out)])
     meta = json.loads((out / "guidedistill.json").read_text())

@@ -126,7 +126,8 @@ def test_erasure_names_the_term(policy, tiny_teacher_ckpt, monkeypatch):
 def test_onestep_stop_policy_names_the_generator_term(tiny_teacher_ckpt, monkeypatch):
     nan_on_calls(monkeypatch, onestep, "dmd_loss")
     module = instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
-                          "init_args": {"teacher": str(tiny_teacher_ckpt), "lora_rank": 4, "nonfinite": "stop"}})
+                          "init_args": {"teacher": str(tiny_teacher_ckpt), "fake_score": {"rank": 4},
+                                        "nonfinite": "stop"}})
     with pytest.raises(NonFiniteError, match=r"^step 0: non-finite dmd=nan in the generator update"):
         trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)

@@ -21,12 +21,20 @@ from losses.erasure import esd_target, toward_target
 from train.methods.onestep import NonFiniteLoss, OneStepDistillation
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = {"lora_rank": 4, "discriminator_hidden": 16, "ema_decay": 0.9}
+TINY = {"fake_score": {"rank": 4}, "discriminator": {"hidden": 16}, "ema_decay": 0.9}
+
+
+def merged(args: dict, **overrides) -> dict:
+    """`args` with `overrides` applied; an argument group (a dict) is updated field by field."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in args.items()}
+    for k, v in overrides.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def build(teacher: Path, **init_args) -> OneStepDistillation:
     return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
-                        "init_args": {"teacher": str(teacher), **TINY, **init_args}})
+                        "init_args": merged({"teacher": str(teacher), **TINY}, **init_args)})
 
 
 def fit(module, max_steps: int, batch_size: int = 8, root: Path | None = None) -> L.Trainer:
@@ -50,7 +58,9 @@ def cli_run(tmp_path_factory, tiny_teacher_ckpt):
     teacher = root / "teacher.ckpt"
     shutil.copy(tiny_teacher_ckpt, teacher)
     cfg = read_yaml(ROOT / "configs" / "digits" / "dmd.yaml")
-    cfg["model"]["init_args"].update(teacher=str(teacher), divergence="jensen_shannon", gan_weight=0.1, fake_updates=2, **TINY)
+    cfg["model"]["init_args"] = merged(merged(cfg["model"]["init_args"], **TINY), teacher=str(teacher),
+                                       objective={"divergence": "jensen_shannon"}, discriminator={"gan_weight": 0.1},
+                                       fake_score={"updates": 2})
     cfg["data"]["init_args"]["batch_size"] = 16
     cfg["trainer"].update(max_steps=3, val_check_interval=3, accelerator="cpu", logger=False, default_root_dir=str(root),
                           enable_progress_bar=False, enable_model_summary=False)
@@ -129,7 +139,7 @@ def test_cli_evaluate_reports_one_network_evaluation(cli_run):
 
 
 def test_generator_starts_as_the_teachers_one_step_denoiser(tiny_teacher_ckpt):
-    module = build(tiny_teacher_ckpt, fake_score="copy")
+    module = build(tiny_teacher_ckpt, fake_score={"mode": "copy"})
     assert module.generator.net.training and module.fake_score.net.training
     assert not module.teacher.training and not module.ema.module.training
     teacher = load_method(tiny_teacher_ckpt, expect="teacher").sampling_denoiser()
@@ -181,8 +191,8 @@ def test_training_stops_after_max_skips_consecutive_non_finite_steps(tiny_teache
 
 
 def test_few_step_decoupled_pgsb_with_a_copied_fake_score(tiny_teacher_ckpt, tmp_path):
-    module = build(tiny_teacher_ckpt, fake_score="copy", objective="decoupled", pg_sb_range=[1.0, 3.0],
-                   generator_steps=2, ca_t_range=[0.5, 0.98], dm_t_range=[0.02, 0.5])
+    module = build(tiny_teacher_ckpt, fake_score={"mode": "copy"}, pg_sb_range=[1.0, 3.0], generator={"steps": 2},
+                   objective={"kind": "decoupled", "ca_t_range": [0.5, 0.98], "dm_t_range": [0.02, 0.5]})
     assert "fake" in module._guided and module.disc_head is None and module.fake_p_uncond == 0.1
     trainer = fit(module, max_steps=2, root=tmp_path)
     assert trainer.global_step == 2
@@ -200,7 +210,8 @@ def test_few_step_decoupled_pgsb_with_a_copied_fake_score(tiny_teacher_ckpt, tmp
 def test_frozen_weights_in_bfloat16_train_and_reload(tiny_teacher_ckpt, tmp_path):
     """frozen_dtype: bfloat16 holds the teacher / the LoRA base in bfloat16 (models.frozen_dtype); the generator,
     the LoRA weights and the discriminator train in float32, and the checkpoint rebuilds the same module."""
-    module = build(tiny_teacher_ckpt, frozen_dtype="bfloat16", divergence="jensen_shannon", gan_weight=0.1)
+    module = build(tiny_teacher_ckpt, frozen_dtype="bfloat16", objective={"divergence": "jensen_shannon"},
+                   discriminator={"gan_weight": 0.1})
     trainer = fit(module, max_steps=2, root=tmp_path)
     assert trainer.global_step == 2
     named = dict(module.fake_score.net.named_parameters())
@@ -239,11 +250,11 @@ def test_any_registered_guider_gives_the_teacher_target(tiny_teacher_ckpt, guide
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"objective": "decoupled", "guider": "apg"}, "set guider: cfg"),
-    ({"generator_steps": 2, "generator_times": [0.9]}, "one time per generator step"),
-    ({"divergence": "js"}, "jensen_shannon"),
-    ({"dmd_t_range": [0.5, 0.2]}, "dmd_t_range"),
-    ({"fake_updates": 0}, "fake_updates"),
+    ({"objective": {"kind": "decoupled"}, "guider": "apg"}, "set guider: cfg"),
+    ({"generator": {"steps": 2, "times": [0.9]}}, "one time per generator step"),
+    ({"objective": {"divergence": "js"}}, "jensen_shannon"),
+    ({"objective": {"t_range": [0.5, 0.2]}}, "objective.t_range"),
+    ({"fake_score": {"updates": 0}}, "fake_score.updates"),
     ({"frozen_dtype": "bf16"}, "bfloat16"),
 ])
 def test_impossible_settings_are_refused_with_what_to_change(tmp_path, overrides, message):
@@ -264,15 +275,17 @@ def test_shipped_configs_build(name, tiny_teacher_ckpt):
     module = instantiate(cfg["model"])
     assert module.generator_steps == 1
     assert (module.disc_head is not None) == (module.divergence != "reverse_kl" or module.gan_weight > 0)
+    assert module.hparams["objective"] == cfg["model"]["init_args"]["objective"]  # recorded as given: plain dicts
     assert isinstance(instantiate(cfg["data"], base=L.LightningDataModule), DigitsDataModule)
 
 
-# --- Score Forgetting Distillation: erase_concepts ----------------------------------------------------------
+# --- Score Forgetting Distillation: forget ----------------------------------------------------------
 
 @pytest.mark.parametrize("targets", [None, [8]])
 def test_sfd_generator_target_is_the_erasure_target_for_erased_labels(tiny_teacher_ckpt, monkeypatch, targets):
-    module = build(tiny_teacher_ckpt, erase_concepts=[3, 7], erase_eta=1.5,
-                   erase_targets=None if targets is None else [8, 1], gan_weight=0.1)
+    toward = None if targets is None else [8, 1]
+    module = build(tiny_teacher_ckpt, forget={"concepts": [3, 7], "eta": 1.5, "targets": toward},
+                   discriminator={"gan_weight": 0.1})
     seen, real_fake, real_dmd = {}, module._fake_x0, onestep.dmd_loss
 
     def spy_fake(x_t, t, cond, w):
@@ -306,22 +319,22 @@ def test_sfd_generator_target_is_the_erasure_target_for_erased_labels(tiny_teach
 
 
 def test_sfd_turns_the_gan_term_off_for_erased_labels(tiny_teacher_ckpt):
-    module = build(tiny_teacher_ckpt, erase_concepts=[3], gan_weight=0.1)
+    module = build(tiny_teacher_ckpt, forget={"concepts": [3]}, discriminator={"gan_weight": 0.1})
     assert module.gan_keep(torch.tensor([3, 1, 3])).tolist() == [0.0, 1.0, 0.0]
     assert module.generator_losses(torch.tensor([3, 3]))["generator_gan"].item() == 0.0
     assert module.generator_losses(torch.tensor([3, 4]))["generator_gan"].item() > 0.0
-    assert build(tiny_teacher_ckpt, gan_weight=0.1).gan_keep(torch.tensor([3])) == 1.0
+    assert build(tiny_teacher_ckpt, discriminator={"gan_weight": 0.1}).gan_keep(torch.tensor([3])) == 1.0
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"erase_concepts": [3, 3]}, "distinct classes in 0..9"),
-    ({"erase_concepts": [10]}, "distinct classes in 0..9"),
-    ({"erase_concepts": [3], "erase_eta": -1.0}, "erase_eta must be >= 0"),
-    ({"erase_concepts": [3], "objective": "decoupled"}, "set objective: dmd"),
-    ({"erase_concepts": [3], "divergence": "jensen_shannon"}, "divergence: reverse_kl"),
-    ({"erase_concepts": [3, 4], "erase_targets": [8]}, "one class in 0..9 per erased concept"),
-    ({"erase_concepts": [3, 4], "erase_targets": [8, 3]}, "none of them erased"),
-    ({"erase_targets": [8]}, "erase_targets needs erase_concepts"),
+    ({"forget": {"concepts": [3, 3]}}, "distinct classes in 0..9"),
+    ({"forget": {"concepts": [10]}}, "distinct classes in 0..9"),
+    ({"forget": {"concepts": [3], "eta": -1.0}}, "forget.eta must be >= 0"),
+    ({"forget": {"concepts": [3]}, "objective": {"kind": "decoupled"}}, "set objective.kind: dmd"),
+    ({"forget": {"concepts": [3]}, "objective": {"divergence": "jensen_shannon"}}, "objective.divergence: reverse_kl"),
+    ({"forget": {"concepts": [3, 4], "targets": [8]}}, "one class in 0..9 per erased concept"),
+    ({"forget": {"concepts": [3, 4], "targets": [8, 3]}}, "none of them erased"),
+    ({"forget": {"targets": [8]}}, "forget.concepts is empty"),
 ])
 def test_sfd_impossible_settings_are_refused(tiny_teacher_ckpt, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -330,5 +343,5 @@ def test_sfd_impossible_settings_are_refused(tiny_teacher_ckpt, overrides, messa
 
 def test_sfd_toward_refuses_a_guider_that_needs_a_weak_model(tiny_teacher_ckpt):
     with pytest.raises(ValueError, match="cannot need a weak model"):
-        build(tiny_teacher_ckpt, erase_concepts=[3], erase_targets=[8], guider="autoguidance",
+        build(tiny_teacher_ckpt, forget={"concepts": [3], "targets": [8]}, guider="autoguidance",
               weak_teacher=str(tiny_teacher_ckpt))

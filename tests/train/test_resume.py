@@ -74,9 +74,9 @@ def progressive(ckpts):  # 4 -> 2 -> 1 steps, 3 steps per round: resumed at step
 
 def onestep(ckpts):  # generator, LoRA fake score (2 updates per step) and discriminator: three optimizers
     return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
-                        "init_args": {"teacher": str(ckpts["teacher"]), "divergence": "jensen_shannon",
-                                      "gan_weight": 0.1, "fake_updates": 2, "lora_rank": 4,
-                                      "discriminator_hidden": 16, "ema_decay": 0.9}})
+                        "init_args": {"teacher": str(ckpts["teacher"]), "objective": {"divergence": "jensen_shannon"},
+                                      "discriminator": {"gan_weight": 0.1, "hidden": 16},
+                                      "fake_score": {"updates": 2, "rank": 4}, "ema_decay": 0.9}})
 
 
 def erasure(ckpts):  # trajectory banks rebuilt every 2 steps

@@ -26,8 +26,8 @@ def shrunk(cfg: dict, model: Path, ws, root: Path) -> dict:
         args["teacher" if "teacher" in args else "model"] = str(model)
     if "trajectory_steps" in args:
         args.update(trajectory_steps=3, bank_size=2, batch_size=1)
-    if "fake_updates" in args:
-        args["fake_updates"] = 1
+    if "fake_score" in args:  # OneStepDistillation
+        args["fake_score"]["updates"] = 1
     data = cfg["data"]["init_args"]
     if cfg["data"]["class_path"].endswith("CaptionedImageDataModule"):
         data.update(path=str(ws.images), cache_dir=str(root / "latents"), val_size=2)
@@ -65,3 +65,5 @@ def test_shipped_config_fits_one_step_on_the_tiny_folder_of_its_family(path, t2i
     for key in ("frozen_dtype", "guider", "params", "lora_rank", "parameterization"):
         if key in shipped:
             assert module.hparams[key] == shipped[key], key
+    if "fake_score" in shipped:
+        assert module.hparams["fake_score"]["rank"] == shipped["fake_score"]["rank"]

@@ -36,8 +36,12 @@ def workspace(tmp_path_factory):
 
 
 def build(folder, **init_args):
-    args = {"teacher": str(folder), "divergence": "jensen_shannon", "gan_weight": 0.1, "guidance_scale": 3.0,
-            "lora_rank": 4, "discriminator_hidden": 16, "lr": 1e-3, "ema_decay": 0.0, "val_samples": 0, **init_args}
+    """The module on `folder`; `init_args` replace top-level arguments and update the groups field by field."""
+    args = {"teacher": str(folder), "objective": {"divergence": "jensen_shannon"}, "guidance_scale": 3.0,
+            "discriminator": {"gan_weight": 0.1, "hidden": 16}, "fake_score": {"rank": 4}, "generator": {"lr": 1e-3},
+            "ema_decay": 0.0, "val_samples": 0}
+    for k, v in init_args.items():
+        args[k] = {**args[k], **v} if isinstance(v, dict) and isinstance(args.get(k), dict) else v
     return instantiate({"class_path": "train.methods.onestep.OneStepDistillation", "init_args": args})
 
 
@@ -55,7 +59,7 @@ def test_fdistill_js_with_gan_fits_on_text_models(workspace, kind):
     every loss term finite, and the generator, the LoRA fake score and the discriminator head all move."""
     from data.captions import CaptionedImageDataModule
 
-    module = build(workspace["models"][kind], fake_updates=2)
+    module = build(workspace["models"][kind], fake_score={"updates": 2})
     assert module.disc_head is not None
     assert module.discriminator_layer == ("unet.mid_block" if kind == "sd15" else "transformer.norm_out:input")
     before = {name: {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -145,10 +149,10 @@ def test_a_discriminator_on_prompt_only_data_says_what_to_use(workspace):
     module = build(workspace["models"]["sd15"])
     with pytest.raises(ValueError, match="CaptionedImageDataModule"):
         module.check_data(PromptDataModule(str(workspace["prompts"]), batch_size=2))
-    build(workspace["models"]["sd15"], gan_weight=0.0, divergence="reverse_kl").check_data(
-        PromptDataModule(str(workspace["prompts"]), batch_size=2))  # DMD alone needs no real latents
+    dmd = build(workspace["models"]["sd15"], discriminator={"gan_weight": 0.0}, objective={"divergence": "reverse_kl"})
+    dmd.check_data(PromptDataModule(str(workspace["prompts"]), batch_size=2))  # DMD alone needs no real latents
 
 
 def test_a_layer_that_does_not_exist_names_the_default(workspace):
     with pytest.raises(ValueError, match="transformer.norm_out:input"):
-        build(workspace["models"]["sd3"], discriminator_layer="unet.mid_block")
+        build(workspace["models"]["sd3"], discriminator={"layer": "unet.mid_block"})

@@ -56,8 +56,8 @@ class TextWorkspace:
                        "path": str(self.images), "image_size": 16, "batch_size": 2, "val_size": 2}}}
         elif method == "dmd":
             cfg = {"model": {"class_path": "train.methods.onestep.OneStepDistillation", "init_args": {
-                       "teacher": model, "guidance_scale": 3.0, "fake_score": "lora", "lora_rank": 4, "lr": 1e-3,
-                       "ema_decay": 0.0, "val_samples": 0}},
+                       "teacher": model, "guidance_scale": 3.0, "fake_score": {"mode": "lora", "rank": 4},
+                       "generator": {"lr": 1e-3}, "ema_decay": 0.0, "val_samples": 0}},
                    "data": {"class_path": "data.prompts.PromptDataModule", "init_args": {
                        "path": str(self.prompts), "batch_size": 2, "val_size": 2}}}
         elif method == "erase":

@@ -15,7 +15,7 @@ from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import build_guider
 from losses.dmd import decoupled_dmd_loss, dmd_loss, fake_score_loss
 from losses.erasure import forget_target
-from losses.fdiv import check_divergence, fdistill_loss
+from losses.fdiv import fdistill_loss
 from losses.gan import discriminator_loss, generator_gan_loss
 from models.discriminator import (DiscriminatorHead, default_feature_layer, discriminator_logits, feature_channels,
                                   probe_condition)
@@ -23,7 +23,9 @@ from models.ema import EMA
 from models.fake_score import FakeScore
 from models.frozen_dtype import frozen_dtype_of, run_frozen_in
 from train.methods.base import MethodModule
-from train.methods.onestep_checks import check_erase, check_options, check_range, check_real_data
+from train.methods.onestep_config import (DiscriminatorArgs, FakeScoreArgs, ForgetArgs, GeneratorArgs, ObjectiveArgs,
+                                          OptimizerArgs, as_group, check_combinations, check_forget, check_pg_sb_range,
+                                          check_real_data)
 from train.methods.sampling import GeneratorSampling
 from train.runtime.checkpoint import CHECKPOINT_KEY, load_teacher
 from train.runtime.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
@@ -40,7 +42,7 @@ class OneStepDistillation(MethodModule):
     discriminator head on the fake score's (or the teacher's) bottleneck features (models.discriminator: a UNet's
     mid block; an SD3 / Flux transformer's image tokens after its last block).
 
-    One training step (one data batch) = `fake_updates` fake-score (+ discriminator) updates, then one
+    One training step (one data batch) = `fake_score.updates` fake-score (+ discriminator) updates, then one
     generator update (two time-scale rule, DMD2 sec. 4.2). Manual optimization with three optimizers;
     only the generator's optimizer is stepped through its LightningOptimizer, which is what advances
     `trainer.global_step`; the other two are stepped through `trainer.strategy.optimizer_step` (same
@@ -55,8 +57,10 @@ class OneStepDistillation(MethodModule):
     The fake score starts as the teacher (which already fits the real digits) and then sees only
     generator samples.
 
-    teacher:          teacher checkpoint (`python -m train fit` with train.methods.teacher.TeacherPretraining);
-                      its sampling (EMA) network is used.
+    Arguments (the groups are train.methods.onestep_config's dataclasses; YAML gives each as a mapping, e.g.
+    `objective: {divergence: jensen_shannon}`, the command line as `--model.init_args.objective.divergence ...`):
+    teacher:          teacher checkpoint (`python -m train fit` with train.methods.teacher.TeacherPretraining) or a
+                      diffusers pipeline folder; its sampling (EMA) network is used.
     teacher_config:   filled in automatically with the teacher's stored config, so a saved module can be
                       rebuilt (load_method) even when `teacher` has moved; leave unset.
     weak_teacher:     checkpoint of the weak model for guider "autoguidance".
@@ -64,72 +68,49 @@ class OneStepDistillation(MethodModule):
     guidance_scale:   the teacher's scale w (D_u + w (D_c - D_u)); the fake score is unguided.
     pg_sb_range:      [lo, hi]: per-sample w ~ U[lo, hi] for BOTH the teacher and the fake score (PG-SB,
                       SNOOPI, arXiv 2412.02687); the fake score then trains with label dropout.
-    objective:        "dmd" (DMD2 / f-distill) or "decoupled" (Decoupled DMD, arXiv 2511.22677; CFG only).
-    divergence:       losses.fdiv name; anything but reverse_kl (= DMD) needs the discriminator's ratio.
-    ratio_time_bins:  >0: normalise h(r) per time bin instead of per batch.
-    dmd_t_range:      re-noising times of the DMD term, uniform on [lo, hi].
-    ca_t_range, dm_t_range, ca_weight, dm_weight: Decoupled DMD's per-term times (default dmd_t_range) and weights.
-    gan_weight:       weight of the generator's GAN term (DMD2 uses 3e-3 on SDXL); 0 = none.
-    fake_score:       "lora" or "copy"; lora_rank, lora_alpha, lora_targets: the LoRA (models.fake_score).
+    objective:        ObjectiveArgs: kind (dmd / decoupled), divergence, ratio_time_bins, t_range and Decoupled DMD's
+                      ca_t_range, dm_t_range, ca_weight, dm_weight.
+    fake_score:       FakeScoreArgs: mode (lora / copy), rank, alpha, targets, updates, p_uncond, lr.
+    discriminator:    DiscriminatorArgs: gan_weight, features (fake / teacher), layer, hidden, t_range, lr.
+    generator:        GeneratorArgs: steps, times, lr.
+    optimizer:        OptimizerArgs: betas, weight_decay, warmup_steps, grad_clip (AdamW of every network).
+    forget:           ForgetArgs (Score Forgetting Distillation): concepts, eta, targets; null: plain distillation.
+    ema_decay:        EMA of the generator used for sampling (0 disables).
     frozen_dtype:     "float32", "bfloat16" or "float16": the dtype the frozen weights are held and run in (the
                       teacher, the LoRA fake score's shared base, the weak teacher; models.frozen_dtype); the
                       generator, the LoRA weights, a full-copy fake score and the discriminator stay float32.
-    fake_updates:     fake-score updates per generator update (DMD2: 5 on SDXL, 10 on SD1.5).
-    fake_p_uncond:    label dropout of the fake-score loss (0.1 by default with PG-SB, else 0).
-    discriminator_features: "fake" (DMD2: the discriminator loss also trains the fake score's weights)
-                      or "teacher" (frozen features); discriminator_layer: the tapped submodule (None: the
-                      network's default, models.discriminator.default_feature_layer).
-    disc_t_range:     times at which real and fake samples are noised for the discriminator.
-    generator_steps:  k; generator_times: the k descending times (default the schedule's k-step grid,
-                      starting at t_max; give [t] for a one-step generator at another init time).
-    lr, lr_fake, lr_disc, betas, weight_decay, warmup_steps: AdamW per network (lr_fake/lr_disc default lr).
-    grad_clip:        max gradient norm per network (None: no clipping).
-    ema_decay:        EMA of the generator used for sampling (0 disables).
     nonfinite:        what a NaN/inf loss term or gradient does: "skip" the update or "stop" (train.runtime.nonfinite).
     max_skips:        consecutive skipped generator updates before training stops with an error.
-    erase_concepts:   classes the generator must not draw (Score Forgetting Distillation, arXiv 2409.11219): for
-                      samples of these labels the DMD term's teacher target is an erasure target (`dm_target`), so
-                      the one-step generator comes out erased; their GAN term is off. None: plain distillation.
-    erase_eta:        ESD strength of that target: the teacher guided at w = -erase_eta (losses.erasure.esd_target).
-    erase_targets:    instead of ESD, draw these classes (one per erased concept): the guided teacher's target for
-                      the target class at the generator's scale w (losses.erasure.toward_target).
+    val_samples:      samples drawn at each validation for the sample grid and the validation metrics.
+    Each group also takes a dict of its fields when the module is built in Python.
     """
 
     method_name = "onestep"
 
     def __init__(self, teacher: str, teacher_config: dict | None = None, weak_teacher: str | None = None,
                  guider: str = "cfg", guider_params: dict | None = None, guidance_scale: float = 2.0,
-                 pg_sb_range: list[float] | None = None, objective: str = "dmd", divergence: str = "reverse_kl",
-                 ratio_time_bins: int = 0, dmd_t_range: tuple[float, float] = (0.02, 0.98),
-                 ca_t_range: list[float] | None = None, dm_t_range: list[float] | None = None,
-                 ca_weight: float = 1.0, dm_weight: float = 1.0, gan_weight: float = 0.0,
-                 fake_score: str = "lora", lora_rank: int = 16, lora_alpha: float | None = None,
-                 lora_targets: list[str] | None = None, fake_updates: int = 1, fake_p_uncond: float | None = None,
-                 discriminator_features: str = "fake", discriminator_layer: str | None = None,
-                 discriminator_hidden: int = 64, disc_t_range: list[float] | None = None,
-                 generator_steps: int = 1, generator_times: list[float] | None = None,
-                 lr: float = 1e-4, lr_fake: float | None = None, lr_disc: float | None = None,
-                 betas: tuple[float, float] = (0.0, 0.999), weight_decay: float = 0.0, warmup_steps: int = 0,
-                 grad_clip: float | None = 10.0, ema_decay: float = 0.99, max_skips: int = 10,
-                 val_samples: int = 200, nonfinite: str = "skip", erase_concepts: list[int] | None = None,
-                 erase_eta: float = 1.0, erase_targets: list[int] | None = None, frozen_dtype: str = "float32"):
+                 pg_sb_range: list[float] | None = None, objective: ObjectiveArgs = ObjectiveArgs(),
+                 fake_score: FakeScoreArgs = FakeScoreArgs(), discriminator: DiscriminatorArgs = DiscriminatorArgs(),
+                 generator: GeneratorArgs = GeneratorArgs(), optimizer: OptimizerArgs = OptimizerArgs(),
+                 forget: ForgetArgs | None = None, ema_decay: float = 0.99, frozen_dtype: str = "float32",
+                 nonfinite: str = "skip", max_skips: int = 10, val_samples: int = 200):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
-        self.objective, self.divergence = objective, check_divergence(divergence)
-        self.pg_sb_range = check_range("pg_sb_range", pg_sb_range, lo=-math.inf, hi=math.inf) if pg_sb_range else None
-        self.dmd_t_range = check_range("dmd_t_range", dmd_t_range)
-        self.ca_t_range = check_range("ca_t_range", ca_t_range or dmd_t_range)
-        self.dm_t_range = check_range("dm_t_range", dm_t_range or dmd_t_range)
-        self.disc_t_range = check_range("disc_t_range", disc_t_range or dmd_t_range)
-        check_options(objective, guider, fake_updates, generator_steps, generator_times, discriminator_features)
+        self.objective, self.fake_args = as_group(ObjectiveArgs, objective), as_group(FakeScoreArgs, fake_score)
+        self.disc_args, self.optim_args = as_group(DiscriminatorArgs, discriminator), as_group(OptimizerArgs, optimizer)
+        gen_args = as_group(GeneratorArgs, generator)
+        forget = None if forget is None else as_group(ForgetArgs, forget)
+        check_combinations(self.objective, guider, forget)
+        self.pg_sb_range = check_pg_sb_range(pg_sb_range)
+        self.dmd_t_range, self.ca_t_range, self.dm_t_range = (self.objective.times(n) for n in ("t", "ca_t", "dm_t"))
+        self.disc_t_range = tuple(self.disc_args.t_range or self.objective.t_range)
         dtype = frozen_dtype_of(frozen_dtype)
-        self.guidance_scale, self.ratio_time_bins = guidance_scale, ratio_time_bins
-        self.ca_weight, self.dm_weight, self.gan_weight = ca_weight, dm_weight, gan_weight
-        self.fake_updates, self.grad_clip = fake_updates, grad_clip
-        self.fake_p_uncond = (0.1 if self.pg_sb_range else 0.0) if fake_p_uncond is None else fake_p_uncond
-        self.lr, self.lr_fake, self.lr_disc = lr, lr_fake or lr, lr_disc or lr_fake or lr
-        self.betas, self.weight_decay, self.warmup_steps = tuple(betas), weight_decay, warmup_steps
-        self.discriminator_features = discriminator_features
+        self.guidance_scale = guidance_scale
+        p_uncond = self.fake_args.p_uncond
+        self.fake_p_uncond = (0.1 if self.pg_sb_range else 0.0) if p_uncond is None else p_uncond
+        # learning rates: the fake score's defaults to the generator's, the discriminator's to the fake score's
+        fake_lr = self.fake_args.lr or gen_args.lr
+        self.lrs = (gen_args.lr, fake_lr, self.disc_args.lr or fake_lr)
         self.val_samples = val_samples
 
         teacher_den, stored = load_teacher(teacher, teacher_config)
@@ -139,7 +120,8 @@ class OneStepDistillation(MethodModule):
         self.generator = Denoiser(copy.deepcopy(teacher_den.net).requires_grad_(True), teacher_den.schedule,
                                   teacher_den.parameterization, teacher_den.sigma_data)
         self.ema = EMA(self.generator.net, ema_decay) if ema_decay > 0 else None
-        self.fake_score = FakeScore(teacher_den, fake_score, lora_rank, lora_alpha, lora_targets, dtype)
+        fs = self.fake_args
+        self.fake_score = FakeScore(teacher_den, fs.mode, fs.rank, fs.alpha, fs.targets, dtype)
         self.weak_teacher = load_teacher(weak_teacher, None)[0].requires_grad_(False).eval() if weak_teacher else None
         if self.weak_teacher is not None:
             run_frozen_in(self.weak_teacher.net, dtype)
@@ -151,17 +133,15 @@ class OneStepDistillation(MethodModule):
                 raise ValueError("pg_sb_range guides the fake score with the teacher's guider, which cannot need a "
                                  "weak model; use a guider such as 'cfg' with PG-SB")
             self._guided["fake"] = GuidedDenoiser(self.fake_score, copy.deepcopy(g))
-        self.erase_concepts, self.erase_targets = check_erase(erase_concepts, erase_eta, erase_targets, objective,
-                                                              divergence, g, teacher_den)
-        self.erase_eta = erase_eta
-        self.uses_discriminator = gan_weight > 0 or divergence != "reverse_kl"
+        self.forget = None if forget is None else check_forget(forget, g, teacher_den)
+        self.uses_discriminator = self.gan_weight > 0 or self.divergence != "reverse_kl"
         self.disc_head = None
-        self.discriminator_layer = discriminator_layer or default_feature_layer(teacher_den.net)
+        self.discriminator_layer = self.disc_args.layer or default_feature_layer(teacher_den.net)
         if self.uses_discriminator:
             features = self._disc_features()
             ch = feature_channels(features, self.discriminator_layer, self.sample_shape(), probe_condition(features.net))
-            self.disc_head = DiscriminatorHead(ch, discriminator_hidden, time_conditioned=True)
-        times = generator_times or self.generator.schedule.sampling_times(generator_steps).tolist()
+            self.disc_head = DiscriminatorHead(ch, self.disc_args.hidden, time_conditioned=True)
+        times = gen_args.times or self.generator.schedule.sampling_times(gen_args.steps).tolist()
         self.register_buffer("generator_times", torch.tensor(times, dtype=torch.float32), persistent=False)
         self.generator_steps = len(times)
         self.val_steps = self.generator_steps
@@ -170,9 +150,19 @@ class OneStepDistillation(MethodModule):
                                + (list(self.disc_head.parameters()) if self.disc_head is not None else []))
         self.automatic_optimization = False
 
+    @property
+    def divergence(self) -> str:
+        """The f-divergence of the DMD term (objective.divergence; reverse_kl = DMD)."""
+        return self.objective.divergence
+
+    @property
+    def gan_weight(self) -> float:
+        """The weight of the generator's GAN term (discriminator.gan_weight)."""
+        return self.disc_args.gan_weight
+
     # --- construction helpers ---------------------------------------------------------------------
     def _disc_features(self) -> Denoiser:
-        return self.fake_score if self.discriminator_features == "fake" else self.fake_score.teacher
+        return self.fake_score if self.disc_args.features == "fake" else self.fake_score.teacher
 
     @property
     def teacher(self) -> Denoiser:
@@ -278,7 +268,7 @@ class OneStepDistillation(MethodModule):
         b, dev, sched = x.shape[0], x.device, self.generator.schedule
         w = self._scales(b, dev)
         terms = {}
-        if self.objective == "dmd":
+        if self.objective.kind == "dmd":
             t = self._uniform_t(b, self.dmd_t_range, dev)
             x_t = sched.add_noise(x.detach(), self.noise_like(x), t)
             d_real = self.dm_target(x_t, t, labels, w)
@@ -288,8 +278,8 @@ class OneStepDistillation(MethodModule):
             else:
                 with torch.no_grad():
                     logits = self._disc_logits(x_t, t, labels)
-                terms["dmd"] = fdistill_loss(x, d_real, d_fake, logits, self.divergence, t, self.ratio_time_bins,
-                                              self.global_batch).mean()
+                terms["dmd"] = fdistill_loss(x, d_real, d_fake, logits, self.divergence, t,
+                                             self.objective.ratio_time_bins, self.global_batch).mean()
         else:
             terms["dmd"] = self._decoupled_loss(x, labels, w).mean()
         if self.gan_weight > 0:
@@ -307,24 +297,25 @@ class OneStepDistillation(MethodModule):
             both = teacher(torch.cat([x_ca, x_ca]), torch.cat([t_ca, t_ca]), cond_cat([labels, teacher.null_cond(labels)])).x0
             d_fake = self.fake_score(x_dm, t_dm, labels).x0
             d_cond = teacher(x_dm, t_dm, labels).x0
-        return decoupled_dmd_loss(x, both[:b], both[b:], w, d_fake, d_cond, self.ca_weight, self.dm_weight)
+        return decoupled_dmd_loss(x, both[:b], both[b:], w, d_fake, d_cond, self.objective.ca_weight,
+                                  self.objective.dm_weight)
 
-    # --- score forgetting distillation (erase_concepts) ----------------------------------------------
+    # --- score forgetting distillation (forget) ------------------------------------------------------
     def dm_target(self, x_t: Tensor, t: Tensor, labels: Tensor, w: Tensor) -> Tensor:
         """D_real of the DMD term, x0 [B, C, H, W], at (x_t [B, C, H, W], t [B]) for labels [B] and scales w [B]:
-        the guided teacher's prediction (DMD Eq. 7) or, with erase_concepts, SFD's target, in which erased labels
+        the guided teacher's prediction (DMD Eq. 7) or, with `forget`, SFD's target, in which erased labels
         get the ESD / toward target of the same frozen teacher (losses.erasure.forget_target)."""
-        if self.erase_concepts is None:
+        if self.forget is None:
             return teacher_target(self._guided["teacher"], x_t, t, labels, w, space="x0")
-        return forget_target(self._guided["teacher"], x_t, t, labels, w, self.erase_concepts, self.erase_eta,
-                             self.erase_targets, space="x0")
+        return forget_target(self._guided["teacher"], x_t, t, labels, w, self.forget.concepts, self.forget.eta,
+                             self.forget.targets, space="x0")
 
     def gan_keep(self, labels: Tensor) -> Tensor | float:
         """Per-sample weight [B] of the generator's GAN term: 0 for erased labels (the discriminator's real branch
         holds real images of the concept, which would pull the generator back to it), else 1."""
-        if self.erase_concepts is None:
+        if self.forget is None:
             return 1.0
-        return (~torch.isin(labels, torch.tensor(self.erase_concepts, device=labels.device))).float()
+        return (~torch.isin(labels, torch.tensor(self.forget.concepts, device=labels.device))).float()
 
     # --- optimisation --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -335,7 +326,7 @@ class OneStepDistillation(MethodModule):
         opt_g, opt_f = opts[0], opts[1]
         nets = [self.fake_score.trainable_parameters()] + ([list(self.disc_head.parameters())] if self.disc_head is not None else [])
         aux = [(opt_f, scheds[1])] + ([(opts[2], scheds[2])] if self.disc_head is not None else [])
-        for _ in range(self.fake_updates):
+        for _ in range(self.fake_args.updates):
             with self._updating(nets):
                 terms = self.fake_losses(x_real, labels)
                 ok = self._backward(terms, [o for o, _ in aux], nets, "fake score")
@@ -368,7 +359,7 @@ class OneStepDistillation(MethodModule):
                 # skip an update whose gradient norm is NaN/inf (reported by train.runtime.strategy.EnginePrecision)
                 for params in param_groups:
                     bad = bad or nonfinite_gradient(params, terms)
-                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
+                    torch.nn.utils.clip_grad_norm_(params, self.optim_args.grad_clip or math.inf)
         if bad:
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
@@ -414,15 +405,18 @@ class OneStepDistillation(MethodModule):
         return nets
 
     def gradient_clip(self, name: str) -> float | None:
-        return self.grad_clip or 0.0
+        return self.optim_args.grad_clip or 0.0
 
     def configure_optimizers(self):
-        def adamw(params, lr):
-            return adamw_with_warmup(params, lr, self.weight_decay, self.warmup_steps, self.betas)
+        o = self.optim_args
 
-        out = [adamw(self.generator.net.parameters(), self.lr), adamw(self.fake_score.trainable_parameters(), self.lr_fake)]
+        def adamw(params, lr):
+            return adamw_with_warmup(params, lr, o.weight_decay, o.warmup_steps, tuple(o.betas))
+
+        lr_gen, lr_fake, lr_disc = self.lrs
+        out = [adamw(self.generator.net.parameters(), lr_gen), adamw(self.fake_score.trainable_parameters(), lr_fake)]
         if self.disc_head is not None:
-            out.append(adamw(self.disc_head.parameters(), self.lr_disc))
+            out.append(adamw(self.disc_head.parameters(), lr_disc))
         return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ CHECKPOINT_FORMAT = 1
 
 
 def plain_config(obj: Any) -> Any:
-    """JSON-able copy of a config (dicts, lists, numbers, strings); anything else becomes None.
+    """JSON-able copy of a config (dicts, lists, numbers, strings; dataclasses as dicts); anything else becomes None.
 
     Lightning stores hyper-parameters with the checkpoint; keeping them plain is what lets checkpoints
     load with `torch.load(weights_only=True)`."""
     if isinstance(obj, dict):
         return {str(k): plain_config(v) for k, v in obj.items()}
+    if is_dataclass(obj) and not isinstance(obj, type):  # an argument group (train.methods.onestep_config)
+        return {f.name: plain_config(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [plain_config(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -33,7 +36,8 @@ def plain_config(obj: Any) -> Any:
 
 def is_rebuildable(hparams: dict) -> bool:
     """True when hyper-parameters are a full config (built by the CLI or `train.runtime.config.instantiate`)."""
-    return "_class_path" in hparams and json.dumps(plain_config(hparams)) == json.dumps(hparams, default=lambda o: None)
+    groups = lambda o: plain_config(o) if is_dataclass(o) else None  # noqa: E731
+    return "_class_path" in hparams and json.dumps(plain_config(hparams)) == json.dumps(hparams, default=groups)
 
 
 # Where classes lived before train/ was split into methods/, runtime/ and evaluation/ (checkpoints written before
@@ -48,14 +52,52 @@ LEGACY_CLASS_PATHS = {
 }
 
 
+# OneStepDistillation's flat arguments before its argument groups (train.methods.onestep_config): name -> (group, field)
+ONESTEP_FLAT_ARGUMENTS = {
+    "objective": ("objective", "kind"), "divergence": ("objective", "divergence"),
+    "ratio_time_bins": ("objective", "ratio_time_bins"), "dmd_t_range": ("objective", "t_range"),
+    "ca_t_range": ("objective", "ca_t_range"), "dm_t_range": ("objective", "dm_t_range"),
+    "ca_weight": ("objective", "ca_weight"), "dm_weight": ("objective", "dm_weight"),
+    "fake_score": ("fake_score", "mode"), "lora_rank": ("fake_score", "rank"), "lora_alpha": ("fake_score", "alpha"),
+    "lora_targets": ("fake_score", "targets"), "fake_updates": ("fake_score", "updates"),
+    "fake_p_uncond": ("fake_score", "p_uncond"), "lr_fake": ("fake_score", "lr"),
+    "gan_weight": ("discriminator", "gan_weight"), "discriminator_features": ("discriminator", "features"),
+    "discriminator_layer": ("discriminator", "layer"), "discriminator_hidden": ("discriminator", "hidden"),
+    "disc_t_range": ("discriminator", "t_range"), "lr_disc": ("discriminator", "lr"),
+    "generator_steps": ("generator", "steps"), "generator_times": ("generator", "times"), "lr": ("generator", "lr"),
+    "betas": ("optimizer", "betas"), "weight_decay": ("optimizer", "weight_decay"),
+    "warmup_steps": ("optimizer", "warmup_steps"), "grad_clip": ("optimizer", "grad_clip"),
+    "erase_concepts": ("forget", "concepts"), "erase_eta": ("forget", "eta"), "erase_targets": ("forget", "targets"),
+}
+
+
 def upgrade_config(config: Any) -> Any:
-    """A stored config with class paths of earlier layouts replaced by today's (LEGACY_CLASS_PATHS), recursively."""
+    """A stored config with class paths of earlier layouts replaced by today's (LEGACY_CLASS_PATHS), recursively, and
+    a OneStepDistillation config of flat arguments moved into its argument groups (group_onestep_arguments)."""
     if isinstance(config, dict):
-        return {k: (LEGACY_CLASS_PATHS.get(v, v) if k in ("_class_path", "class_path") and isinstance(v, str)
-                    else upgrade_config(v)) for k, v in config.items()}
+        config = {k: (LEGACY_CLASS_PATHS.get(v, v) if k in ("_class_path", "class_path") and isinstance(v, str)
+                      else upgrade_config(v)) for k, v in config.items()}
+        if config.get("_class_path") == "train.methods.onestep.OneStepDistillation":
+            config = group_onestep_arguments(config)
+        return config
     if isinstance(config, list):
         return [upgrade_config(v) for v in config]
     return config
+
+
+def group_onestep_arguments(config: dict) -> dict:
+    """A OneStepDistillation config with its flat arguments (ONESTEP_FLAT_ARGUMENTS) in their groups; the erase_*
+    arguments become `forget`, null when erase_concepts was. A grouped config comes back unchanged."""
+    flat = {k: v for k, v in config.items() if k in ONESTEP_FLAT_ARGUMENTS and not isinstance(v, dict)}
+    if not flat:
+        return config
+    out = {k: v for k, v in config.items() if k not in flat}
+    for key, value in flat.items():
+        group, name = ONESTEP_FLAT_ARGUMENTS[key]
+        out.setdefault(group, {})[name] = value
+    if "forget" in out and out["forget"].get("concepts") is None:
+        out["forget"] = None
+    return out
 
 
 class CheckpointError(ValueError):

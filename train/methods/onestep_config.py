@@ -1,0 +1,281 @@
+"""OneStepDistillation's argument groups (objective, fake score, discriminator, generator, optimizer, forgetting) and
+their checks, each refusal saying what to change."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+from losses.fdiv import DIVERGENCES
+
+OBJECTIVES = ("dmd", "decoupled")
+FAKE_SCORE_MODES = ("lora", "copy")  # models.fake_score.FAKE_SCORE_MODES
+FEATURE_SOURCES = ("fake", "teacher")
+
+
+@dataclass(frozen=True)
+class ObjectiveArgs:
+    """The generator's distribution-matching term.
+
+    Args:
+        kind: "dmd" (DMD/DMD2 and f-distill) or "decoupled" (Decoupled DMD, arXiv 2511.22677: CFG only).
+        divergence: losses.fdiv name; anything but reverse_kl (= DMD) is f-distill and needs the discriminator's
+            density ratio.
+        ratio_time_bins: > 0: normalise h(r) per time bin instead of per batch (f-distill only).
+        t_range: [lo, hi]: re-noising times of the DMD term, uniform.
+        ca_t_range: Decoupled DMD's CFG-augmentation times (default t_range).
+        dm_t_range: Decoupled DMD's distribution-matching times (default t_range).
+        ca_weight: Decoupled DMD's CFG-augmentation weight.
+        dm_weight: Decoupled DMD's distribution-matching weight.
+    """
+
+    kind: str = "dmd"
+    divergence: str = "reverse_kl"
+    ratio_time_bins: int = 0
+    t_range: tuple[float, float] = (0.02, 0.98)
+    ca_t_range: tuple[float, float] | None = None
+    dm_t_range: tuple[float, float] | None = None
+    ca_weight: float = 1.0
+    dm_weight: float = 1.0
+
+    def __post_init__(self):
+        check_choice("objective.kind", self.kind, OBJECTIVES)
+        check_choice("objective.divergence", self.divergence, tuple(DIVERGENCES))
+        for name in ("t_range", "ca_t_range", "dm_t_range"):
+            if getattr(self, name) is not None:
+                check_range(f"objective.{name}", getattr(self, name))
+        if self.ratio_time_bins < 0:
+            raise ValueError(f"objective.ratio_time_bins must be >= 0 (0: normalise h(r) per batch), got "
+                             f"{self.ratio_time_bins}")
+        if self.ratio_time_bins and self.divergence == "reverse_kl":
+            raise ValueError("objective.ratio_time_bins normalises f-distill's weight h(r), which reverse_kl (DMD) "
+                             "does not have; set ratio_time_bins: 0 or another divergence")
+        if self.kind == "decoupled" and self.divergence != "reverse_kl":
+            raise ValueError(f"objective.kind 'decoupled' has no density-ratio weighting; set divergence: reverse_kl "
+                             f"or kind: dmd (got divergence {self.divergence!r})")
+        if self.kind == "dmd" and (self.ca_t_range is not None or self.dm_t_range is not None
+                                   or (self.ca_weight, self.dm_weight) != (1.0, 1.0)):
+            raise ValueError("objective.ca_t_range, dm_t_range, ca_weight and dm_weight are Decoupled DMD's; set "
+                             "kind: decoupled or remove them")
+
+    def times(self, name: str) -> tuple[float, float]:
+        """The [lo, hi] of `name` ("t", "ca_t" or "dm_t"), the CA / DM ranges defaulting to t_range."""
+        return tuple(getattr(self, f"{name}_range") or self.t_range)
+
+
+@dataclass(frozen=True)
+class FakeScoreArgs:
+    """The fake score (models.fake_score.FakeScore) and its updates.
+
+    Args:
+        mode: "lora" (adapters on the frozen teacher, which shares their base) or "copy" (a full trainable copy).
+        rank: LoRA rank.
+        alpha: LoRA alpha (scale alpha / rank; default the rank).
+        targets: module-name suffixes the LoRA adapts (default: models.fake_score.DEFAULT_LORA_TARGETS).
+        updates: fake-score updates per generator update (two time-scale rule; DMD2: 5 on SDXL, 10 on SD1.5).
+        p_uncond: label dropout of the fake-score loss (default 0.1 with PG-SB, else 0).
+        lr: AdamW learning rate (default generator.lr).
+    """
+
+    mode: str = "lora"
+    rank: int = 16
+    alpha: float | None = None
+    targets: list[str] | None = None
+    updates: int = 1
+    p_uncond: float | None = None
+    lr: float | None = None
+
+    def __post_init__(self):
+        check_choice("fake_score.mode", self.mode, FAKE_SCORE_MODES)
+        if self.updates < 1:
+            raise ValueError(f"fake_score.updates must be >= 1 (fake-score updates per generator update), got "
+                             f"{self.updates}")
+        if self.p_uncond is not None and not 0 <= self.p_uncond <= 1:
+            raise ValueError(f"fake_score.p_uncond must be in [0, 1] (or null: 0.1 with PG-SB, else 0), got "
+                             f"{self.p_uncond}")
+
+
+@dataclass(frozen=True)
+class DiscriminatorArgs:
+    """The discriminator head (models.discriminator) on bottleneck features; built when gan_weight > 0 or the
+    divergence is not reverse_kl (f-distill's density ratio).
+
+    Args:
+        gan_weight: weight of the generator's GAN term (DMD2: 3e-3 on SDXL); 0 = none.
+        features: "fake" (DMD2: the discriminator loss also trains the fake score) or "teacher" (frozen features).
+        layer: the tapped submodule (default: the network's, models.discriminator.default_feature_layer).
+        hidden: hidden channels of the head.
+        t_range: [lo, hi]: times at which real and fake samples are noised for it (default objective.t_range).
+        lr: AdamW learning rate (default fake_score.lr).
+    """
+
+    gan_weight: float = 0.0
+    features: str = "fake"
+    layer: str | None = None
+    hidden: int = 64
+    t_range: tuple[float, float] | None = None
+    lr: float | None = None
+
+    def __post_init__(self):
+        check_choice("discriminator.features", self.features, FEATURE_SOURCES)
+        if self.gan_weight < 0:
+            raise ValueError(f"discriminator.gan_weight must be >= 0 (0: no GAN term), got {self.gan_weight}")
+        if self.hidden < 1:
+            raise ValueError(f"discriminator.hidden must be >= 1, got {self.hidden}")
+        if self.t_range is not None:
+            check_range("discriminator.t_range", self.t_range)
+
+
+@dataclass(frozen=True)
+class GeneratorArgs:
+    """The k-step generator.
+
+    Args:
+        steps: k, the generator's network evaluations per sample.
+        times: the k descending times in (0, 1] (default the schedule's k-step grid from t_max; [t] for a one-step
+            generator at another initial time).
+        lr: AdamW learning rate.
+    """
+
+    steps: int = 1
+    times: list[float] | None = None
+    lr: float = 1e-4
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"generator.steps must be >= 1, got {self.steps}")
+        if self.times is not None:
+            if len(self.times) != self.steps:
+                raise ValueError(f"generator.times has {len(self.times)} entries but generator.steps is {self.steps}; "
+                                 f"give one time per generator step")
+            if any(not 0 < t <= 1 for t in self.times) or list(self.times) != sorted(self.times, reverse=True):
+                raise ValueError(f"generator.times must be descending times in (0, 1], got {list(self.times)}")
+
+
+@dataclass(frozen=True)
+class OptimizerArgs:
+    """AdamW with warm-up (train.runtime.optim), the same for the generator, fake score and discriminator.
+
+    Args:
+        betas: AdamW betas.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up steps of each network's optimizer.
+        grad_clip: max gradient norm per network (null: no clipping).
+    """
+
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float | None = 10.0
+
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class ForgetArgs:
+    """Score Forgetting Distillation (arXiv 2409.11219): for samples of `concepts` the DMD term's teacher target is
+    an erasure target, so the generator comes out erased; their GAN term is off.
+
+    Args:
+        concepts: classes the generator must not draw.
+        eta: ESD strength: the erased target is the teacher guided at w = -eta (losses.erasure.esd_target).
+        targets: instead of ESD, draw these classes (one per concept): the guided teacher's target for the target
+            class at the generator's scale w (losses.erasure.toward_target).
+    """
+
+    concepts: list[int] = field(default_factory=list)
+    eta: float = 1.0
+    targets: list[int] | None = None
+
+    def __post_init__(self):
+        if not self.concepts:
+            raise ValueError("forget.concepts is empty; list the classes to erase, or set forget: null for plain "
+                             "distillation")
+        if self.eta < 0:
+            raise ValueError(f"forget.eta must be >= 0 (the erased target is the teacher guided at w = -eta), "
+                             f"got {self.eta}")
+
+
+def as_group(cls: type, value: Any) -> Any:
+    """`value` as the argument group `cls`: an instance (what jsonargparse passes), a dict of its fields, or None
+    (its defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        unknown = set(value) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}; its fields are "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**value)
+    raise TypeError(f"expected a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+
+
+def check_combinations(objective: ObjectiveArgs, guider: str, forget: ForgetArgs | None) -> None:
+    """Settings that contradict each other across groups (before any network is built)."""
+    if objective.kind == "decoupled" and guider != "cfg":
+        raise ValueError(f"objective.kind 'decoupled' splits the CFG rule into CA and DM terms; set guider: cfg "
+                         f"(got {guider!r})")
+    if forget is not None and (objective.kind != "dmd" or objective.divergence != "reverse_kl"):
+        raise ValueError(f"forget replaces the teacher target of the DMD term; set objective.kind: dmd and "
+                         f"objective.divergence: reverse_kl (got {objective.kind!r}, {objective.divergence!r}: their "
+                         f"CFG split and density ratio come from the unerased teacher and real data)")
+
+
+def check_forget(forget: ForgetArgs, guider, teacher) -> ForgetArgs:
+    """`forget` with its classes checked against the class-conditional `teacher` (a Denoiser) and its toward targets
+    against the module's guider (guidance.guiders.Guider); classes as ints."""
+    num_classes = getattr(teacher.net, "num_classes", None)
+    if num_classes is None:
+        raise ValueError("forget erases classes of a class-conditional teacher; this teacher takes no labels")
+    concepts = [int(c) for c in forget.concepts]
+    if len(set(concepts)) != len(concepts) or not all(0 <= c < num_classes for c in concepts):
+        raise ValueError(f"forget.concepts must be distinct classes in 0..{num_classes - 1}, got {concepts}")
+    targets = forget.targets
+    if targets is not None:
+        targets = [int(c) for c in targets]
+        if (len(targets) != len(concepts) or not all(0 <= c < num_classes for c in targets)
+                or set(targets) & set(concepts)):
+            raise ValueError(f"forget.targets must give one class in 0..{num_classes - 1} per erased concept "
+                             f"{concepts}, none of them erased; got {targets}")
+        if any(b.model == "weak" for b in guider.branches(None)):
+            raise ValueError("forget.targets guides the frozen teacher toward the target classes with the module's "
+                             "guider, which cannot need a weak model; use a guider such as 'cfg'")
+    return ForgetArgs(concepts, float(forget.eta), targets)
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_range(name: str, value, lo: float = 0.0, hi: float = 1.0) -> tuple[float, float]:
+    """Validate a [lo, hi] pair (times in [0, 1] unless told otherwise)."""
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair [lo, hi], got {value!r}") from None
+    if not lo <= a <= b <= hi:
+        raise ValueError(f"{name} must satisfy {lo} <= lo <= hi <= {hi}, got [{a}, {b}]")
+    return a, b
+
+
+def check_pg_sb_range(value) -> tuple[float, float] | None:
+    """PG-SB's [lo, hi] of guidance scales, or None."""
+    return check_range("pg_sb_range", value, lo=-math.inf, hi=math.inf) if value else None
+
+
+def check_real_data(datamodule) -> None:
+    """The discriminator (GAN term, f-divergences other than reverse KL) needs real samples for its real branch; a
+    prompt-only data module (`has_images = False`, e.g. data.prompts.PromptDataModule) has none."""
+    if getattr(datamodule, "has_images", True) is False:
+        raise ValueError(f"the GAN term and f-divergences other than reverse_kl train a discriminator on real images "
+                         f"or latents, but {type(datamodule).__name__} gives prompts only; use captioned images "
+                         f"(data.captions.CaptionedImageDataModule), or set discriminator.gan_weight: 0 and "
+                         f"objective.divergence: reverse_kl")
