@@ -86,6 +86,20 @@ def test_checkpoint_errors(tmp_path, capsys, tiny_teacher_ckpt):
     truncated = tmp_path / "trunc.ckpt"
     truncated.write_bytes(tiny_teacher_ckpt.read_bytes()[:5000])
     assert "cannot be read" in run_error(capsys, ["evaluate", "--ckpt", str(truncated), "--out", str(tmp_path / "m.json")])
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    assert "is empty (0 bytes" in run_error(capsys, ["sample", "--ckpt", str(empty), "--out", str(tmp_path / "o")])
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(bytes(range(256)) * 8)
+    err = run_error(capsys, ["sample", "--ckpt", str(noise), "--out", str(tmp_path / "o")])
+    assert "cannot be read" in err and "weights_only=False" not in err and "set to False" not in err
+    pickled = tmp_path / "code.ckpt"
+    torch.save({"guidedistill": {}, "obj": torch.nn.Linear(1, 1)}, pickled)  # unpickling it would run code
+    err = run_error(capsys, ["sample", "--ckpt", str(pickled), "--out", str(tmp_path / "o")])
+    assert "cannot be read" in err and "False" not in err
+    run = tiny_teacher_ckpt.parent.parent
+    err = run_error(capsys, ["sample", "--ckpt", str(run), "--out", str(tmp_path / "o")])
+    assert "is a folder, not a checkpoint; pass " in err and str(run / "checkpoints" / "last.ckpt") in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.json").exists()
 
 

@@ -118,21 +118,36 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             ckpt = convert_zero_checkpoint(path)
         except Exception as e:
             raise CheckpointError(f"ZeRO checkpoint {str(path)!r} cannot be converted (missing or corrupt shards?): "
-                                  f"{str(e).strip().splitlines()[0][:200]}") from None
+                                  f"{_first_line(e)}") from None
+    elif path.is_dir():
+        inside = sorted(path.glob("checkpoints/last.ckpt")) + sorted(path.glob("*.ckpt"))
+        hint = f"pass {inside[0]}" if inside else "pass the .ckpt file inside it (e.g. <run>/checkpoints/last.ckpt)"
+        raise CheckpointError(f"{str(path)!r} is a folder, not a checkpoint; {hint}")
     elif not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the .ckpt written by `python -m train fit` "
                               f"(e.g. runs/<name>/checkpoints/last.ckpt)")
+    elif path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes: its writing was cut off); use an earlier "
+                              f"checkpoint of the run")
     else:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any failure to unpickle safely means the file is unusable as a checkpoint
-            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt, truncated, or not a torch file): "
-                                  f"{str(e).strip().splitlines()[0][:200]}") from None
+            why = _first_line(e)
+            if "weights_only" in why or "Weights only" in why:  # never pass on the advice to unpickle it unsafely
+                why = "it is not a torch file of tensors and plain values (checkpoints load with weights_only=True)"
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt, truncated, or not a "
+                                  f"guidedistill checkpoint): {why}") from None
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a guidedistill checkpoint (no {CHECKPOINT_KEY!r} entry); "
                               f"pass a checkpoint written by `python -m train fit`")
     ckpt[CHECKPOINT_KEY]["config"] = upgrade_config(ckpt[CHECKPOINT_KEY].get("config"))
     return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def is_pipeline_folder(path: str | os.PathLike) -> bool:
