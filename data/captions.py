@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data.images import _image_files, image_to_tensor, load_source
+from data.images import _image_files, image_to_tensor, load_source, readable_rows
 from data.resumable import ResumableLoader, training_loader
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -100,20 +100,22 @@ class CaptionedImageDataModule(L.LightningDataModule):
                     first training images.
     cache_dir:      where a latent model's latents are written once (latents-<hash>.safetensors, keyed by the
                     source, size, captions and VAE folder); None keeps them in memory only.
+    skip_bad_images: every image is checked to open at set-up; a bad one is an error naming it, or (true) is left
+                    out with a warning.
     """
 
     has_images = True
 
     def __init__(self, path: str, image_size: int = 512, batch_size: int = 4, caption_column: str | None = None,
                  image_column: str = "image", val_size: int = 8, seed: int = 0, num_workers: int = 0,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, skip_bad_images: bool = False):
         super().__init__()
         if image_size <= 0 or batch_size <= 0 or val_size < 0:
             raise ValueError(f"image_size and batch_size must be positive and val_size >= 0, got "
                              f"{image_size}, {batch_size}, {val_size}")
         self.path, self.image_size, self.batch_size = path, image_size, batch_size
         self.caption_column, self.image_column, self.val_size, self.seed = caption_column, image_column, val_size, seed
-        self.num_workers, self.cache_dir = num_workers, cache_dir
+        self.num_workers, self.cache_dir, self.skip_bad_images = num_workers, cache_dir, skip_bad_images
         self.sets: dict[str, torch.utils.data.Dataset] = {}
 
     def _source(self):
@@ -141,7 +143,10 @@ class CaptionedImageDataModule(L.LightningDataModule):
                              f"{train.column_names}; set caption_column")
         if self.image_column not in train.column_names:
             raise ValueError(f"{self.path} has no image column {self.image_column!r}; columns: {train.column_names}")
+        train = readable_rows(train, self.image_column, str(self.path), self.skip_bad_images)
         val = source.get("validation")
+        if val is not None:
+            val = readable_rows(val, self.image_column, f"the validation split of {self.path}", self.skip_bad_images)
         if val is None:
             if self.val_size >= len(train):
                 raise ValueError(f"{self.path} has {len(train)} images, not more than val_size={self.val_size}")

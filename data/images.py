@@ -141,6 +141,50 @@ def load_source(path: str):
                                 f"({reason}); {SOURCES}") from err
 
 
+def unreadable_images(rows, column: str, progress: bool = True) -> list[tuple[int, str]]:
+    """(row index, name) of every image in `rows` (a datasets.Dataset) that does not open as an image: a truncated
+    or corrupt file, a non-image with an image extension. Images are checked without decoding them in full
+    (PIL's verify), with a progress bar for large sets."""
+    import io
+
+    import datasets
+    from tqdm.auto import tqdm
+
+    raw = rows.cast_column(column, datasets.Image(decode=False)) if isinstance(rows.features[column], datasets.Image) \
+        else rows
+    bad = []
+    for i in tqdm(range(len(raw)), desc="checking images", disable=not progress or len(raw) < 2000, leave=False):
+        item = raw[i][column]
+        name = (item.get("path") or f"row {i}") if isinstance(item, dict) else str(item)
+        try:
+            source = io.BytesIO(item["bytes"]) if isinstance(item, dict) and item.get("bytes") else (
+                item["path"] if isinstance(item, dict) else item)
+            with Image.open(source) as image:
+                image.verify()
+        except Exception:  # any failure to open or verify means the image cannot be trained on
+            bad.append((i, name))
+    return bad
+
+
+def readable_rows(rows, column: str, where: str, skip_bad_images: bool):
+    """`rows` whose images all open; bad ones are named in a ValueError, or left out (with a warning naming them)
+    when skip_bad_images."""
+    import warnings
+
+    bad = unreadable_images(rows, column)
+    if not bad:
+        return rows
+    names = ", ".join(n for _, n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if not skip_bad_images:
+        raise ValueError(f"{len(bad)} image(s) of {where} do not open (corrupt, truncated or not images): {names}; "
+                         f"fix or remove them, or set the data's skip_bad_images: true to leave them out")
+    warnings.warn(f"leaving out {len(bad)} image(s) of {where} that do not open: {names}")
+    keep = sorted(set(range(len(rows))) - {i for i, _ in bad})
+    if not keep:
+        raise ValueError(f"no image of {where} opens; give readable images")
+    return rows.select(keep)
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -193,13 +237,16 @@ class LabelledImageDataModule(L.LightningDataModule):
     label_column:  the column holding labels (ClassLabel, int class ids, or class-name strings, which
                    become ids in sorted order).
     seed:          seed of the validation split.
+    skip_bad_images: every image is checked to open when the data is set up; a bad one is an error naming it,
+                   or (true) is left out with a warning.
 
     Splits: 'train', 'validation' (a source's 'validation', 'valid', 'val' or 'dev'), and 'test' when the
     source has one (test_dataloader). num_classes and class_names load the source on first use.
     """
 
     def __init__(self, path: str, image_size: int, channels: int = 3, batch_size: int = 64, num_workers: int = 0,
-                 val_fraction: float = 0.05, image_column: str = "image", label_column: str = "label", seed: int = 0):
+                 val_fraction: float = 0.05, image_column: str = "image", label_column: str = "label", seed: int = 0,
+                 skip_bad_images: bool = False):
         super().__init__()
         if image_size <= 0:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
@@ -216,7 +263,7 @@ class LabelledImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.path, self.image_size, self.channels = path, image_size, channels
         self.batch_size, self.num_workers, self.val_fraction, self.seed = batch_size, num_workers, val_fraction, seed
-        self.image_column, self.label_column = image_column, label_column
+        self.image_column, self.label_column, self.skip_bad_images = image_column, label_column, skip_bad_images
         self.sets: dict[str, LabelledImages] = {}
         self._class_names: list[str] = []
 
@@ -280,7 +327,8 @@ class LabelledImageDataModule(L.LightningDataModule):
                                  f"pass image_column= naming the image column, or cast it with datasets.Image()")
             elif not feature.decode:
                 rows = rows.cast_column(self.image_column, datasets.Image())
-            splits[name] = rows
+            splits[name] = readable_rows(rows, self.image_column, f"split '{name}' of {self.path}",
+                                         self.skip_bad_images)
         return splits
 
     def _encode_labels(self, splits: dict) -> list[str]:

@@ -59,3 +59,16 @@ def test_data_module_batches_images_and_captions(tmp_path):
     with pytest.raises(ValueError, match="set caption_column"):
         CaptionedImageDataModule(str(saved), image_size=8, caption_column="alt").setup()
     assert isinstance(datasets.load_from_disk(str(saved)), datasets.Dataset)
+
+
+def test_a_captioned_image_that_does_not_open_is_named(tmp_path):
+    names = _images(tmp_path / "a")
+    for i, n in enumerate(names):
+        (tmp_path / "a" / n.replace(".png", ".txt")).write_text(f"caption {i}")
+    (tmp_path / "a" / names[1]).write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ValueError, match=f"1 image\\(s\\) of .* do not open .*{names[1]}"):
+        CaptionedImageDataModule(str(tmp_path / "a"), image_size=8, val_size=1).setup()
+    dm = CaptionedImageDataModule(str(tmp_path / "a"), image_size=8, batch_size=2, val_size=1, skip_bad_images=True)
+    with pytest.warns(UserWarning, match=names[1]):
+        dm.setup()
+    assert len(dm.sets["train"]) + len(dm.sets["validation"]) == 4

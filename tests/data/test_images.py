@@ -288,3 +288,30 @@ def test_worker_processes_give_the_same_batches(folder):
     workers = LabelledImageDataModule(str(folder), image_size=8, batch_size=2, val_fraction=0.2, num_workers=2)
     for got, expected in zip(all_batches(workers.val_dataloader()), all_batches(in_process.val_dataloader())):
         assert torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------- unreadable images
+def _spoil(folder):
+    """A truncated PNG and a text file saved as .jpg among the images."""
+    good = (folder / "ant" / "0.png").read_bytes()
+    (folder / "ant" / "broken.png").write_bytes(good[: len(good) // 2])
+    (folder / "bee" / "fake.jpg").write_text("not a jpeg")
+    return {"broken.png", "fake.jpg"}
+
+
+def test_images_that_do_not_open_are_named_at_setup(folder):
+    bad = _spoil(folder)
+    with pytest.raises(ValueError, match="2 image\\(s\\) of split 'train'.*do not open") as e:
+        LabelledImageDataModule(str(folder), image_size=8).setup()
+    assert all(name in str(e.value) for name in bad) and "skip_bad_images: true" in str(e.value)
+
+
+def test_skip_bad_images_leaves_them_out_with_a_warning(folder):
+    bad = _spoil(folder)
+    dm = LabelledImageDataModule(str(folder), image_size=8, batch_size=4, val_fraction=0.2, skip_bad_images=True)
+    with pytest.warns(UserWarning, match="leaving out 2 image"):
+        dm.setup()
+    paths = paths_and_labels(dm, "train")[0] + paths_and_labels(dm, "validation")[0]
+    assert len(paths) == 15 and not any(os.path.basename(p) in bad for p in paths)
+    images, _ = all_batches(dm.train_dataloader())  # every image left decodes
+    assert images.shape[1:] == (3, 8, 8)
