@@ -1,6 +1,7 @@
 """Guidance distillation end to end: stage 1 (train/guidance_distillation) and stage 2 (train/progressive) from the
 tiny teacher, through the CLI; checkpoints, sampling cost, round bookkeeping, resume, and the losses' wiring on
-Gaussian-mixture data where the targets are known in closed form."""
+Gaussian-mixture data where the targets are known in closed form; data-free stage 1 (x_t from the teacher's guided
+trajectories); every draw through per_sample (two processes equal one). Text models: test_distillation_text.py."""
 from __future__ import annotations
 
 import json
@@ -305,3 +306,92 @@ def test_digits_configs_build_with_a_tiny_checkpoint(tiny_teacher_ckpt, stage1_c
     pd["init_args"]["start_steps"] = 48
     with pytest.raises(Exception, match="power of two"):
         instantiate(pd)
+
+
+# ------------------------------------------------------------------------------------------------ data-free stage 1
+
+def _on_rank(module, rank: int, world: int):
+    """`module` as process `rank` of `world` for MethodModule.per_sample (what it reads of the trainer)."""
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(world_size=world, global_rank=rank)
+    return module
+
+
+def _two_processes_equal_one(module, loss, n: int = 16) -> None:
+    """loss(rank_rows, generator) on one process (rows 0..n-1) equals the mean of two processes' losses on rows r::2
+    (the distributed sampler's shares), each seeded alike, as StepSeed seeds every rank: every draw is per_sample's."""
+    rows = torch.arange(n)
+    single = loss(_on_rank(module, 0, 1), rows, torch.Generator().manual_seed(3))
+    parts = [loss(_on_rank(module, r, 2), rows[r::2], torch.Generator().manual_seed(3)) for r in range(2)]
+    module._trainer = None
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, single, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(parts[0], parts[1])
+
+
+def test_stage1_data_free_draws_make_two_processes_equal_one(tiny_teacher_ckpt):
+    """x0 None: the grid step (one per global batch), the noise and w are drawn through per_sample, so two processes
+    each with half the batch compute what one process computes on the whole; the same holds with images."""
+    m = _gd(tiny_teacher_ckpt, trajectory_steps=4, ema_decay=0.0)
+    labels = torch.arange(16) % 10
+    x0 = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _two_processes_equal_one(m, lambda mod, rows, g: mod._loss(None, labels[rows], g, n=len(rows)))
+        _two_processes_equal_one(m, lambda mod, rows, g: mod._loss(x0[rows], labels[rows], g))
+
+
+def test_stage1_data_free_regresses_the_guided_teacher_on_its_own_trajectories(tiny_teacher_ckpt):
+    """With a closed-form GMM teacher: x_t is the CFG teacher's DDIM trajectory stopped at grid step k
+    (guidance.samplers.sample_until, at the sample's w or trajectory_scale); the exact guided student has zero data-free
+    loss and a student with the wrong scale the analytic ((w' - w)(D_c - D_u))^2 error there."""
+    from guidance.guided import GuidedDenoiser
+    from guidance.guiders import build_guider
+    from guidance.samplers import sample_until
+
+    m = _gd(tiny_teacher_ckpt, loss_space="v", weighting="none", trajectory_steps=4)
+    sched = m.student.schedule
+    gmm = GaussianMixture.random(num_classes=3, per_class=2, shape=(1, 3, 3), seed=5)
+    m.teacher = gmm_denoiser(gmm, sched, "v")
+    m.sample_shape = lambda: (1, 3, 3)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (32,), generator=g)
+    noise = torch.randn(32, 1, 3, 3, generator=g, dtype=torch.float64)
+    w = 1 + 5 * torch.rand(32, generator=g, dtype=torch.float64)
+    cfg = GuidedDenoiser(m.teacher, build_guider("cfg"))
+    grid = sched.sampling_times(4)
+    m.student = Denoiser(ExactGuidedStudent(gmm, sched, "eps", w_offset=1.0), sched, "eps")
+    for k in range(4):
+        x_t, t = m.teacher_trajectory(noise, labels, w, k)
+        ref, t_ref = sample_until(cfg, noise, labels, w, 4, k)
+        assert torch.equal(x_t, ref) and torch.equal(t, t_ref) and torch.equal(t, grid[k].expand(32))
+        a, s = sched.alpha_sigma(t)
+        delta = gmm.posterior_mean(x_t, a, s, labels) - gmm.posterior_mean(x_t, a, s, torch.full_like(labels, -1))
+        expected = ((_bcast(1 / s, x_t) * delta) ** 2).flatten(1).mean(1)  # v error = x0 error / sigma on VP
+        torch.testing.assert_close(m.regression_loss(x_t, labels, t, w), expected, rtol=1e-8, atol=1e-14)
+    m.trajectory_scale = 2.0  # the trajectories at one scale, the targets still at each sample's w
+    x2, _ = m.teacher_trajectory(noise, labels, w, 3)
+    assert torch.equal(x2, sample_until(cfg, noise, labels, 2.0, 4, 3)[0]) and not torch.equal(x2, x_t)
+    # the whole data-free path (draws in float32): the exact student is the optimum, the wrong one is not
+    wrong = m._loss(None, labels, torch.Generator().manual_seed(1), n=32)
+    m.student = Denoiser(ExactGuidedStudent(gmm, sched, "eps"), sched, "eps")
+    assert m._loss(None, labels, torch.Generator().manual_seed(1), n=32) < 1e-6 * wrong
+
+
+def test_stage1_data_free_settings_are_checked(tiny_teacher_ckpt):
+    with pytest.raises(ValueError, match="trajectory_steps must be a positive integer"):
+        _gd(tiny_teacher_ckpt, trajectory_steps=0)
+    with pytest.raises(ValueError, match="trajectory_scale must be a finite"):
+        _gd(tiny_teacher_ckpt, trajectory_scale=float("inf"))
+
+
+# ------------------------------------------------------------------------------------------------ stage 2 details
+
+def test_progressive_draws_make_two_processes_equal_one(stage1_ckpt):
+    """Student steps, noise and w through per_sample: two processes with half the batch each equal one process."""
+    m = instantiate({"class_path": PD, "init_args": {"student": str(stage1_ckpt), "start_steps": 8, "end_steps": 1}})
+    labels = torch.arange(16) % 10
+    x0 = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _two_processes_equal_one(m, lambda mod, rows, g: mod._loss(x0[rows], labels[rows], g))
+    with pytest.raises(ValueError, match="prompt-only data module"):
+        m._loss(None, labels)

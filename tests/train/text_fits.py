@@ -65,6 +65,18 @@ class TextWorkspace:
                        "model": model, "concepts": CONCEPTS, "params": "esd-x", "uncond_weight": 1.0, "batch_size": 2,
                        "trajectory_steps": 3, "bank_size": 2, "lr": 0.01}},
                    "data": {"class_path": "data.steps.ErasureSteps", "init_args": {"steps_per_epoch": 4}}}
+        elif method == "gd_prompts":  # data-free guidance distillation: x_t from the teacher's guided trajectories
+            cfg = {"model": {"class_path": "train.methods.guidance_distillation.GuidanceDistillation", "init_args": {
+                       "teacher": model, "w_min": 1.0, "w_max": 4.0, "lr": 1e-4, "warmup_steps": 1, "ema_decay": 0.0,
+                       "val_samples": 0, "trajectory_steps": 3}},
+                   "data": {"class_path": "data.prompts.PromptDataModule", "init_args": {
+                       "path": str(self.prompts), "batch_size": 2, "val_size": 2}}}
+        elif method == "pd":  # progressive distillation of the "gd" student: 4 -> 2 -> 1 steps, one step per round
+            cfg = {"model": {"class_path": "train.methods.progressive.ProgressiveDistillation", "init_args": {
+                       "student": str(self.fitted("gd", kind)), "start_steps": 4, "end_steps": 1, "steps_per_round": 1,
+                       "lr": 1e-4, "warmup_steps": 1, "ema_decay": 0.5, "val_samples": 0}},
+                   "data": {"class_path": "data.captions.CaptionedImageDataModule", "init_args": {
+                       "path": str(self.images), "image_size": 16, "batch_size": 2, "val_size": 2}}}
         else:
             raise ValueError(f"unknown method {method!r}")
         cfg["model"]["init_args"].update(overrides)

@@ -1,7 +1,9 @@
-"""Guidance distillation, stage 1 (Meng et al. 2023): a w-conditioned student regresses the guided teacher."""
+"""Guidance distillation, stage 1 (Meng et al. 2023): a w-conditioned student regresses the guided teacher, on noised
+images or, data-free, on the guided teacher's own trajectories."""
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -10,6 +12,7 @@ from torch import Tensor, nn
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import build_guider
+from guidance.samplers import sample_until
 from losses.distillation import (LOSS_SPACES, W_DISTRIBUTIONS, WEIGHTINGS, check_choice, guidance_distillation_loss,
                                  sample_guidance_scale)
 from models.ema import EMA
@@ -58,6 +61,12 @@ class GuidanceDistillation(MethodModule):
     from the teacher plus a zero-initialised w-embedding (models.w_embedding), regresses the frozen
     teacher's guided prediction at random t and per-sample w, on noised training images.
 
+    Data-free (a data module that yields no images, e.g. data.prompts.PromptDataModule's (None, prompts), or
+    (None, labels) for a class model): x_t comes from the guided teacher itself. Per batch, a grid step k is drawn
+    from 0 .. trajectory_steps - 1 and the teacher, under the distilled guider at the sample's w (or at
+    `trajectory_scale`), runs k DDIM steps (Song et al. 2021, Eq. 12) from noise (guidance.samplers.sample_until); the
+    student regresses the teacher's guided prediction at that x_t and grid time, as on images.
+
     teacher:        path of a teacher checkpoint (`python -m train fit --config configs/digits/teacher.yaml`).
     guider, guider_params: the guidance rule the student learns, by name (guidance.guiders; CFG default;
                     apg, rescale, cfg_zero_star, ... work; rules that need a second model do not).
@@ -76,6 +85,8 @@ class GuidanceDistillation(MethodModule):
     nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.runtime.nonfinite).
     teacher_config: recorded from the teacher checkpoint on first use (leave unset); it lets a student
                     checkpoint be rebuilt without the teacher file.
+    trajectory_steps: data-free only: the DDIM grid of the teacher's trajectories (x_t sits on one of its points).
+    trajectory_scale: data-free only: the scale the trajectories are sampled at (None: each sample's w).
     """
 
     method_name = "guidance_distillation"
@@ -88,7 +99,7 @@ class GuidanceDistillation(MethodModule):
                  lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 100, ema_decay: float = 0.999,
                  val_scale: float = 3.0, val_steps: int = 20, val_samples: int = 200,
                  teacher_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10,
-                 lr_decay: str = "constant"):
+                 lr_decay: str = "constant", trajectory_steps: int = 8, trajectory_scale: float | None = None):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         if not w_min <= w_max:
@@ -100,6 +111,13 @@ class GuidanceDistillation(MethodModule):
         self.guider = build_guider(guider, **(guider_params or {}))
         if any(b.model != "main" for b in self.guider.branches(None)):
             raise ValueError(f"guider {guider!r} needs a second model (autoguidance); distil a rule that uses the teacher alone")
+        if not isinstance(trajectory_steps, int) or trajectory_steps < 1:
+            raise ValueError(f"trajectory_steps must be a positive integer (the DDIM grid of data-free trajectories), "
+                             f"got {trajectory_steps!r}")
+        if trajectory_scale is not None and not math.isfinite(trajectory_scale):
+            raise ValueError(f"trajectory_scale must be a finite guidance scale or null (each sample's w), "
+                             f"got {trajectory_scale}")
+        self.trajectory_steps, self.trajectory_scale = trajectory_steps, trajectory_scale
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
         self.distilled_guider = guider
@@ -145,25 +163,55 @@ class GuidanceDistillation(MethodModule):
         """Per-sample stage-1 loss [B] at given noise: x0, eps [B, C, H, W]; cond: the batch's condition (self.encode
         of its requests); t [B] in [0, 1]; w [B].
 
-        x_t = alpha x0 + sigma eps (real images noised); target = the guided teacher's x0 at (x_t, t, c, w)
-        (guidance.guided.teacher_target, no grad); loss = losses.distillation.guidance_distillation_loss."""
-        x_t = self.student.schedule.add_noise(x0, eps, t)
-        neg = None if self.negative is None else self.encode([self.negative] * x0.shape[0])
-        target = teacher_target(self.teacher_guided(), x_t, t, cond, w, space="x0", neg_cond=neg)
+        x_t = alpha x0 + sigma eps (real images noised); then `regression_loss`."""
+        return self.regression_loss(self.student.schedule.add_noise(x0, eps, t), cond, t, w)
+
+    def regression_loss(self, x_t: Tensor, cond: Any, t: Tensor, w: Tensor) -> Tensor:
+        """Per-sample loss [B] at x_t [B, C, H, W], times t [B], scales w [B]: the target is the guided teacher's x0 at
+        (x_t, t, c, w) (guidance.guided.teacher_target, no grad); loss = losses.distillation.guidance_distillation_loss."""
+        target = teacher_target(self.teacher_guided(), x_t, t, cond, w, space="x0", neg_cond=self._negative(len(x_t)))
         pred = self.student(x_t, t, {"cond": cond, "w": w})
         return guidance_distillation_loss(pred, target, self.loss_space, self.weighting)
 
-    def _loss(self, x0: Tensor, cond: Any, generator: torch.Generator | None = None) -> Tensor:
+    def _negative(self, n: int) -> Any:
+        return None if self.negative is None else self.encode([self.negative] * n)
+
+    def teacher_trajectory(self, noise: Tensor, cond: Any, w: Tensor, stop: int) -> tuple[Tensor, Tensor]:
+        """Data-free x_t [B, C, H, W] and t [B]: the guided teacher's DDIM trajectory from unit noise [B, C, H, W],
+        stopped after `stop` of its `trajectory_steps` steps (guidance.samplers.sample_until), sampled at
+        `trajectory_scale` or else at the samples' own w [B]."""
+        scale = w if self.trajectory_scale is None else self.trajectory_scale
+        return sample_until(self.teacher_guided(), noise, cond, scale, self.trajectory_steps, stop,
+                            neg_cond=self._negative(len(noise)))
+
+    def _loss(self, x0: Tensor | None, cond: Any, generator: torch.Generator | None = None, n: int | None = None) -> Tensor:
+        """The batch's mean loss; x0 None (data-free): n samples of the teacher's trajectories (class docstring).
+        Every draw goes through per_sample, so N processes compute what one computes on the global batch."""
+        if x0 is None:
+            return self._data_free_loss(cond, n, generator)
         b, dev = x0.shape[0], x0.device
-        t = self.per_sample(lambda n: self.student.schedule.sample_t(n, generator=generator, device=dev), b)
+        t = self.per_sample(lambda m: self.student.schedule.sample_t(m, generator=generator, device=dev), b)
         eps = self.noise_like(x0, generator)
-        w = self.per_sample(lambda n: sample_guidance_scale(n, self.w_min, self.w_max, self.w_distribution, generator, dev), b)
+        w = self.per_sample(lambda m: sample_guidance_scale(m, self.w_min, self.w_max, self.w_distribution, generator, dev), b)
         return self.distillation_loss(x0, cond, t, eps, w).mean()
+
+    def _data_free_loss(self, cond: Any, n: int | None, generator: torch.Generator | None) -> Tensor:
+        if n is None:
+            raise ValueError("a data-free batch (no images) needs its size n")
+        dev = self.device
+        gdev = generator.device if generator is not None else dev
+        steps = self.trajectory_steps  # one grid step for the whole global batch: the trajectories run together
+        stop = int(self.per_sample(lambda m: torch.randint(0, steps, (1,), generator=generator, device=gdev).expand(m), n)[0])
+        shape = self.sample_shape()
+        noise = self.per_sample(lambda m: torch.randn(m, *shape, generator=generator, device=gdev), n).to(dev)
+        w = self.per_sample(lambda m: sample_guidance_scale(m, self.w_min, self.w_max, self.w_distribution, generator, gdev), n)
+        x_t, t = self.teacher_trajectory(noise, cond, w.to(dev), stop)
+        return self.regression_loss(x_t, cond, t, w.to(dev)).mean()
 
     def training_step(self, batch, batch_idx):
         x0, requests = batch
-        loss = self._loss(x0, self.encode(requests))
-        self.log("train/loss", loss, prog_bar=True)
+        loss = self._loss(x0, self.encode(requests), n=len(requests))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(requests))  # data-free batches hold no tensor
         return loss
 
     def on_update(self):
@@ -172,8 +220,9 @@ class GuidanceDistillation(MethodModule):
 
     def validation_step(self, batch, batch_idx):
         x0, requests = batch
-        gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)  # same t, noise and w every validation
-        self.log("val/loss", self._loss(x0, self.encode(requests), gen), prog_bar=True)
+        gen = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)  # same t, noise and w every validation
+        self.log("val/loss", self._loss(x0, self.encode(requests), gen, n=len(requests)), prog_bar=True,
+                 batch_size=len(requests))
 
     def trainable_networks(self):
         return {"student.net": self.student.net}
