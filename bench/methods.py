@@ -100,10 +100,9 @@ def build(method: str, net: str, ema: bool = True, batch: int | None = None):
 def prebuild_banks(module) -> None:
     """Erasure: sample every class's (and the null class's) trajectory bank now, so that no measured training
     step pays for building one (the module builds them lazily, the first time a class is drawn)."""
-    from models.adapters import NULL_LABEL
     from train.methods.erasure import ConceptErasure
 
     if isinstance(module, ConceptErasure):
         bank = module._bank()
-        for label in [NULL_LABEL, *range(module.num_classes)]:
-            bank.build(label, module.device)
+        for request in [module.conditioner.null_request, *(module.conditioner.enumerate() or [])]:
+            bank.build(request, module.device)

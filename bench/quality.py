@@ -79,8 +79,9 @@ def describe(module) -> str:
         bits += [f"PG-SB w~U[{module.pg_sb_range[0]:g}, {module.pg_sb_range[1]:g}]"] if module.pg_sb_range else []
         return ", ".join(bits)
     if name == "erasure":
-        how = f"toward {module.targets}" if module.targets else f"ESD eta {module.eta:g}"
-        return f"erased {module.concepts}, {how}, {module.hparams.get('params') or 'esd-x'}"
+        alts = [a for a in module.spec.alternatives if a is not None]
+        how = f"toward {alts}" if alts else f"ESD eta {module.eta:g}"
+        return f"erased {module.erased_requests()}, {how}, {module.hparams.get('params') or 'esd-x'}"
     return name
 
 
@@ -89,6 +90,7 @@ def evaluate(module, steps: int | None, scale: float, num_per_class: int, seed: 
     """FD, accuracy, precision/recall over the classes a model keeps, and for erased models the erased-class
     rate (the fraction of samples requested as an erased class that the classifier assigns to it)."""
     from train.evaluation import load_digits_classifier
+    from train.evaluation.digits_text import erased_digits
     from train.evaluation.evaluate import classify, reference_features
     from train.evaluation.metrics import frechet_distance, precision_recall
 
@@ -99,7 +101,7 @@ def evaluate(module, steps: int | None, scale: float, num_per_class: int, seed: 
     steps = module.recipe().resolve(scale, steps).steps
     clf = load_digits_classifier()
     feats, logits = classify(clf, images)
-    erased = torch.tensor(list(getattr(module, "concepts", []) or []), dtype=torch.long)
+    erased = torch.tensor(erased_digits(module), dtype=torch.long)
     kept = ~torch.isin(labels, erased)
     ref = reference_features(clf)
     if len(erased):  # references of the kept classes only

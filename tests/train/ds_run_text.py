@@ -35,7 +35,7 @@ def build(method: str, teacher: str, batch: int, nan_at: int = -1, frozen_dtype:
         images = Path(teacher).parent / "images"
         return module, CaptionedImageDataModule(str(images), image_size=16, batch_size=batch, val_size=2)
     if method == "text_erasure":  # ESD-x with anchors and the null prompt, x_t from the frozen trajectories
-        module = instantiate({"class_path": "train.methods.text_erasure.TextConceptErasure",
+        module = instantiate({"class_path": "train.methods.erasure.ConceptErasure",
                               "init_args": {"model": teacher, "concepts": CONCEPTS, "params": "esd-x",
                                             "uncond_weight": 1.0, "batch_size": batch, "trajectory_steps": 3,
                                             "bank_size": 4, "lr": 1e-2}})

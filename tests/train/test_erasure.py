@@ -78,33 +78,38 @@ def test_each_term_regresses_its_target(tiny_teacher_ckpt):
     m = ConceptErasure(model=str(tiny_teacher_ckpt), concepts=[3, 7], eta=1.0, loss_space="eps", **TINY)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     groups = m._groups(STEPS, gen())
-    assert [g[0] for g in groups] == ["erase", "anchor", "uncond"]
-    erase_c, anchor_c, uncond_c = (g[3] for g in groups)
+    assert [g.term for g in groups] == ["erase", "anchor", "uncond"]
+    erase_c, anchor_c, uncond_c = (torch.tensor(g.requests) for g in groups)
     assert len(set(erase_c.tolist())) == 1 and erase_c[0] in (3, 7)  # concept_sampling="one"
     assert not set(anchor_c.tolist()) & {3, 7} and (uncond_c == -1).all()
-    _, x, t, c = groups[0]
-    torch.testing.assert_close(m._target("erase", x, t, c), esd_target(m.frozen, x, t, c, 1.0, "eps"), rtol=0, atol=0)
+    erase = groups[0]
+    x, t, c = erase.x_t, erase.t, erase.cond
+    assert torch.equal(c, erase_c)  # a class model's condition is the class ids
+    torch.testing.assert_close(m._target(erase), esd_target(m.frozen, x, t, c, 1.0, "eps"), rtol=0, atol=0)
     terms = m.losses(STEPS, gen())
     assert terms["anchor"] == 0 and terms["uncond"] == 0 and terms["erase"] > 0  # student starts as the frozen model
     m.eta = 0.0  # student = frozen: the erase loss is (1 + eta)^2 ||eps_c - eps_u||^2 at the same x_t
     torch.testing.assert_close(terms["erase"], 4 * m.losses(STEPS, gen())["erase"], rtol=1e-5, atol=0)
     m.t_window = 0.5
-    torch.testing.assert_close(m._target("erase", x, t, c), ant_target(m.frozen, x, t, c, 0.0, 0.5, "eps"))
-    m.targets, m.toward_scale, m.t_window = [5, 1], 1.0, None
-    want = toward_target(m.frozen, x, t, torch.where(c == 3, 5, 1), 1.0, "eps")
-    torch.testing.assert_close(m._target("erase", x, t, c), want, rtol=0, atol=0)
-    torch.testing.assert_close(m._target("anchor", x, t, c), preservation_target(m.frozen, x, t, c, "eps"))
+    torch.testing.assert_close(m._target(erase), ant_target(m.frozen, x, t, c, 0.0, 0.5, "eps"))
+    toward = ConceptErasure(model=str(tiny_teacher_ckpt), concepts=[3, 7], targets=[5, 1], toward_scale=1.0,
+                            loss_space="eps", **TINY)
+    want = toward_target(toward.frozen, x, t, torch.where(c == 3, 5, 1), 1.0, "eps")
+    torch.testing.assert_close(toward.erase_target(x, t, erase.requests), want, rtol=0, atol=0)
+    anchor = groups[1]
+    torch.testing.assert_close(m._target(anchor), preservation_target(m.frozen, anchor.x_t, anchor.t, anchor.cond, "eps"))
     m.concept_sampling = "all"
-    assert set(m._groups(torch.zeros(1), torch.Generator().manual_seed(3))[0][3].tolist()) == {3, 7}
+    assert set(m._groups(torch.zeros(1), torch.Generator().manual_seed(3))[0].requests) == {3, 7}
 
 
 def test_data_batches_take_x_t_from_real_images_of_each_term(tiny_teacher_ckpt):
     m = ConceptErasure(model=str(tiny_teacher_ckpt), concepts=[3], anchors=[0, 1], concept_sampling="all", **TINY)
     images, labels = digits_tensors("validation")
-    groups = {g[0]: g for g in m._groups((images[:60], labels[:60]), torch.Generator().manual_seed(0))}
-    assert (groups["erase"][3] == 3).all() and len(groups["erase"][3]) == int((labels[:60] == 3).sum())
-    assert set(groups["anchor"][3].tolist()) == {0, 1} and (groups["uncond"][3] == -1).all()
-    assert len(groups["uncond"][3]) == 60
+    groups = {g.term: g for g in m._groups((images[:60], labels[:60]), torch.Generator().manual_seed(0))}
+    erase = torch.tensor(groups["erase"].requests)
+    assert (erase == 3).all() and len(erase) == int((labels[:60] == 3).sum())
+    assert set(groups["anchor"].requests) == {0, 1} and (groups["uncond"].cond == -1).all()
+    assert len(groups["uncond"].cond) == 60
     assert set(m.losses((images[:60], labels[:60]))) == {"erase", "anchor", "uncond"}
 
 
@@ -162,3 +167,63 @@ def test_erase_configs_parse(name, capsys):
     assert cfg["model"]["class_path"] == "train.methods.erasure.ConceptErasure"
     assert cfg["model"]["init_args"]["model"].endswith(".ckpt")
     assert cfg["data"]["class_path"] == "data.steps.ErasureSteps" and ErasureSteps(3).steps_per_epoch == 3
+
+
+def test_the_erased_rate_is_logged_by_sample_metrics_and_the_erasure_row_by_evaluation(tiny_teacher_ckpt, monkeypatch):
+    from train.evaluation.callbacks import SampleMetrics
+    from train.evaluation.digits_text import erased_digits
+    from train.evaluation.erasure import erased_rate, erasure_metrics
+
+    m = ConceptErasure(model=str(tiny_teacher_ckpt), concepts=[3, 7], **TINY)
+    assert m.erased_requests() == [3, 7] and erased_digits(m) == [3, 7]
+    logged = {}
+    monkeypatch.setattr(m, "log", lambda key, value, **kw: logged.__setitem__(key, value))
+    SampleMetrics()._log_erased_rate(m)  # what the validation end runs after the sample metrics
+    want = erased_rate(m, [3, 7], TINY["val_samples"], m.val_scale, TINY["val_steps"])
+    assert logged == {"val/erased_rate": want} and 0 <= want <= 1
+    m.val_samples, logged = 0, {}
+    SampleMetrics()._log_erased_rate(m)
+    assert logged == {}
+    row = erasure_metrics(m, steps=2, num_per_class=2, uncond_samples=4, probe_scales=(3.0,))
+    assert set(row) == {"w", "erased_rate", "other_acc", "other_fd", "uncond_rate", "erased_rate_at"}
+    assert all(0 <= row[k] <= 1 for k in ("erased_rate", "other_acc", "uncond_rate")) and row["other_fd"] >= 0
+    assert set(row["erased_rate_at"]) == {3.0}
+
+
+@pytest.mark.parametrize("old", ["train.erasure.ConceptErasure"])
+def test_a_checkpoint_of_an_earlier_class_path_loads(erased_ckpt, tmp_path, old):
+    ckpt = torch.load(erased_ckpt, map_location="cpu", weights_only=True)
+    ckpt["guidedistill"]["config"]["_class_path"] = old
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    a, b = load_method(erased_ckpt), load_method(tmp_path / "old.ckpt")
+    assert type(b) is ConceptErasure and b.erased_requests() == [3]
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+TEXT_ERASURE_ARGS = {"model", "concepts", "eta", "params", "anchor_weight", "uncond_weight", "batch_size",
+                     "trajectory_steps", "trajectory_scale", "bank_size", "loss_space", "lora_rank", "lora_alpha", "lr",
+                     "weight_decay", "warmup_steps", "ema_decay", "val_scale", "val_steps", "val_samples",
+                     "model_config", "nonfinite", "max_skips"}  # TextConceptErasure's arguments
+
+
+@pytest.mark.parametrize("old", ["train.methods.text_erasure.TextConceptErasure", "train.text_erasure.TextConceptErasure"])
+def test_a_checkpoint_whose_config_names_text_concept_erasure_loads(t2i_workspace, tmp_path, old):
+    """Text erasure runs recorded TextConceptErasure and its arguments: they load as ConceptErasure, with the
+    arguments a config left out taking TextConceptErasure's defaults, not ConceptErasure's."""
+    path = t2i_workspace.fitted("erase", "sd15")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    config = ckpt["guidedistill"]["config"]
+    given = {k: v for k, v in config.items() if k in TEXT_ERASURE_ARGS}
+    for name, args in [("all", given), ("defaults", {k: v for k, v in given.items()
+                                                     if k not in ("uncond_weight", "trajectory_scale", "val_samples")})]:
+        ckpt["guidedistill"]["config"] = {"_class_path": old, **args}
+        torch.save(ckpt, tmp_path / f"{name}.ckpt")
+    new, full, defaults = load_method(path), load_method(tmp_path / "all.ckpt"), load_method(tmp_path / "defaults.ckpt")
+    assert type(full) is ConceptErasure and full.erased_requests() == ["a cat", "the cat", "a red car"]
+    assert full.spec.anchors == ("the dog",) and full.spec.alternatives == (None, "a car")
+    assert {k: full.hparams[k] for k in given if k != "model_config"} == {k: v for k, v in given.items()
+                                                                          if k != "model_config"}
+    assert (defaults.hparams["uncond_weight"], defaults.hparams["trajectory_scale"], defaults.hparams["val_samples"]) \
+        == (0.0, 3.0, 0)
+    for module in (full, defaults):
+        assert all(torch.equal(v, module.state_dict()[k]) for k, v in new.state_dict().items())

@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.train.text_fits import FLUX_GUIDANCE, PIPELINES, PROMPTS
+from tests.train.text_fits import FLUX_GUIDANCE, PIPELINES, PROMPTS, card_call
 
 KINDS = ("sd15", "sd3", "flux")
 
@@ -84,10 +84,12 @@ def test_erasure_trains_cross_attention_only(workspace, kind):
 
 
 def test_a_text_erasure_config_error_names_the_fix(workspace):
-    from train.methods.text_erasure import TextConceptErasure
+    from train.methods.erasure import ConceptErasure
 
     with pytest.raises(ValueError, match="params must be one of"):
-        TextConceptErasure(str(workspace.model("sd15")), {"concepts": ["a cat"]}, params="bogus")
+        ConceptErasure(str(workspace.model("sd15")), {"concepts": ["a cat"]}, params="bogus")
+    with pytest.raises(ValueError, match="is not a prompt"):  # a class id asked of a text model
+        ConceptErasure(str(workspace.model("sd15")), [3])
 
 
 PIPELINE_SCRIPT = """
@@ -161,8 +163,9 @@ def test_export_loads_in_the_diffusers_pipeline_and_generates_what_we_sample(wor
     ours, _ = generator.generate(PROMPTS, seed=5)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     z = z * generator.generator.schedule.sigma(generator.generator_times[:1])  # the generator's input sigma(t_0) z
-    args = {"prompt": PROMPTS, "num_inference_steps": 1, "guidance_scale": FLUX_GUIDANCE if flux else 1.0,
-            **({"height": 16, "width": 16} if flux else {})}
+    call = card_call(folder)  # the model card's own pipeline call: Flux with its embedded guidance, CFG off
+    assert call["guidance_scale"] == (FLUX_GUIDANCE if flux else 1.0) and "negative_prompt" not in call
+    args = {"prompt": PROMPTS, **call, **({"height": 16, "width": 16} if flux else {})}
     theirs = run_pipeline(folder, kind, z, args, tmp_path)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 

@@ -61,7 +61,7 @@ class TextWorkspace:
                    "data": {"class_path": "data.prompts.PromptDataModule", "init_args": {
                        "path": str(self.prompts), "batch_size": 2, "val_size": 2}}}
         elif method == "erase":
-            cfg = {"model": {"class_path": "train.methods.text_erasure.TextConceptErasure", "init_args": {
+            cfg = {"model": {"class_path": "train.methods.erasure.ConceptErasure", "init_args": {
                        "model": model, "concepts": CONCEPTS, "params": "esd-x", "uncond_weight": 1.0, "batch_size": 2,
                        "trajectory_steps": 3, "bank_size": 2, "lr": 0.01}},
                    "data": {"class_path": "data.steps.ErasureSteps", "init_args": {"steps_per_epoch": 4}}}

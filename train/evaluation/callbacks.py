@@ -16,15 +16,17 @@ class SampleMetrics(L.Callback):
     module's validation scale and steps, save a grid PNG (and log it to W&B), and log `val/fd`,
     `val/accuracy`, `val/precision`, `val/recall`, `val/nfe` from the digits classifier. W&B also gets
     `val/metrics_table`: one row per validation so far (step, w, sampler steps, NFE, the metrics, the erased
-    classes' rate for an erasure module, per-class accuracy).
+    classes' rate for an erasure module, per-class accuracy). An erasure module (train.methods.erasure) with
+    `val_samples` > 0 also gets `val/erased_rate`: the fraction of its `val_samples` samples per erased class that
+    the classifier still assigns to that class (train.evaluation.erasure.erased_rate).
 
     num_per_class: samples per class for the metrics (the grid shows the first 8 of each class).
     metrics:       set False for networks the digits classifier cannot judge (other data sets).
     class_prompts: text models trained on the captioned digits (train.digits_pipeline): the prompt template of a
                    class, e.g. "a handwritten {word}"; samples are generated from these prompts, decoded by the
                    model's VAE and judged by the same metrics.
-    erased_classes: the classes an erasure removes, for the table's erased rate (default: a class-conditional
-                   erasure module's `concepts`).
+    erased_classes: the classes an erasure removes, for the erased rates (default: the erasure module's erased
+                   classes, train.evaluation.digits_text.erased_digits).
     prompts:       other text models: the grid shows `num_per_class` samples of each of the data module's
                    validation prompts (`val_prompts`), decoded; no metrics.
     """
@@ -71,12 +73,29 @@ class SampleMetrics(L.Callback):
                 pl_module.log(f"val/{key.replace('_per_sample', '')}", float(m[key]), sync_dist=True)
             if trainer.is_global_zero:
                 self._log_table(trainer, pl_module, m)
+            self._log_erased_rate(pl_module)
+
+    def _erased(self, pl_module) -> list[int]:
+        if self.erased_classes is not None:
+            return list(self.erased_classes)
+        from train.evaluation.digits_text import erased_digits
+
+        return erased_digits(pl_module)
+
+    def _log_erased_rate(self, pl_module) -> None:
+        """`val/erased_rate` of an erasure module: `val_samples` samples per erased class at its validation scale and
+        steps (class ids, or the class prompts of `class_prompts`)."""
+        erased, n = self._erased(pl_module), int(getattr(pl_module, "val_samples", 0) or 0)
+        if not hasattr(pl_module, "erased_requests") or not erased or n <= 0:
+            return
+        from train.evaluation.erasure import erased_rate
+
+        rate = erased_rate(pl_module, erased, n, template=self.class_prompts, seed=self.seed, **pl_module.val_sampling())
+        pl_module.log("val/erased_rate", rate, sync_dist=True)
 
     def _log_table(self, trainer: L.Trainer, pl_module, m: dict) -> None:
         """Add this validation's row to `val/metrics_table` and log the whole table to W&B."""
-        erased = self.erased_classes
-        if erased is None:
-            erased = [c for c in (getattr(pl_module, "concepts", None) or []) if isinstance(c, int)]
+        erased = self._erased(pl_module)
         per_class = list(m["per_class_accuracy"]) + [None] * (10 - len(m["per_class_accuracy"]))
         erased_rate = (sum(per_class[c] for c in erased) / len(erased)) if erased else None
         self.table_rows.append([trainer.global_step, float(pl_module.val_scale), int(pl_module.val_steps),

@@ -53,12 +53,12 @@ def generate_digits(module, template: str = EVAL_TEMPLATE, num_per_class: int = 
 
 
 def erased_digits(module) -> list[int]:
-    """The digit classes an erasure module removes: a class-conditional erasure's `concepts`, or the text erasure
-    concepts named by a digit's word ("seven"); [] for other modules."""
-    spec = getattr(module, "spec", None)
-    if spec is not None:
-        return [DIGIT_WORDS.index(c.name) for c in spec.concepts if c.name in DIGIT_WORDS]
-    return [c for c in (getattr(module, "concepts", None) or []) if isinstance(c, int)]
+    """The digit classes an erasure module removes (train.methods.erasure.ConceptErasure): its erased class ids on a
+    class model, or its concepts named by a digit's word ("seven") on a text model; [] for other modules."""
+    if not hasattr(module, "erased_requests"):
+        return []
+    ids = [r for r in module.erased_requests() if isinstance(r, int)]
+    return ids or [DIGIT_WORDS.index(n) for n in module.concept_names() if n in DIGIT_WORDS]
 
 
 def erasure_columns(row: dict, erased: Sequence[int]) -> dict:

@@ -48,8 +48,14 @@ LEGACY_CLASS_PATHS = {
     "train.progressive.ProgressiveDistillation": "train.methods.progressive.ProgressiveDistillation",
     "train.onestep.OneStepDistillation": "train.methods.onestep.OneStepDistillation",
     "train.erasure.ConceptErasure": "train.methods.erasure.ConceptErasure",
-    "train.text_erasure.TextConceptErasure": "train.methods.text_erasure.TextConceptErasure",
+    "train.text_erasure.TextConceptErasure": "train.methods.erasure.ConceptErasure",
+    "train.methods.text_erasure.TextConceptErasure": "train.methods.erasure.ConceptErasure",  # erasure unified
 }
+
+# TextConceptErasure's defaults where ConceptErasure's differ (its concept spec, anchors and every other argument are
+# ConceptErasure's too); a config that recorded them all is unchanged
+TEXT_ERASURE_DEFAULTS = {"uncond_weight": 0.0, "batch_size": 1, "trajectory_scale": 3.0, "bank_size": 8, "lr": 1e-5,
+                         "val_scale": 3.0, "val_samples": 0}
 
 
 # OneStepDistillation's flat arguments before its argument groups (train.methods.onestep_config): name -> (group, field)
@@ -75,6 +81,8 @@ def upgrade_config(config: Any) -> Any:
     """A stored config with class paths of earlier layouts replaced by today's (LEGACY_CLASS_PATHS), recursively, and
     a OneStepDistillation config of flat arguments moved into its argument groups (group_onestep_arguments)."""
     if isinstance(config, dict):
+        if str(config.get("_class_path")).endswith("text_erasure.TextConceptErasure"):
+            config = {**TEXT_ERASURE_DEFAULTS, **config}
         config = {k: (LEGACY_CLASS_PATHS.get(v, v) if k in ("_class_path", "class_path") and isinstance(v, str)
                       else upgrade_config(v)) for k, v in config.items()}
         if config.get("_class_path") == "train.methods.onestep.OneStepDistillation":
