@@ -13,12 +13,15 @@ same interface; the samplers, guiders and methods only ever use it.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from models.class_export import WHY_W_EMBEDDING_IS_SEPARATE, lora_contents, sampling_code, save_peft_adapter
 from models.conditioning import NULL_LABEL, ClassConditioner, Conditioner
+from models.diffusers_export import W_EMBEDDING_NOTE, diffusers_scheduler, plain_network
 from models.pag_attention import perturbed_self_attention
 
 __all__ = ["NULL_LABEL", "ConditionalNetwork", "ClassConditionalUNet"]
@@ -52,6 +55,27 @@ class ConditionalNetwork(nn.Module):
 
     def describe(self) -> dict:
         """What an export records about the network (config for from_pretrained, condition kind)."""
+        raise NotImplementedError
+
+    # --- export: each adapter writes itself in the formats the ecosystem loads (train.export calls these) ---------
+    # why a w-student's w-embedding is stored beside this network ({cls}: its diffusers class, {hooked}: the module
+    # whose output it is added to, as the card's code names it)
+    W_EMBEDDING_NOTE: str = W_EMBEDDING_NOTE
+
+    def save_diffusers(self, folder: Path, schedule, parameterization: str) -> dict:
+        """Write what diffusers' from_pretrained loads into the existing empty `folder` (LoRA adapters merged, a
+        scheduler whose steps equal the project's DDIM steps); returns what guidedistill.json records about the
+        files: "network" (the card code's expression for the diffusers network), "contents" (a sentence for the card)
+        and what the card's code needs."""
+        raise ValueError(f"{type(self).__name__} has no diffusers export; export --format safetensors instead")
+
+    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None) -> dict:
+        """Write this network's LoRA adapters for its base network into `folder` (what save_diffusers returns, plus
+        "lora": rank and alpha); base_checkpoint: what the frozen base was loaded from."""
+        raise ValueError(f"{type(self).__name__} has no LoRA export; export --format diffusers or safetensors instead")
+
+    def card_code(self, meta: dict) -> str:
+        """The model card's Python that samples the export (guidedistill.json's `meta`) with diffusers alone."""
         raise NotImplementedError
 
     def enable_gradient_checkpointing(self) -> None:
@@ -133,6 +157,27 @@ class ClassConditionalUNet(ConditionalNetwork):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         with perturbed_self_attention(self.unet, self.pag_layers) if perturb else nullcontext():
             return self.unet(x, t, class_labels=labels).sample
+
+    W_EMBEDDING_NOTE = WHY_W_EMBEDDING_IS_SEPARATE
+
+    def save_diffusers(self, folder: Path, schedule, parameterization: str) -> dict:
+        """unet/ (UNet2DModel.from_pretrained; LoRA adapters merged) and scheduler/ (DDIM, "trailing" spacing)."""
+        scheduler = diffusers_scheduler(schedule, parameterization)  # refuses a schedule it cannot reproduce first
+        plain_network(self).unet.save_pretrained(folder / "unet", safe_serialization=True)
+        scheduler.save_pretrained(folder / "scheduler")
+        return {"network": "unet", "contents": (
+            f"`unet/`: a diffusers UNet2DModel (class labels 0..{self.num_classes - 1}, {self.num_classes} the null "
+            f"class), `scheduler/`: the DDIMScheduler whose steps are the project's DDIM steps.")}
+
+    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None) -> dict:
+        """peft's adapter_config.json + adapter_model.safetensors for the base (teacher) UNet2DModel."""
+        config = save_peft_adapter(self, folder)
+        meta = {"lora": {"r": config.r, "lora_alpha": config.lora_alpha, "peft_type": "LORA",
+                         "base_checkpoint": base_checkpoint}}
+        return {**meta, "network": "unet", "contents": lora_contents(meta)}
+
+    def card_code(self, meta: dict) -> str:
+        return sampling_code(meta)
 
     def describe(self) -> dict:
         return {"kind": "class", "diffusers_class": "UNet2DModel", "num_classes": self.num_classes,

@@ -1,5 +1,6 @@
 """Text-conditioned flow-matching transformers behind net(x, t, cond): diffusers' SD3Transformer2DModel
-(Stable Diffusion 3 / 3.5, MMDiT) with the empty-prompt embedding as the null condition."""
+(Stable Diffusion 3 / 3.5, MMDiT) with the empty-prompt embedding as the null condition. Both export themselves
+through models.pipeline_export.PipelineExport (a StableDiffusion3Pipeline / FluxPipeline folder, a diffusers LoRA file)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -11,6 +12,7 @@ from torch import Tensor
 from models.adapters import ConditionalNetwork
 from models.conditioning import TextConditioner
 from models.pag_attention import perturbed_self_attention
+from models.pipeline_export import PipelineExport
 
 SD3_KEYS = ("encoder_hidden_states", "pooled_projections")
 # PAG's perturbed joint attention: transformer block 1 (diffusers' StableDiffusion3PAGPipeline default "blocks.1");
@@ -18,7 +20,7 @@ SD3_KEYS = ("encoder_hidden_states", "pooled_projections")
 PAG_LAYERS = ("blocks.1",)
 
 
-class SD3Transformer(ConditionalNetwork):
+class SD3Transformer(PipelineExport, ConditionalNetwork):
     """`SD3Transformer2DModel` on latents with an SD3 text condition (models.text_encoders, kind "sd3"):
 
         cond = {"encoder_hidden_states": [B, 77 + L_t5, D_joint], "pooled_projections": [B, P]}
@@ -114,7 +116,7 @@ def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
     return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
 
-class FluxTransformer(ConditionalNetwork):
+class FluxTransformer(PipelineExport, ConditionalNetwork):
     """`FluxTransformer2DModel` (FLUX.1) on latents [B, C, h, w] with a Flux text condition (models.text_encoders,
     kind "flux"):
 
@@ -220,7 +222,7 @@ class FluxTransformer(ConditionalNetwork):
     def describe(self) -> dict[str, Any]:
         return {"kind": "text", "diffusers_class": "FluxTransformer2DModel", "pretrained": self.pretrained,
                 "condition_keys": self.conditioner.text_keys + (["guidance"] if self.guidance_embeds else []),
-                "config": dict(self.transformer.config)}
+                "embedded_guidance": self.conditioner.embedded_guidance, "config": dict(self.transformer.config)}
 
 
 def default_latent_size(root) -> int:

@@ -11,6 +11,7 @@ from torch import Tensor
 from models.adapters import ConditionalNetwork
 from models.conditioning import TextConditioner
 from models.pag_attention import perturbed_self_attention
+from models.pipeline_export import PipelineExport
 
 TEXT_KEYS = ("encoder_hidden_states", "text_embeds")  # condition entries replaced by the null condition
 # PAG's perturbed self-attention (Ahn et al. 2024, arXiv 2403.17377): the mid block's, diffusers'
@@ -18,7 +19,7 @@ TEXT_KEYS = ("encoder_hidden_states", "text_embeds")  # condition entries replac
 PAG_LAYERS = ("mid",)
 
 
-class TextConditionalUNet(ConditionalNetwork):
+class TextConditionalUNet(PipelineExport, ConditionalNetwork):
     """`UNet2DConditionModel` on latents with a text condition dict (models.text_encoders):
 
         cond = {"encoder_hidden_states": [B, L, D]}                                  SD 1.x / 2.x
@@ -29,6 +30,9 @@ class TextConditionalUNet(ConditionalNetwork):
     as its scheduler's prediction_type says). SDXL's micro-conditioning time_ids default to
     (H, W, 0, 0, H, W) with H, W = h, w times `vae_scale_factor`, as diffusers' SDXL pipeline does when
     no sizes are given (original size = target size = the generated size, no crop).
+
+    Export (models.pipeline_export.PipelineExport): `save_diffusers` writes the base pipeline folder with this UNet,
+    `save_lora` diffusers' LoRA file for it, `card_code` the StableDiffusion(XL)Pipeline code that samples either.
 
     Prompts become conditions through the folder's own tokenizers and text encoders (`conditioner`, a
     models.conditioning.TextConditioner: loaded when first needed, once per process); the null condition is

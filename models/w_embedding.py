@@ -16,6 +16,7 @@ beside it (`w_embedding.*`), described by `describe()["w_embedding"]` for export
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,6 +154,29 @@ class WConditionedNetwork(ConditionalNetwork):
 
     def drop_cond(self, cond: dict, p: float, generator: torch.Generator | None = None, u: Tensor | None = None) -> dict:
         return {"cond": self.base.drop_cond(cond["cond"], p, generator, u), "w": cond["w"]}
+
+    # --- export: the base's files plus w_embedding/ (models.diffusers_export.save_w_embedding) ---------------------
+    def save_diffusers(self, folder: Path, schedule, parameterization: str) -> dict:
+        """The base network's diffusers export (its weights alone sample as if w's term were zero) + w_embedding/."""
+        return self._with_w_embedding(folder, self.base.save_diffusers(folder, schedule, parameterization))
+
+    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None) -> dict:
+        """The base network's LoRA export + w_embedding/ (no LoRA loader has a place for a new embedding)."""
+        return self._with_w_embedding(folder, self.base.save_lora(folder, schedule, parameterization, base_checkpoint))
+
+    def card_code(self, meta: dict) -> str:
+        """The base's card code; meta["w_embedding"] makes it add the w-embedding's forward hook."""
+        return self.base.card_code(meta)
+
+    def _with_w_embedding(self, folder: Path, info: dict) -> dict:
+        from models.diffusers_export import save_w_embedding
+
+        hooked = f"{info['network']}.{self.hooked.split('.', 1)[1]}"  # e.g. pipe.unet.time_embedding
+        save_w_embedding(self.w_embedding, folder / "w_embedding", f"the output of {hooked}")
+        why = self.base.W_EMBEDDING_NOTE.format(cls=self.base.describe()["diffusers_class"], hooked=hooked)
+        return {**info, "contents": f"{info['contents']} `w_embedding/`: the student's guidance-scale embedding.",
+                "w_embedding": {**self.describe()["w_embedding"], "in_unet": False,
+                                "weights": "w_embedding/ (diffusers TimestepEmbedding weights)", "why": why}}
 
     def describe(self) -> dict:
         e = self.w_embedding

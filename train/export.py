@@ -1,25 +1,31 @@
-"""`python -m train export`: a training checkpoint -> a diffusers model folder, peft LoRA weights or one safetensors file.
+"""`python -m train export`: a training checkpoint -> a diffusers model folder, LoRA weights or one safetensors file.
 
-One writer per format, all behind the same atomic write (a hidden temporary folder next to the target, then a
-rename; an existing target is refused unless `force`):
+The network adapter writes itself (models: `save_diffusers`, `save_lora`, `card_code`); this command adds what the
+method knows (guidedistill.json: method, parameterisation, schedule, the sampling recipe, the conditioner, a one-step
+generator's times; the model card) and writes the target safely:
 
-- diffusers:   `unet/` (UNet2DModel.from_pretrained; LoRA adapters merged in), `scheduler/` (DDIM, "trailing"),
-               for text-to-image models a full pipeline folder (train.text_export),
-               `w_embedding/` for guidance-distilled students (see train.model_card.WHY_W_EMBEDDING_IS_SEPARATE),
-               `guidedistill.json` (method, parameterisation, schedule, sampling recipe, one-step times) and a
-               model card `README.md` whose code samples the folder with diffusers alone;
-- lora:        peft's `adapter_config.json` + `adapter_model.safetensors` for the base (teacher) UNet, plus
-               `w_embedding/` for students, `guidedistill.json` and the card; for text-to-image models diffusers'
-               own LoRA file for the original pipeline folder (`pipe.load_lora_weights`, train.text_export);
+- diffusers:   what from_pretrained loads (class models: `unet/` + a DDIM "trailing" `scheduler/`; text models: the
+               base pipeline folder with the trained network), LoRA adapters merged, `w_embedding/` for
+               guidance-distilled students, `guidedistill.json` and a model card `README.md` whose code samples the
+               folder with diffusers alone;
+- lora:        the adapters for the frozen base (class models: peft's adapter files for the teacher's UNet; text
+               models: diffusers' own LoRA file for `pipe.load_lora_weights`), plus `w_embedding/`, the meta and card;
 - safetensors: the sampling network's state dict (LoRA merged), the metadata under the key "guidedistill".
+
+Only an earlier export is ever replaced (with `force`), never a folder holding the source checkpoint or the current
+directory; the new export is written next to the target and renamed into place (replace_atomically).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import signal
+import struct
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -27,40 +33,16 @@ import lightning as L
 import torch
 
 from guidance.denoiser import Denoiser
-from models.param_select import lora_adapter, lora_layers, merge_lora
-from models.w_embedding import WConditionedNetwork
+from models.diffusers_export import cpu_state, plain_network
+from models.param_select import lora_adapter
+from train.model_card import model_card
 from train.runtime.checkpoint import load_method
-from train.model_card import WHY_W_EMBEDDING_IS_SEPARATE, model_card
 
 FORMATS = ("diffusers", "lora", "safetensors")
-
-
-def diffusers_scheduler(schedule, parameterization: str):
-    """The diffusers scheduler whose DDIM steps equal ours (same alphas_cumprod, 'trailing' spacing)."""
-    from diffusers import DDIMScheduler
-
-    from guidance.schedules import VPCosine, VPLinear
-
-    prediction = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}.get(parameterization)
-    if prediction is None:
-        raise ValueError(f"export to diffusers supports eps, v and x0 networks on VP schedules; this one predicts "
-                         f"{parameterization!r} — export --format safetensors instead")
-    common = dict(num_train_timesteps=schedule.num_steps if hasattr(schedule, "num_steps") else 1000,
-                  prediction_type=prediction, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
-    if isinstance(schedule, VPCosine) and schedule.s == 0.008 and schedule.max_beta == 0.999:
-        return DDIMScheduler(beta_schedule="squaredcos_cap_v2", **common)
-    if isinstance(schedule, VPLinear):
-        return DDIMScheduler(beta_schedule="scaled_linear" if schedule.scaled else "linear",
-                             beta_start=schedule.beta_start, beta_end=schedule.beta_end, **common)
-    raise ValueError(f"no diffusers scheduler reproduces {type(schedule).__name__}; export --format safetensors instead")
+META_KEY = "guidedistill"  # guidedistill.json in a folder; this metadata key in a safetensors file
 
 
 # ------------------------------------------------------------------------------------------------ what is exported
-
-def plain_network(net: torch.nn.Module) -> torch.nn.Module:
-    """`net` with any LoRA adapters merged into its weights (the original parameter names), else `net` itself."""
-    return merge_lora(net) if lora_layers(net) else net
-
 
 def generator_table(module) -> dict:
     """The one-step generator's times t, network times and alpha(t), sigma(t), as float32 values exactly as
@@ -73,93 +55,24 @@ def generator_table(module) -> dict:
 
 
 def export_meta(module, den: Denoiser, fmt: str, metrics: dict | None) -> dict:
-    """guidedistill.json: the method, schedule, network description and how to sample the export."""
+    """guidedistill.json: the method, schedule, network and conditioner descriptions and how to sample the export."""
     hp = dict(module.hparams) if module.hparams else {}
+    recipe = module.recipe()
     meta = {"method": module.method_name, "format": fmt, "parameterization": den.parameterization,
             "schedule": den.schedule.describe(), "guidance_convention": "D_u + w * (D_c - D_u)",
-            **den.net.describe(), "sampling": module.recipe().describe()}
+            **den.net.describe(), "conditioning": den.net.conditioner.describe(), "sampling": recipe.describe()}
     if meta["sampling"]["recipe"] == "generator":
         meta["generator"] = generator_table(module)
-        meta["distilled_guidance_scale"] = module.pg_sb_range or module.guidance_scale  # PG-SB: a range of w
-    if "w_embedding" in meta:
-        where = "keys w_embedding.*" if fmt == "safetensors" else "w_embedding/ (diffusers TimestepEmbedding weights)"
-        meta["w_embedding"].update(in_unet=False, weights=where, why=WHY_W_EMBEDDING_IS_SEPARATE)
+        # the scale it was distilled at; PG-SB distils a range of w
+        meta["distilled_guidance_scale"] = recipe.scale if recipe.scale is not None else hp.get("pg_sb_range")
     meta["metrics"], meta["training_config"] = metrics, hp or None
     return meta
 
 
-# ------------------------------------------------------------------------------------------------ writers
-
-def write_diffusers(module, den: Denoiser, meta: dict, tmp: Path) -> Path:
-    from train.text_export import text_base, write_text_pipeline
-
-    net = plain_network(den.net)
-    if text_base(den.net) is not None:  # a text-to-image model: a full pipeline folder
-        return write_text_pipeline(module, den, meta, tmp, net)
-    scheduler = diffusers_scheduler(den.schedule, den.parameterization)
-    net.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    scheduler.save_pretrained(tmp / "scheduler")
-    if isinstance(net, WConditionedNetwork):
-        save_w_embedding(net, tmp / "w_embedding")
-    write_card(tmp, meta)
-    return tmp
-
-
-def write_lora(module, den: Denoiser, meta: dict, tmp: Path) -> Path:
-    from safetensors.torch import save_file
-
-    from train.text_export import text_base, write_text_lora
-
-    config, state = lora_adapter(den.net)
-    check_lora_base(module, den.net)
-    if text_base(den.net) is not None:  # diffusers' own LoRA format, for pipe.load_lora_weights
-        return write_text_lora(module, den, meta, tmp, config, state)
-    config = copy.deepcopy(config)
-    config.inference_mode, config.base_model_name_or_path = True, None
-    config.save_pretrained(tmp)  # adapter_config.json
-    # the keys PeftModel.save_pretrained writes; set_peft_model_state_dict also takes them (it strips the prefix)
-    save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
-              tmp / "adapter_model.safetensors")
-    if isinstance(den.net, WConditionedNetwork):
-        save_w_embedding(den.net, tmp / "w_embedding")
-    hp = meta.get("training_config") or {}
-    meta = {**meta, "lora": {"r": config.r, "lora_alpha": config.lora_alpha, "peft_type": "LORA",
-                             "base_checkpoint": hp.get("teacher") or hp.get("model")}}
-    write_card(tmp, meta)
-    return tmp
-
-
-def write_safetensors(module, den: Denoiser, meta: dict, tmp: Path) -> Path:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in plain_network(den.net).state_dict().items()}
-    target = tmp / "model.safetensors"
-    save_file(state, target, metadata={"guidedistill": json.dumps(meta, default=str)})
-    return target
-
-
-WRITERS: dict[str, Callable] = {"diffusers": write_diffusers, "lora": write_lora, "safetensors": write_safetensors}
-
-
-def save_w_embedding(net: WConditionedNetwork, folder: Path) -> None:
-    """The w-embedding as diffusers' `TimestepEmbedding` weights + the config that rebuilds it (names follow
-    TimestepEmbedding's and Timesteps' arguments: our sinusoidal code is Timesteps(flip_sin_to_cos=True, shift 0))."""
-    from safetensors.torch import save_file
-
-    e = net.w_embedding
-    folder.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in e.state_dict().items()},
-              folder / "diffusion_pytorch_model.safetensors")
-    config = {"_class_name": "TimestepEmbedding", "in_channels": e.embed_dim, "time_embed_dim": e.hidden_dim,
-              "out_dim": e.out_dim, "act_fn": "silu", "flip_sin_to_cos": True, "downscale_freq_shift": 0,
-              "w_scale": e.w_scale, "input": "Timesteps(in_channels, flip_sin_to_cos, downscale_freq_shift)(w * w_scale)",
-              "added_to": "the output of unet.time_embedding"}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
 def check_lora_base(module, net: torch.nn.Module) -> None:
     """LoRA weights are only useful on the network they were trained on: check that the adapted network's base
-    weights still equal the frozen teacher's (erasure: `frozen`, guidance distillation: `teacher`)."""
+    weights still equal the frozen teacher's (erasure: `frozen`, guidance distillation and one-step: `teacher`)."""
+    lora_adapter(net)  # no adapters: the one-line error saying so
     frozen = next((d for d in (getattr(module, "frozen", None), getattr(module, "teacher", None))
                    if isinstance(d, Denoiser)), None)
     base = {k.replace(".base_layer.", "."): v for k, v in net.unet.state_dict().items() if ".lora_" not in k}
@@ -169,40 +82,203 @@ def check_lora_base(module, net: torch.nn.Module) -> None:
                          f"trained too), so its LoRA weights alone do not reproduce it; export --format diffusers")
 
 
-def write_card(folder: Path, meta: dict) -> None:
-    (folder / "guidedistill.json").write_text(json.dumps(meta, indent=2, default=str))
-    (folder / "README.md").write_text(model_card(meta))
+# ------------------------------------------------------------------------------------------------ writers
+
+def write_folder(den: Denoiser, meta: dict, tmp: Path, files: dict) -> Path:
+    """guidedistill.json and the model card beside the files the network wrote (`files`: what it says of them)."""
+    meta = {**meta, **files}
+    (tmp / "guidedistill.json").write_text(json.dumps(meta, indent=2, default=str))
+    (tmp / "README.md").write_text(model_card(meta, den.net.card_code(meta)))
+    return tmp
+
+
+def write_diffusers(den: Denoiser, meta: dict, tmp: Path) -> Path:
+    return write_folder(den, meta, tmp, den.net.save_diffusers(tmp, den.schedule, den.parameterization))
+
+
+def write_lora(den: Denoiser, meta: dict, tmp: Path) -> Path:
+    hp = meta.get("training_config") or {}
+    base = hp.get("teacher") or hp.get("model")  # the checkpoint (or pipeline folder) of the frozen base
+    return write_folder(den, meta, tmp, den.net.save_lora(tmp, den.schedule, den.parameterization, base))
+
+
+def write_safetensors(den: Denoiser, meta: dict, tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    if "w_embedding" in meta:
+        meta = {**meta, "w_embedding": {**meta["w_embedding"], "in_unet": False, "weights": "keys w_embedding.*"}}
+    target = tmp / "model.safetensors"
+    save_file(cpu_state(plain_network(den.net).state_dict()), target,
+              metadata={META_KEY: json.dumps(meta, default=str)})
+    return target
+
+
+WRITERS: dict[str, Callable] = {"diffusers": write_diffusers, "lora": write_lora, "safetensors": write_safetensors}
 
 
 # ------------------------------------------------------------------------------------------------ the command
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, fmt: str = "diffusers", force: bool = False,
            metrics: dict | None = None) -> Path:
-    """Export the sampling network of a checkpoint in format `fmt`; returns the written path."""
+    """Export the sampling network of a checkpoint in format `fmt`; returns the written path. An existing `out` is
+    replaced only when it is an earlier export and `force` is set (check_target)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"export target {str(out)!r} exists; choose another --out or pass --force to replace it")
+    out = Path(os.path.abspath(out))
+    recover_interrupted(out)
+    check_target(out, Path(ckpt), force)
     module = load_method(ckpt)
     den = module.sampling_denoiser()
+    if fmt == "lora":
+        check_lora_base(module, den.net)
     meta = export_meta(module, den, fmt, metrics)
-    return atomic_write(out, lambda tmp: WRITERS[fmt](module, den, meta, tmp))
+    return replace_atomically(out, lambda tmp: WRITERS[fmt](den, meta, tmp))
 
 
-def atomic_write(out: Path, write: Callable[[Path], Path]) -> Path:
-    """Call write(tmp) with an empty hidden folder next to `out`, then rename what it returns (the folder or a
-    file in it) to `out`, replacing an existing one; nothing is left behind when `write` fails."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+# ------------------------------------------------------------------------------------------------ the target
+
+def is_export(path: Path) -> bool:
+    """An earlier export: a folder holding guidedistill.json, or a safetensors file with the "guidedistill" metadata."""
+    if path.is_dir():
+        return (path / f"{META_KEY}.json").is_file()
+    return path.is_file() and META_KEY in safetensors_metadata(path)
+
+
+def safetensors_metadata(path: Path) -> dict:
+    """The `__metadata__` of a safetensors file's header ({} for anything else); reads only the header."""
     try:
-        result = write(tmp)
-        if out.exists():  # the caller allowed replacing it (--force); removed just before the rename
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(result, out)
-        return out
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n <= 100_000_000 else None  # safetensors caps headers at 100 MB
+    except (OSError, ValueError, struct.error):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_target(out: Path, ckpt: Path, force: bool) -> None:
+    """Refuse, with one line saying why and what to pass, a target that export may not replace: anything but an
+    earlier export (and that only with `force`), and never the source checkpoint, the current directory or a folder
+    holding either."""
+    if not os.path.lexists(out):
+        return
+    new = out / "export" if out.is_dir() else out.with_name(f"{out.stem}-export{out.suffix}")
+    if out.is_symlink():
+        raise FileExistsError(f"export target {out} is a symbolic link; pass a new --out (e.g. {new})")
+    real = out.resolve()
+    for path, what in ((ckpt.resolve(), "the checkpoint being exported"), (Path.cwd().resolve(), "the current directory")):
+        if real == path or real in path.parents:
+            raise FileExistsError(f"export target {out} {'is' if real == path else 'holds'} {what} ({path}) and is never "
+                                  f"replaced; pass a new --out (e.g. {new})")
+    if not is_export(real):
+        kind = "folder without guidedistill.json" if out.is_dir() else "file without guidedistill metadata"
+        raise FileExistsError(f"export target {out} exists and is not an earlier export (a {kind}), so it is never "
+                              f"replaced, even with --force; pass a new --out (e.g. {new})")
+    if not force:
+        raise FileExistsError(f"export target {out} holds an earlier export; pass --force to replace it, or a new --out")
+
+
+def _scratch_name(out: Path, role: str) -> Path:
+    """The hidden sibling `.<name>.guidedistill-<role>-<pid>-<random>` of `out` (role: tmp or old)."""
+    return out.with_name(f".{out.name}.{META_KEY}-{role}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _stale_scratch(out: Path) -> list[tuple[str, Path]]:
+    """(role, path) of the scratch siblings of `out` left by exports that are no longer running (killed)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.{META_KEY}-(tmp|old)-(\d+)-[0-9a-f]+")
+    found = []
+    for p in out.parent.iterdir() if out.parent.is_dir() else ():
+        m = pattern.fullmatch(p.name)
+        if m and not _running(int(m.group(2))):
+            found.append((m.group(1), p))
+    return found
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():  # an export of this process that is running now cleans up after itself
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def recover_interrupted(out: Path) -> None:
+    """Clean up after an earlier export of `out` that was killed: put a replaced export back when the new one never
+    arrived (killed between the two renames), then delete its hidden temporary and old folders (only those)."""
+    stale = _stale_scratch(out)
+    old = [p for role, p in stale if role == "old"]
+    if not os.path.lexists(out) and len(old) == 1:
+        os.rename(old[0], out)
+    for _, p in stale:
+        if os.path.lexists(p):
+            _remove(p)
+
+
+def _normal_permissions(path: Path) -> None:
+    """Folders 0777 and files 0666 less the umask (0755 / 0644 by default), as any other program writes them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def _sigterm_as_exit():
+    """Inside the block a SIGTERM exits through `finally` blocks (SystemExit 143) instead of killing the process where
+    it stands, so no temporary folder is left; only where SIGTERM has its default action (not under Lightning)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def replace_atomically(out: Path, write: Callable[[Path], Path]) -> Path:
+    """Call write(tmp) with an empty hidden folder next to `out`, then put what it returns (the folder or a file in
+    it) at `out`: an existing `out` is renamed aside, the new one renamed in, the old one deleted. An error or a
+    SIGTERM leaves `out` as it was and no hidden folder behind; a SIGKILL leaves them to the next export of `out`
+    (recover_interrupted). The caller decides whether `out` may be replaced (check_target)."""
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = _scratch_name(out, "tmp"), _scratch_name(out, "old")
+    with _sigterm_as_exit():
+        try:
+            tmp.mkdir()
+            result = write(tmp)
+            _normal_permissions(result)
+            if os.path.lexists(out):
+                os.rename(out, old)
+            try:
+                os.rename(result, out)
+            except BaseException:
+                if os.path.lexists(old) and not os.path.lexists(out):
+                    os.rename(old, out)  # the earlier export back in place
+                raise
+            return out
+        finally:
+            for p in (tmp, old):
+                if os.path.lexists(p):
+                    _remove(p)
 
 
 # ------------------------------------------------------------------------------------------------ W&B

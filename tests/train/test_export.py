@@ -49,16 +49,17 @@ def test_export_round_trip_through_diffusers_alone(tiny_teacher_ckpt, tmp_path, 
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
 
 
-def test_export_refuses_to_overwrite_and_leaves_nothing_behind(tiny_teacher_ckpt, tmp_path, capsys):
+def test_export_never_replaces_a_folder_that_is_not_an_earlier_export(tiny_teacher_ckpt, tmp_path, capsys):
+    """Replaces the old test that pinned `--force` deleting any folder: only an earlier export is ever replaced."""
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(SystemExit):
-        main(["export", "--ckpt", str(tiny_teacher_ckpt), "--out", str(out)])
-    assert "pass --force" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "user data"
-    main(["export", "--ckpt", str(tiny_teacher_ckpt), "--out", str(out), "--force"])
-    assert not (out / "keep.txt").exists() and (out / "unet").is_dir()
+    for force in ([], ["--force"]):
+        with pytest.raises(SystemExit):
+            main(["export", "--ckpt", str(tiny_teacher_ckpt), "--out", str(out), *force])
+        err = capsys.readouterr().err
+        assert "is not an earlier export" in err and "pass a new --out" in err and err.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -7,10 +7,10 @@ import diffusers
 import pytest
 import torch
 
-from tests.train.text_fits import FLUX_GUIDANCE, PIPELINES, PROMPTS, pipeline_latents, randomised
+from tests.train.text_fits import FLUX_GUIDANCE, PIPELINES, PROMPTS, card_call, pipeline_latents, randomised
 from train.runtime.checkpoint import load_method
 from train.cli import main
-from train.text_export import LORA_WEIGHTS
+from models.diffusers_export import LORA_WEIGHTS
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -57,6 +57,9 @@ def test_erasure_lora_loads_onto_the_original_pipeline(t2i_workspace, kind, tmp_
     assert (without - ours).abs().max() > 1e-2  # the LoRA changes what the base pipeline generates
     theirs = pipeline_latents(card_pipeline(out, base), kind, noise, cfg_args(kind, 2, 4.0))
     torch.testing.assert_close(ours, theirs, **TOL)
+    call = card_call(out)  # the card's own call sets the knobs used here (its prompt is positional)
+    assert set(call) == set(cfg_args(kind, 2, 4.0)) - {"prompt"}
+    assert call.get("guidance_scale") == (FLUX_GUIDANCE if kind == "flux" else 7.5)
 
 
 def test_guidance_distilled_lora_exports_with_its_w_embedding(t2i_workspace, tmp_path):

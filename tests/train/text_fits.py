@@ -122,3 +122,12 @@ def pipeline_latents(pipe, kind: str, noise: torch.Tensor, args: dict) -> torch.
         args = {**args, "height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
     out = pipe(**args, latents=pack_latents(noise) if flux else noise.clone(), output_type="latent").images
     return unpack_latents(out, h, w) if flux else out
+
+
+def card_call(folder: Path) -> dict:
+    """The keyword arguments of the pipeline call (`image = pipe(...).images[0]`) in an export's model card."""
+    import ast
+
+    code = (folder / "README.md").read_text().split("```python\n", 1)[1].split("\n```", 1)[0]
+    call = ast.parse(code.rsplit("image = ", 1)[1]).body[0].value.value.value  # pipe(...) in pipe(...).images[0]
+    return {k.arg: eval(compile(ast.Expression(k.value), "card", "eval"), {}) for k in call.keywords}
