@@ -170,7 +170,9 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
     x.add_argument("--ckpt", required=True, help="checkpoint written by `fit`")
     x.add_argument("--out", required=True, help="target folder (diffusers, lora) or .safetensors file")
     x.add_argument("--format", default="diffusers", help="diffusers (folder), lora (peft adapter for the teacher) or safetensors")
-    x.add_argument("--force", action="store_true", help="replace an existing target")
+    x.add_argument("--force", action="store_true",
+                   help="replace an earlier export at --out (anything else, the run folder or the current directory "
+                        "is never replaced)")
     x.set_defaults(func=cmd_export)
 
     b = command("digits-pipeline", "build the text digits pipeline folder and the captioned digits (text demo)",
