@@ -14,6 +14,33 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
+def upgraded_configs(argv: list[str], folder: Path) -> list[str]:
+    """argv with each --config whose model section is of an earlier layout (class paths, flat arguments:
+    runtime.checkpoint.upgrade_config) replaced by an up-to-date copy written into `folder`, so a run's own
+    config.yaml resumes it after an upgrade."""
+    import yaml
+
+    from train.runtime.checkpoint import upgrade_config
+    from train.runtime.config import read_yaml
+
+    out = list(argv)
+    for i, (flag, value) in enumerate(zip(argv, argv[1:])):
+        if flag not in ("--config", "-c"):
+            continue
+        cfg = read_yaml(value)
+        model = cfg.get("model")
+        if not isinstance(model, dict) or "class_path" not in model:
+            continue
+        hparams = upgrade_config({"_class_path": model["class_path"], **(model.get("init_args") or {})})
+        new = {"class_path": hparams.pop("_class_path"), "init_args": hparams}
+        if new != {"class_path": model["class_path"], "init_args": model.get("init_args") or {}}:
+            path = folder / f"upgraded-{i}-{Path(value).name}"
+            path.write_text(yaml.safe_dump({**cfg, "model": new}, sort_keys=False))
+            print(f"note: {value} names {model['class_path']} in an earlier layout; read as {path}", file=sys.stderr)
+            out[i + 1] = str(path)
+    return out
+
+
 def lightning_cli(argv: list[str] | None):
     """LightningCLI with the method and data module chosen by class_path in the config.
 
@@ -26,7 +53,7 @@ def lightning_cli(argv: list[str] | None):
 
     import train.runtime.strategy  # noqa: F401  (registers the zero1/zero2/zero3 strategy names)
     from train.methods.base import MethodModule
-    from train.runtime.checkpoint import check_resume, read_checkpoint
+    from train.runtime.checkpoint import check_resume, read_checkpoint, upgrade_config
     from train.runtime.interrupt import InterruptCheckpoint
     from train.runtime.progress import StepProgressBar
     from train.runtime.run_folder import AtomicCheckpointIO, RunFolder, is_main_process
@@ -62,6 +89,23 @@ def lightning_cli(argv: list[str] | None):
                 raise ValueError(f"trainer.max_steps={steps} trains nothing; give the number of optimizer steps to train "
                                  f"(or -1 with trainer.max_epochs)")
             self.requested_model = cfg.model.as_dict() if cfg.get("model") else None
+
+        def _parse_ckpt_path(self) -> None:
+            """A resumed run's model is the checkpoint's (Lightning reads its hyper-parameters into the config); a
+            checkpoint of an earlier layout is brought up to date first (runtime.checkpoint.upgrade_config)."""
+            sub = self.config.get("subcommand")
+            ckpt = self.config[sub].get("ckpt_path") if sub else None
+            if not ckpt or not Path(ckpt).is_file():
+                return
+            import torch
+
+            hparams = upgrade_config(torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
+            hparams.pop("_instantiator", None)
+            if not hparams:
+                return
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -117,6 +161,12 @@ def lightning_cli(argv: list[str] | None):
             return trainer
 
     no_exit = {"exit_on_error": False}  # parse errors raise ArgumentError; main prints them as one line
+    import tempfile
+
+    scratch = tempfile.TemporaryDirectory(prefix="guidedistill-config-")
+    given = sys.argv[1:] if argv is None else argv
+    upgraded = upgraded_configs(given, Path(scratch.name))
+    argv = upgraded if upgraded != given else argv  # None from the shell: LightningCLI reads sys.argv itself
     try:
         return GuidedCLI(MethodModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          args=argv, save_config_callback=SaveAndLogConfig, save_config_kwargs={"overwrite": True},
@@ -125,3 +175,4 @@ def lightning_cli(argv: list[str] | None):
     finally:
         for folder in claimed:
             folder.release()
+        scratch.cleanup()

@@ -155,3 +155,36 @@ def test_a_group_error_reaches_the_command_line_as_one_line(tmp_path, capsys):
               "--model.init_args.fake_score.updates", "0", "--trainer.default_root_dir", str(tmp_path)])
     assert e.value.code != 0
     assert "fake_score.updates must be >= 1" in capsys.readouterr().err
+
+
+def test_a_run_with_flat_arguments_resumes_through_the_cli(tiny_teacher_ckpt, tmp_path):
+    """`fit --config <its config.yaml> --ckpt_path` on a run of the flat layout: the config and the checkpoint's
+    hyper-parameters are both read through upgrade_config, and the run continues."""
+    import yaml
+
+    from train.cli import main
+
+    module = instantiate({"class_path": "train.methods.onestep.OneStepDistillation", "init_args": {
+        "teacher": str(tiny_teacher_ckpt), "fake_score": {"rank": 4}, "generator": {"lr": 1e-3}, "ema_decay": 0.0}})
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DigitsDataModule(batch_size=8))
+    trainer.save_checkpoint(tmp_path / "grouped.ckpt")
+    ckpt = torch.load(tmp_path / "grouped.ckpt", map_location="cpu", weights_only=True)
+    old = {"_class_path": "train.onestep.OneStepDistillation", "teacher": str(tiny_teacher_ckpt),
+           "teacher_config": module.hparams["teacher_config"], "lora_rank": 4, "lr": 1e-3, "ema_decay": 0.0}
+    ckpt["hyper_parameters"], ckpt[CHECKPOINT_KEY]["config"] = old, old
+    torch.save(ckpt, tmp_path / "flat.ckpt")
+    config = {"model": {"class_path": "train.onestep.OneStepDistillation",  # its config.yaml, of the flat layout
+                        "init_args": {"teacher": str(tiny_teacher_ckpt), "lora_rank": 4, "lr": 1e-3, "ema_decay": 0.0}},
+              "data": {"class_path": "data.digits.DigitsDataModule", "init_args": {"batch_size": 8}},
+              "trainer": {"max_steps": 2, "accelerator": "cpu", "logger": False, "limit_val_batches": 0,
+                          "enable_progress_bar": False, "enable_model_summary": False,
+                          "default_root_dir": str(tmp_path / "run"),
+                          "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                         "init_args": {"save_last": True, "save_top_k": 0}}]}}
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(tmp_path / "resume.yaml"), "--ckpt_path", str(tmp_path / "flat.ckpt")])
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 2
+    assert resumed["hyper_parameters"]["fake_score"]["rank"] == 4 and resumed["hyper_parameters"]["generator"]["lr"] == 1e-3
