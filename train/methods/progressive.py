@@ -38,8 +38,8 @@ def check_grid_halving(schedule: Schedule, start_steps: int, rounds: int) -> Non
     for each round's N (start_steps, start_steps / 2, ...) the N / 2-step grid must be every other point of the
     N-step grid (so two teacher steps span one student step) and the N-step grid must not repeat a time (a discrete
     schedule with fewer timesteps than N). Rectified flow (any shift), EDM and continuous VP schedules nest for every
-    N; discrete VP schedules (SD 1.5's 1000 steps, "trailing" spacing) nest for power-of-two N up to their step count
-    and fail where the trailing spacing rounds unevenly (e.g. 1000 steps, 224 -> 112)."""
+    N; a discrete VP schedule's "trailing" spacing rounds to its timesteps, so it nests for some N only (1000 steps,
+    as SD 1.5: every power of two up to 512, but not 224 -> 112) and repeats times past its step count."""
     name = type(schedule).__name__
     for k in range(rounds):
         n = start_steps // 2 ** k
