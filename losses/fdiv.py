@@ -7,8 +7,16 @@ reparameterised x_t(theta),
     grad_theta D_f = E[ h(r(x_t)) (s_q(x_t) - s_p(x_t)) . dx_t/dtheta ],   h(r) = r^2 f''(r),
 
 so h = 1 (f = -log r, reverse KL) is VSD/DMD and every other divergence reweights the same
-per-sample score difference. Constants in h are immaterial: the weights are divided by their batch
-mean (f-distill sec. 4.2, "normalisation"). The f's and their exact h:
+per-sample score difference. Constants in h are immaterial: the weights are divided by their batch mean.
+
+Normalisation (f-distill's two stages, as its authors' code does it: NVlabs FastGen,
+fastgen/methods/distribution_matching/f_distill.py `_get_f_div_weighting_h`, FdistillConfig bin_num 10,
+ratio_ema_rate 0.0 by default and 0.5 in its ImageNet-64 config): r = exp(clamp(logit, -10, 10)) clamped to
+[0.1, 20]; (1) r is divided by a running mean of r in its time bin (`ratio_bins` equal-width bins of t; per bin an
+EMA, updated before use from the global batch, only in bins that hold samples); (2) h of the normalised r is
+divided by its global-batch mean (`two_stage_weights`). `normalize_weights` keeps the earlier one-stage
+variants: h / its batch mean, or h / its per-time-bin batch mean.
+The f's and their exact h:
 
 | name                  | f(r)                                | h(r) = r^2 f''(r) |
 |-----------------------|-------------------------------------|-------------------|
@@ -34,6 +42,7 @@ from losses.dmd import dmd_loss
 
 LOGIT_CLAMP = 10.0
 RATIO_MIN, RATIO_MAX = 0.1, 20.0
+NORM_EPS = 1e-6  # the authors' guard in both divisions of the two-stage normalisation
 
 
 def _f_reverse_kl(r): return -torch.log(r)
@@ -97,12 +106,57 @@ def normalize_weights(h: Tensor, t: Tensor | None = None, time_bins: int = 0,
     t_all = t if gather is None else gather(t)
 
     def bin_of(v: Tensor) -> Tensor:
-        return (v.detach().clamp(0, 1) * time_bins).long().clamp(max=time_bins - 1)
+        return time_bin(v, time_bins)
 
     bins_all = bin_of(t_all)
     sums = torch.zeros(time_bins, dtype=h.dtype, device=h.device).index_add_(0, bins_all, h_all)
     counts = torch.zeros(time_bins, dtype=h.dtype, device=h.device).index_add_(0, bins_all, torch.ones_like(h_all))
     return h / (sums / counts.clamp(min=1))[bin_of(t)]
+
+
+def time_bin(t: Tensor, bins: int) -> Tensor:
+    """Index [B] (long) of t's equal-width bin of [0, 1] (the schedule's time range), t = 1 in the last bin."""
+    return (t.detach().clamp(0, 1) * bins).long().clamp(max=bins - 1)
+
+
+def update_ratio_ema(ema: Tensor, r: Tensor, t: Tensor, rate: float) -> Tensor:
+    """The per-time-bin running mean of the density ratio after one batch (f-distill's first stage, FastGen
+    `_get_f_div_weighting_h`): for every bin b holding samples of the batch, ema_b <- rate ema_b + (1 - rate) mean
+    of r over them; empty bins keep their value.
+
+    ema: [bins] (float32 state, e.g. a module buffer, initially ones); r, t: [N] of the WHOLE (global) batch.
+    rate: 0 replaces each visited bin by the batch's mean. Returns a new [bins] tensor (ema is not modified)."""
+    bins = ema.numel()
+    idx = time_bin(t, bins)
+    counts = torch.zeros(bins, dtype=torch.float64, device=r.device).index_add_(0, idx, torch.ones_like(r, dtype=torch.float64))
+    sums = torch.zeros(bins, dtype=torch.float64, device=r.device).index_add_(0, idx, r.detach().double())
+    visited = counts > 0
+    mean = sums / counts.clamp(min=1)
+    out = ema.detach().double().clone()
+    out[visited] = rate * out[visited] + (1 - rate) * mean[visited]
+    return out.to(ema.dtype)
+
+
+def two_stage_weights(name: str, logits: Tensor, t: Tensor, ema: Tensor, rate: float,
+                      gather: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """f-distill's weights with its two-stage normalisation (Xu et al. 2025, arXiv 2502.15681, and the
+    authors' code, FastGen f_distill.py): r = density_ratio(logits); the per-bin running mean of r is updated with
+    this global batch (`update_ratio_ema`); r_n = r / (ema[bin(t)] + 1e-6); h = f_weight(name, r_n);
+    weights = h / (mean of h over the global batch + 1e-6).
+
+    logits, t: [B] of this process; ema: [bins] state (see update_ratio_ema); rate: its EMA rate.
+    gather: maps a per-process [B, ...] tensor to the global batch's (MethodModule.global_batch), so the bin means,
+    the EMA and the batch mean are those one process would compute on the whole batch.
+    Returns (weights [B] float32-or-wider, detached; the updated ema [bins], which the caller stores)."""
+    r = density_ratio(logits)
+    pair = torch.stack([r, t.detach().to(r.dtype)], dim=1)
+    pair_all = pair if gather is None else gather(pair)
+    r_all, t_all = pair_all[:, 0], pair_all[:, 1]
+    new_ema = update_ratio_ema(ema, r_all, t_all, rate)
+    scale = new_ema.to(r.dtype) + NORM_EPS
+    h = f_weight(name, r / scale[time_bin(t, ema.numel())])
+    h_all = f_weight(name, r_all / scale[time_bin(t_all, ema.numel())])
+    return h / (h_all.mean() + NORM_EPS), new_ema
 
 
 def fdistill_weights(name: str, logits: Tensor, t: Tensor | None = None, time_bins: int = 0,
@@ -123,4 +177,4 @@ def fdistill_loss(x: Tensor, d_real: Tensor, d_fake: Tensor, logits: Tensor, div
 
 
 __all__ = ["DIVERGENCES", "check_divergence", "f_function", "f_weight", "density_ratio", "normalize_weights",
-           "fdistill_weights", "fdistill_loss"]
+           "fdistill_weights", "fdistill_loss", "time_bin", "update_ratio_ema", "two_stage_weights"]

@@ -1,5 +1,6 @@
 """Tests of losses/fdiv.py: h(r) = r^2 f''(r) for every divergence, the f-distill gradient against the
-analytic gradient of D_f(p_t || q_t) for Gaussians, the density ratio's clamps and the normalisations."""
+analytic gradient of D_f(p_t || q_t) for Gaussians, the density ratio's clamps and the normalisations (the
+two-stage scheme of Xu et al.'s code against hand computations)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import torch
 
 from losses.dmd import dmd_loss
 from losses.fdiv import (DIVERGENCES, check_divergence, density_ratio, f_function, f_weight, fdistill_loss,
-                         fdistill_weights, normalize_weights)
+                         fdistill_weights, normalize_weights, two_stage_weights, update_ratio_ema)
 
 NAMES = list(DIVERGENCES)
 
@@ -183,3 +184,71 @@ def test_weights_normalised_over_the_global_batch_match_one_process(time_bins):
         torch.testing.assert_close(got, whole[r::2])
     local = fdistill_weights("jensen_shannon", logits[0::2], t[0::2], time_bins)
     assert not torch.allclose(local, whole[0::2])  # normalising per process would differ
+
+
+# ------------------------------------------------- the two-stage normalisation (Xu et al.'s code)
+
+def test_two_stage_updates_each_bins_running_mean_of_r_then_normalises_r_then_h_by_its_batch_mean():
+    """By hand, 2 time bins, EMA rate 0.5, running means starting at 1: bin 0 (t < 0.5) holds r = 1, 3 (mean 2),
+    bin 1 holds r = 2, 4 (mean 3); the means become 0.5 + 0.5 * 2 = 1.5 and 0.5 + 0.5 * 3 = 2 BEFORE they are used,
+    so r / mean = 2/3, 2, 1, 2; JS h = r / (1 + r) = 0.4, 2/3, 0.5, 2/3, divided by their mean 0.5583..."""
+    logits = torch.tensor([1.0, 3.0, 2.0, 4.0], dtype=torch.float64).log()
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64)
+    ema = torch.ones(2, dtype=torch.float64)
+    weights, new = two_stage_weights("jensen_shannon", logits, t, ema, rate=0.5)
+    assert torch.allclose(new, torch.tensor([1.5, 2.0], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.equal(ema, torch.ones(2, dtype=torch.float64))  # the state is returned, not changed in place
+    e = 1e-6  # the authors' guard in both divisions
+    r_n = torch.tensor([1 / (1.5 + e), 3 / (1.5 + e), 2 / (2 + e), 4 / (2 + e)], dtype=torch.float64)
+    h = r_n / (1 + r_n)
+    torch.testing.assert_close(weights, h / (h.mean() + e), rtol=1e-14, atol=0)
+    torch.testing.assert_close(weights, torch.tensor([0.4, 2 / 3, 0.5, 2 / 3], dtype=torch.float64) / (6.7 / 12),
+                               rtol=2e-6, atol=0)
+    # the one-stage scheme (h of the raw r over its batch mean) differs for the nonlinear JS weight
+    assert not torch.allclose(weights, fdistill_weights("jensen_shannon", logits), rtol=1e-3)
+
+
+def test_the_running_mean_keeps_empty_bins_and_follows_its_rate():
+    ema = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    r = torch.tensor([3.0, 1.0, 4.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.2, 1.0], dtype=torch.float64)  # bins 0, 0, 2: bin 1 is empty; t = 1 is in the last bin
+    assert torch.allclose(update_ratio_ema(ema, r, t, 0.75), torch.tensor([0.75 + 0.25 * 2, 2.0, 3.75 + 1.0],
+                                                                          dtype=torch.float64))
+    assert torch.allclose(update_ratio_ema(ema, r, t, 0.0), torch.tensor([2.0, 2.0, 4.0], dtype=torch.float64))
+    # two batches in a row: the second normalises with the mean the first left behind
+    _, after = two_stage_weights("forward_kl", r.log(), t, ema, 0.5)
+    w2, after2 = two_stage_weights("forward_kl", torch.tensor([2.0], dtype=torch.float64).log(),
+                                   torch.tensor([0.5], dtype=torch.float64), after, 0.5)
+    assert torch.allclose(after2, torch.tensor([after[0], 0.5 * 2.0 + 0.5 * 2.0, after[2]], dtype=torch.float64))
+    assert torch.allclose(w2, torch.ones(1, dtype=torch.float64))  # one sample: h / its own mean
+
+
+def test_the_logit_and_ratio_are_clamped_before_the_per_bin_normalisation():
+    """r = exp(clamp(logit, -10, 10)) clamped to [0.1, 20] first; the normalised ratio is not clamped again."""
+    logits = torch.tensor([-50.0, 50.0], dtype=torch.float64)  # r = 0.1 and 20, one bin, rate 0: mean 10.05
+    t = torch.tensor([0.3, 0.4], dtype=torch.float64)
+    weights, new = two_stage_weights("forward_kl", logits, t, torch.ones(1, dtype=torch.float64), 0.0)
+    assert new.item() == pytest.approx(10.05, rel=1e-15)
+    r_n = torch.tensor([0.1, 20.0], dtype=torch.float64) / (10.05 + 1e-6)  # 0.00995 < 0.1: kept
+    torch.testing.assert_close(weights, r_n / (r_n.mean() + 1e-6), rtol=1e-14, atol=0)
+
+
+def test_two_stage_weights_over_the_global_batch_match_one_process():
+    """Two processes, each with every other sample of the global batch (as the distributed sampler deals them) and
+    MethodModule.global_batch as `gather`: the running means and weights equal one process's on the whole batch."""
+    torch.manual_seed(0)
+    logits, t = 3 * torch.randn(12), torch.rand(12)
+    ema = torch.linspace(0.5, 2.0, 4)
+    whole, ema_whole = two_stage_weights("jensen_shannon", logits, t, ema, 0.5)
+    pair = torch.stack([density_ratio(logits), t], dim=1)
+
+    def gather(v):  # what every process gets from all_gather: the global batch in its order
+        assert any(torch.equal(v, pair[r::2]) for r in range(2))
+        return pair
+
+    for r in range(2):
+        got, ema_r = two_stage_weights("jensen_shannon", logits[r::2], t[r::2], ema, 0.5, gather=gather)
+        torch.testing.assert_close(got, whole[r::2], rtol=0, atol=0)
+        assert torch.equal(ema_r, ema_whole)
+    local, ema_local = two_stage_weights("jensen_shannon", logits[0::2], t[0::2], ema, 0.5)
+    assert not torch.allclose(local, whole[0::2]) and not torch.equal(ema_local, ema_whole)
