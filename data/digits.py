@@ -66,24 +66,31 @@ class DigitsDataModule(L.LightningDataModule):
 
     batch_size:  images per step (per process).
     num_workers: DataLoader workers (the data is tiny; 0 is fastest).
+    images:      False: labels only, batches of (None, label [B]) in the same order (the requests of data-free
+                 methods, e.g. Score Forgetting Distillation; nothing can read the images).
     """
 
     num_classes = NUM_CLASSES
     image_size = IMAGE_SIZE
     channels = 1
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0):
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, images: bool = True):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.images = batch_size, num_workers, bool(images)
         self._sets: dict[str, TensorDataset] = {}
+
+    @property
+    def has_images(self) -> bool:
+        """Whether batches hold images (False: labels only, nothing for a discriminator's real branch)."""
+        return self.images
 
     def setup(self, stage: str | None = None) -> None:
         if not self._sets:
-            self._sets = {s: TensorDataset(*digits_tensors(s)) for s in ("train", "validation")}
+            self._sets = {s: TensorDataset(*digits_tensors(s)[0 if self.images else 1:]) for s in ("train", "validation")}
 
     def train_dataloader(self) -> ResumableLoader:
         """Shuffled batches in an order fixed by (seed, epoch) that a resumed run continues mid-epoch."""
@@ -95,3 +102,6 @@ class DigitsDataModule(L.LightningDataModule):
         self.setup()
         return DataLoader(self._sets["validation"], batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return batch if self.images else (None, batch[0])
