@@ -79,19 +79,22 @@ def windowed(target: Tensor, outside: Tensor, t: Tensor, t_window: float | None)
 
 
 def forget_target(guided: GuidedDenoiser, x_t: Tensor, t: Tensor, cond: Tensor, w: float | Tensor,
-                  concepts: list[int], eta: float = 1.0, targets: list[int] | None = None,
+                  concepts: list[int], eta: float = 1.0, targets: list[int] | Tensor | None = None,
                   space: str = "x0") -> Tensor:
     """The real-score target of Score Forgetting Distillation (SFD, Chen et al. 2024, arXiv 2409.11219, sec. 3):
     inside a distribution-matching objective, the guided teacher's prediction D_u + w (D_c - D_u) for every
-    sample, except those whose label is an erased concept, which get an erasure target instead, so the distilled
-    generator learns the erased score for them:
+    sample, except those whose label is an erased concept, which get another target, so the distilled generator
+    learns it for them:
 
-    - `targets` None: ESD's target (`esd_target`: the frozen model guided at w = -eta, CFG);
-    - `targets` one class per concept: the guided teacher's prediction for that class at the sample's own scale w
-      with the same guider (`toward_target`, All but One's redirection).
+    - `targets` given: SFD's score override, the guided teacher's prediction for the SAFE class at the sample's own
+      scale w with the same guider (`toward_target`; the authors' code, tqch/score-forgetting-distillation
+      DDPM/functions/losses.py sid_g_loss_conditional, evaluates the teacher at the override label p_c while the
+      fake score keeps the forgotten one). `targets` is one class per concept (list; their label_to_override) or a
+      per-sample class [B] (Tensor; only the erased rows are read: their pseudo_label_type "rand");
+    - `targets` None: ESD's negative-guidance target (`esd_target`: the frozen model guided at w = -eta, CFG).
 
     guided: the guided teacher (its `denoiser` is the frozen model; a guider needing a weak model cannot build the
-    toward target); x_t [B, C, H, W]; t [B]; cond: class labels [B]; w: scalar or [B]. Returns [B, C, H, W] in
+    safe target); x_t [B, C, H, W]; t [B]; cond: class labels [B]; w: scalar or [B]. Returns [B, C, H, W] in
     `space` (x0 for DMD's D_real).
     """
     target = teacher_target(guided, x_t, t, cond, w, space)
@@ -102,11 +105,14 @@ def forget_target(guided: GuidedDenoiser, x_t: Tensor, t: Tensor, cond: Tensor, 
     if targets is None:
         target[erased] = esd_target(guided.denoiser, x_e, t_e, c_e, eta, space).to(target.dtype)
         return target
-    lut = torch.arange(int(max(concepts)) + 1, device=cond.device)
-    lut[torch.as_tensor(concepts, device=cond.device)] = torch.as_tensor(targets, device=cond.device)
+    if isinstance(targets, Tensor):
+        safe = targets.to(cond.device, cond.dtype)[erased]
+    else:
+        lut = torch.arange(int(max(concepts)) + 1, device=cond.device)
+        lut[torch.as_tensor(concepts, device=cond.device)] = torch.as_tensor(targets, device=cond.device)
+        safe = lut[c_e]
     w_e = torch.as_tensor(w, dtype=target.dtype, device=cond.device).expand(len(cond))[erased]
-    target[erased] = toward_target(guided.denoiser, x_e, t_e, lut[c_e], w_e, space,
-                                   guider=guided.guider).to(target.dtype)
+    target[erased] = toward_target(guided.denoiser, x_e, t_e, safe, w_e, space, guider=guided.guider).to(target.dtype)
     return target
 
 
