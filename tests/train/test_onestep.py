@@ -192,7 +192,8 @@ def test_training_stops_after_max_skips_consecutive_non_finite_steps(tiny_teache
 
 def test_few_step_decoupled_pgsb_with_a_copied_fake_score(tiny_teacher_ckpt, tmp_path):
     module = build(tiny_teacher_ckpt, fake_score={"mode": "copy"}, pg_sb_range=[1.0, 3.0], generator={"steps": 2},
-                   objective={"kind": "decoupled", "ca_t_range": [0.5, 0.98], "dm_t_range": [0.02, 0.5]})
+                   objective={"kind": "decoupled", "ca_t_range": [0.5, 0.98], "dm_t_range": [0.02, 0.5],
+                              "renoise": "full"})  # fixed ranges (the default, hybrid, refuses CA lo 0.5 > step 2's t)
     assert "fake" in module._guided and module.disc_head is None and module.fake_p_uncond == 0.1
     trainer = fit(module, max_steps=2, root=tmp_path)
     assert trainer.global_step == 2

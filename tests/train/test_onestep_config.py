@@ -106,9 +106,14 @@ def test_groups_are_recorded_as_plain_dicts():
     hp = {"_class_path": "train.methods.onestep.OneStepDistillation", "objective": ObjectiveArgs(divergence="pearson"),
           "forget": ForgetArgs([3], targets=[8])}
     plain = plain_config(hp)
-    assert plain["objective"] == {"kind": "dmd", "divergence": "pearson", "ratio_time_bins": 0, "t_range": [0.02, 0.98],
-                                  "ca_t_range": None, "dm_t_range": None, "ca_weight": 1.0, "dm_weight": 1.0}
-    assert plain["forget"] == {"concepts": [3], "eta": 1.0, "targets": [8]}
+    # the f-distill normalisation's fields default to None (the two-stage scheme, 10 bins, rate 0: ratio_scheme)
+    assert plain["objective"] == {"kind": "dmd", "divergence": "pearson", "ratio_normalization": None,
+                                  "ratio_time_bins": None, "ratio_ema_rate": None, "t_range": [0.02, 0.98],
+                                  "ca_t_range": None, "dm_t_range": None, "ca_weight": 1.0, "dm_weight": 1.0,
+                                  "renoise": None}
+    assert ObjectiveArgs(divergence="pearson").ratio_scheme() == ("two_stage", 10, 0.0)
+    # the forgetting target is resolved when the group is built, so the record names it
+    assert plain["forget"] == {"concepts": [3], "eta": None, "targets": [8], "target": "safe"}
     assert is_rebuildable(hp)  # and the checkpoint records them (MethodModule.on_save_checkpoint)
     assert ObjectiveArgs(**plain["objective"]) == ObjectiveArgs(divergence="pearson", t_range=[0.02, 0.98])
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import copy
-import math
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,7 +13,7 @@ from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import build_guider
 from losses.dmd import decoupled_dmd_loss, dmd_loss, fake_score_loss
 from losses.erasure import forget_target
-from losses.fdiv import fdistill_loss
+from losses.fdiv import fdistill_loss, two_stage_weights
 from losses.gan import discriminator_loss, generator_gan_loss
 from models.discriminator import (DiscriminatorHead, default_feature_layer, discriminator_logits, feature_channels,
                                   probe_condition)
@@ -25,14 +23,14 @@ from models.frozen_dtype import frozen_dtype_of, run_frozen_in
 from train.methods.base import MethodModule
 from train.methods.onestep_config import (DiscriminatorArgs, FakeScoreArgs, ForgetArgs, GeneratorArgs, ObjectiveArgs,
                                           OptimizerArgs, as_group, check_combinations, check_forget, check_pg_sb_range,
-                                          check_real_data)
+                                          check_real_data, check_renoise_times)
+from train.methods.onestep_updates import OneStepUpdates
 from train.methods.sampling import GeneratorSampling
 from train.runtime.checkpoint import CHECKPOINT_KEY, load_teacher
-from train.runtime.nonfinite import NonFiniteLoss, nonfinite_gradient, nonfinite_terms  # noqa: F401 (NonFiniteLoss: re-export)
-from train.runtime.optim import adamw_with_warmup
+from train.runtime.nonfinite import NonFiniteLoss  # noqa: F401 (re-export)
 
 
-class OneStepDistillation(MethodModule):
+class OneStepDistillation(OneStepUpdates, MethodModule):
     """A one-step (or k-step) generator trained by distribution matching against a guided teacher.
 
     Networks: the generator G (a trainable copy of the teacher: x = G(z, c) is the teacher-architecture
@@ -68,13 +66,15 @@ class OneStepDistillation(MethodModule):
     guidance_scale:   the teacher's scale w (D_u + w (D_c - D_u)); the fake score is unguided.
     pg_sb_range:      [lo, hi]: per-sample w ~ U[lo, hi] for BOTH the teacher and the fake score (PG-SB,
                       SNOOPI, arXiv 2412.02687); the fake score then trains with label dropout.
-    objective:        ObjectiveArgs: kind (dmd / decoupled), divergence, ratio_time_bins, t_range and Decoupled DMD's
-                      ca_t_range, dm_t_range, ca_weight, dm_weight.
+    objective:        ObjectiveArgs: kind (dmd / decoupled), divergence, f-distill's ratio_normalization,
+                      ratio_time_bins, ratio_ema_rate (default: the authors' two-stage scheme), t_range and Decoupled
+                      DMD's ca_t_range, dm_t_range, ca_weight, dm_weight, renoise (default: Decoupled-Hybrid).
     fake_score:       FakeScoreArgs: mode (lora / copy), rank, alpha, targets, updates, p_uncond, lr.
     discriminator:    DiscriminatorArgs: gan_weight, features (fake / teacher), layer, hidden, t_range, lr.
     generator:        GeneratorArgs: steps, times, lr.
     optimizer:        OptimizerArgs: betas, weight_decay, warmup_steps, grad_clip (AdamW of every network).
-    forget:           ForgetArgs (Score Forgetting Distillation): concepts, eta, targets; null: plain distillation.
+    forget:           ForgetArgs (Score Forgetting Distillation): concepts, target (safe / esd), targets (safe
+                      classes), eta; null: plain distillation.
     ema_decay:        EMA of the generator used for sampling (0 disables).
     frozen_dtype:     "float32", "bfloat16" or "float16": the dtype the frozen weights are held and run in (the
                       teacher, the LoRA fake score's shared base, the weak teacher; models.frozen_dtype); the
@@ -144,6 +144,13 @@ class OneStepDistillation(MethodModule):
         times = gen_args.times or self.generator.schedule.sampling_times(gen_args.steps).tolist()
         self.register_buffer("generator_times", torch.tensor(times, dtype=torch.float32), persistent=False)
         self.generator_steps = len(times)
+        if self.objective.kind == "decoupled":
+            check_renoise_times(self.objective, times)
+        self.ratio_scheme = self.objective.ratio_scheme() if self.divergence != "reverse_kl" else None
+        if self.ratio_scheme is not None and self.ratio_scheme[0] == "two_stage" and self.ratio_scheme[1] > 0:
+            # f-distill's per-time-bin running mean of r: training state, saved and resumed with the module
+            self.register_buffer("ratio_ema", torch.ones(self.ratio_scheme[1]))
+            self.register_load_state_dict_pre_hook(_keep_missing_ratio_ema)
         self.val_steps = self.generator_steps
         self.train()  # trainable networks in train mode, frozen ones in eval mode (see `train`)
         self._all_trainable = (list(self.generator.net.parameters()) + self.fake_score.trainable_parameters()
@@ -210,11 +217,12 @@ class OneStepDistillation(MethodModule):
                 x = den(x_in, t, cond).x0
         return x
 
-    def _train_sample(self, labels: Tensor, grad: bool) -> Tensor:
-        """Generator samples for a training update: a random step of the k-step chain (k = 1: the one step)."""
+    def _train_sample(self, labels: Tensor, grad: bool) -> tuple[Tensor, int]:
+        """Generator samples for a training update and the step j that made them: a random step of the k-step chain
+        (k = 1: the one step), from the input at time generator_times[j]."""
         z = self.per_sample(lambda n: torch.randn(n, *self.sample_shape(), device=cond_device(labels)), cond_size(labels))
         last = int(torch.randint(self.generator_steps, ())) if self.generator_steps > 1 else 0
-        return self.run_generator(self.generator, z, labels, last, grad)
+        return self.run_generator(self.generator, z, labels, last, grad), last
 
     def recipe(self) -> GeneratorSampling:
         """The generator at its own times (one evaluation per step); the guidance is distilled into it."""
@@ -238,8 +246,10 @@ class OneStepDistillation(MethodModule):
             return self._guided["fake"](x_t, t, cond, w).x0
         return self.fake_score(x_t, t, cond).x0
 
-    def _uniform_t(self, b: int, rng: tuple[float, float], device) -> Tensor:
+    def _uniform_t(self, b: int, rng: tuple[float, float], device, below: float | None = None) -> Tensor:
+        """Times [b] uniform on [lo, hi) of `rng`, hi lowered to `below` when given (times cleaner than it)."""
         lo, hi = rng
+        hi = hi if below is None else min(hi, below)
         return lo + (hi - lo) * self.uniform(b, device)
 
     def _disc_logits(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
@@ -248,7 +258,7 @@ class OneStepDistillation(MethodModule):
     # --- losses -----------------------------------------------------------------------------------------
     def fake_losses(self, x_real: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The fake score's denoising loss on fresh generator samples and, with a discriminator, its loss."""
-        x_fake = self._train_sample(labels, grad=False)
+        x_fake = self._train_sample(labels, grad=False)[0]
         b, sched = x_fake.shape[0], self.fake_score.schedule
         cond = self.fake_score.net.drop_cond(labels, self.fake_p_uncond, u=self.uniform(b, cond_device(labels)))
         t = self.per_sample(lambda n: sched.sample_t(n, device=x_fake.device), b)
@@ -264,7 +274,7 @@ class OneStepDistillation(MethodModule):
 
     def generator_losses(self, labels: Tensor) -> dict[str, Tensor]:
         """The generator's distribution-matching term (DMD, f-distill or Decoupled DMD) and GAN term."""
-        x = self._train_sample(labels, grad=True)
+        x, step = self._train_sample(labels, grad=True)
         b, dev, sched = x.shape[0], x.device, self.generator.schedule
         w = self._scales(b, dev)
         terms = {}
@@ -278,19 +288,33 @@ class OneStepDistillation(MethodModule):
             else:
                 with torch.no_grad():
                     logits = self._disc_logits(x_t, t, labels)
-                terms["dmd"] = fdistill_loss(x, d_real, d_fake, logits, self.divergence, t,
-                                             self.objective.ratio_time_bins, self.global_batch).mean()
+                terms["dmd"] = self._fdistill_loss(x, d_real, d_fake, logits, t).mean()
         else:
-            terms["dmd"] = self._decoupled_loss(x, labels, w).mean()
+            terms["dmd"] = self._decoupled_loss(x, labels, w, float(self.generator_times[step])).mean()
         if self.gan_weight > 0:
             t_g = self._uniform_t(b, self.disc_t_range, dev)
             logits = self._disc_logits(sched.add_noise(x, self.noise_like(x), t_g), t_g, labels)
             terms["generator_gan"] = self.gan_weight * (generator_gan_loss(logits) * self.gan_keep(labels)).mean()
         return terms
 
-    def _decoupled_loss(self, x: Tensor, labels: Tensor, w: Tensor) -> Tensor:
+    def _fdistill_loss(self, x: Tensor, d_real: Tensor, d_fake: Tensor, logits: Tensor, t: Tensor) -> Tensor:
+        """f-distill's loss [B]: the DMD loss with g weighted by h(r) normalised as objective.ratio_normalization says
+        (two_stage: Xu et al.'s, updating the per-bin running mean of r, `ratio_ema`)."""
+        scheme, bins, rate = self.ratio_scheme
+        if scheme == "two_stage" and bins > 0:
+            weights, ema = two_stage_weights(self.divergence, logits, t, self.ratio_ema, rate, self.global_batch)
+            self.ratio_ema.copy_(ema)
+            return dmd_loss(x, d_real, d_fake, weight=weights)
+        return fdistill_loss(x, d_real, d_fake, logits, self.divergence, t, bins, self.global_batch)
+
+    def _decoupled_loss(self, x: Tensor, labels: Tensor, w: Tensor, t_gen: float) -> Tensor:
+        """Decoupled DMD's loss [B] for generator samples x made from inputs at time t_gen (arXiv 2511.22677, Eq. 8),
+        CA and DM re-noised at times drawn as objective.renoise says (sec. 4.3: hybrid = CA times cleaner than t_gen,
+        DM times over dm_t_range)."""
         b, dev, sched, teacher = x.shape[0], x.device, self.generator.schedule, self.fake_score.teacher
-        t_ca, t_dm = self._uniform_t(b, self.ca_t_range, dev), self._uniform_t(b, self.dm_t_range, dev)
+        schedule = self.objective.renoise_schedule
+        t_ca = self._uniform_t(b, self.ca_t_range, dev, below=None if schedule == "full" else t_gen)
+        t_dm = self._uniform_t(b, self.dm_t_range, dev, below=t_gen if schedule == "constrained" else None)
         x_ca = sched.add_noise(x.detach(), self.noise_like(x), t_ca)
         x_dm = sched.add_noise(x.detach(), self.noise_like(x), t_dm)
         with torch.no_grad():
@@ -303,12 +327,24 @@ class OneStepDistillation(MethodModule):
     # --- score forgetting distillation (forget) ------------------------------------------------------
     def dm_target(self, x_t: Tensor, t: Tensor, labels: Tensor, w: Tensor) -> Tensor:
         """D_real of the DMD term, x0 [B, C, H, W], at (x_t [B, C, H, W], t [B]) for labels [B] and scales w [B]:
-        the guided teacher's prediction (DMD Eq. 7) or, with `forget`, SFD's target, in which erased labels
-        get the ESD / toward target of the same frozen teacher (losses.erasure.forget_target)."""
+        the guided teacher's prediction (DMD Eq. 7) or, with `forget`, SFD's target, in which erased labels get the
+        guided teacher's target for their safe class (forget.target safe) or ESD's target (esd) of the same frozen
+        teacher (losses.erasure.forget_target)."""
         if self.forget is None:
             return teacher_target(self._guided["teacher"], x_t, t, labels, w, space="x0")
-        return forget_target(self._guided["teacher"], x_t, t, labels, w, self.forget.concepts, self.forget.eta,
-                             self.forget.targets, space="x0")
+        f = self.forget
+        targets = f.targets
+        if f.target == "safe" and targets is None:
+            targets = self.random_safe_classes(labels.shape[0], labels.device)
+        return forget_target(self._guided["teacher"], x_t, t, labels, w, f.concepts,
+                             1.0 if f.eta is None else f.eta, None if f.target == "esd" else targets, space="x0")
+
+    def random_safe_classes(self, b: int, device) -> Tensor:
+        """A safe class [b] per sample, uniform over the classes not erased (SFD's pseudo_label_type "rand", the
+        authors' default when no override label is set); drawn for every sample through `per_sample`."""
+        erased = set(self.forget.concepts)
+        safe = torch.tensor([c for c in range(self.teacher.net.num_classes) if c not in erased], device=device)
+        return safe[(self.uniform(b, device) * len(safe)).long().clamp(max=len(safe) - 1)]
 
     def gan_keep(self, labels: Tensor) -> Tensor | float:
         """Per-sample weight [B] of the generator's GAN term: 0 for erased labels (the discriminator's real branch
@@ -345,47 +381,6 @@ class OneStepDistillation(MethodModule):
         self.nonfinite_guard.count("generator", ok)
         self.log("train/skipped_updates", float(len(self.nonfinite_guard.skipped)))
 
-    def _backward(self, terms: dict[str, Tensor], opts: list, param_groups: list[list], phase: str) -> bool:
-        """Check every term, backprop their sum, clip each network's gradient; on NaN/inf apply the module's
-        NaN/inf policy (train.runtime.nonfinite): False (update skipped) or a NonFiniteError."""
-        bad = nonfinite_terms(terms)
-        if not bad:
-            for k, v in terms.items():
-                self.log(f"train/{k}", v.detach(), prog_bar=k == "dmd")
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            self.manual_backward(sum(terms.values()))
-            if not self.strategy_clips:  # under ZeRO the engines hold the reduced gradients, clip them and
-                # skip an update whose gradient norm is NaN/inf (reported by train.runtime.strategy.EnginePrecision)
-                for params in param_groups:
-                    bad = bad or nonfinite_gradient(params, terms)
-                    torch.nn.utils.clip_grad_norm_(params, self.optim_args.grad_clip or math.inf)
-        if bad:
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            self.nonfinite_guard.handle(int(self.global_step), phase, bad)
-            return False
-        return True
-
-    @contextmanager
-    def _updating(self, param_groups: list[list]) -> Iterator[None]:
-        """Inside the block only `param_groups` (the networks this update trains) require grad among the
-        trainable weights, so a backward pass computes and reduces no gradient for the others."""
-        updated = {id(p) for params in param_groups for p in params}
-        frozen = [p for p in self._all_trainable if id(p) not in updated]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-
-    def _aux_step(self, opt) -> None:
-        """Step a fake-score / discriminator optimizer through the strategy (precision and strategy hooks
-        apply) but not through its LightningOptimizer wrapper, whose step advances trainer.global_step."""
-        self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure)
-
     def validation_step(self, batch, batch_idx):
         """val/fake_score: the fake score's denoising loss on real validation digits (fixed t and noise):
         how far the fake score has moved from the data (the teacher's fit)."""
@@ -398,31 +393,12 @@ class OneStepDistillation(MethodModule):
         eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         self.log("val/fake_score", fake_score_loss(self.fake_score, x0, labels, t, eps).mean())
 
-    def trainable_networks(self):
-        nets = {"generator.net": self.generator.net, "fake_score.net": self.fake_score.net}
-        if self.disc_head is not None:
-            nets["disc_head"] = self.disc_head
-        return nets
-
-    def gradient_clip(self, name: str) -> float | None:
-        return self.optim_args.grad_clip or 0.0
-
-    def configure_optimizers(self):
-        o = self.optim_args
-
-        def adamw(params, lr):
-            return adamw_with_warmup(params, lr, o.weight_decay, o.warmup_steps, tuple(o.betas))
-
-        lr_gen, lr_fake, lr_disc = self.lrs
-        out = [adamw(self.generator.net.parameters(), lr_gen), adamw(self.fake_score.trainable_parameters(), lr_fake)]
-        if self.disc_head is not None:
-            out.append(adamw(self.disc_head.parameters(), lr_disc))
-        return out
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[CHECKPOINT_KEY]["generator_steps"] = self.generator_steps
 
 
-def _no_closure() -> None:
-    return None
+def _keep_missing_ratio_ema(module, state_dict, prefix, *args) -> None:
+    """A checkpoint written before f-distill's two-stage normalisation has no `ratio_ema`: it starts from its initial
+    value (ones) instead of failing to load."""
+    state_dict.setdefault(prefix + "ratio_ema", module.ratio_ema.detach().clone())

@@ -9,6 +9,9 @@ from typing import Any, Sequence
 from losses.fdiv import DIVERGENCES
 
 OBJECTIVES = ("dmd", "decoupled")
+RATIO_NORMALIZATIONS = ("two_stage", "weight_bins")
+RENOISE_SCHEDULES = ("hybrid", "constrained", "full")  # Decoupled DMD sec. 4.3: Decoupled-Hybrid / -Constrained / -Full
+FORGET_TARGETS = ("safe", "esd")
 FAKE_SCORE_MODES = ("lora", "copy")  # models.fake_score.FAKE_SCORE_MODES
 FEATURE_SOURCES = ("fake", "teacher")
 
@@ -21,22 +24,37 @@ class ObjectiveArgs:
         kind: "dmd" (DMD/DMD2 and f-distill) or "decoupled" (Decoupled DMD, arXiv 2511.22677: CFG only).
         divergence: losses.fdiv name; anything but reverse_kl (= DMD) is f-distill and needs the discriminator's
             density ratio.
-        ratio_time_bins: > 0: normalise h(r) per time bin instead of per batch (f-distill only).
+        ratio_normalization: f-distill's normalisation of the weights h(r) (default "two_stage"):
+            "two_stage": Xu et al.'s (arXiv 2502.15681, and their code): r divided by its running mean in its time
+            bin, then h divided by its batch mean (losses.fdiv.two_stage_weights);
+            "weight_bins": h divided by its batch mean within each time bin, r as estimated (the earlier option).
+        ratio_time_bins: f-distill's time bins of [0, 1] (default 10, the authors' bin_num); 0 with two_stage: no
+            per-bin stage (h / its batch mean only, the earlier default).
+        ratio_ema_rate: two_stage's EMA rate of the per-bin mean of r (default 0.0, the authors' default: the batch's
+            per-bin mean; their ImageNet-64 config uses 0.5).
         t_range: [lo, hi]: re-noising times of the DMD term, uniform.
         ca_t_range: Decoupled DMD's CFG-augmentation times (default t_range).
         dm_t_range: Decoupled DMD's distribution-matching times (default t_range).
         ca_weight: Decoupled DMD's CFG-augmentation weight.
         dm_weight: Decoupled DMD's distribution-matching weight.
+        renoise: Decoupled DMD's re-noising schedule (sec. 4.3 of the paper; default "hybrid"): "hybrid" (their
+            Decoupled-Hybrid: CA times drawn only cleaner than the generator step's time t_j, within ca_t_range, DM
+            times over dm_t_range), "constrained" (both cleaner than t_j) or "full" (both over their fixed ranges,
+            the earlier behaviour). For a one-step generator started at t >= the ranges' hi all three agree.
+    None fields take their default for the objective; f-distill's and Decoupled DMD's fields are refused elsewhere.
     """
 
     kind: str = "dmd"
     divergence: str = "reverse_kl"
-    ratio_time_bins: int = 0
+    ratio_normalization: str | None = None
+    ratio_time_bins: int | None = None
+    ratio_ema_rate: float | None = None
     t_range: tuple[float, float] = (0.02, 0.98)
     ca_t_range: tuple[float, float] | None = None
     dm_t_range: tuple[float, float] | None = None
     ca_weight: float = 1.0
     dm_weight: float = 1.0
+    renoise: str | None = None
 
     def __post_init__(self):
         check_choice("objective.kind", self.kind, OBJECTIVES)
@@ -44,23 +62,51 @@ class ObjectiveArgs:
         for name in ("t_range", "ca_t_range", "dm_t_range"):
             if getattr(self, name) is not None:
                 check_range(f"objective.{name}", getattr(self, name))
-        if self.ratio_time_bins < 0:
-            raise ValueError(f"objective.ratio_time_bins must be >= 0 (0: normalise h(r) per batch), got "
-                             f"{self.ratio_time_bins}")
-        if self.ratio_time_bins and self.divergence == "reverse_kl":
-            raise ValueError("objective.ratio_time_bins normalises f-distill's weight h(r), which reverse_kl (DMD) "
-                             "does not have; set ratio_time_bins: 0 or another divergence")
+        self._check_ratio_normalization()
+        if self.renoise is not None:
+            check_choice("objective.renoise", self.renoise, RENOISE_SCHEDULES)
         if self.kind == "decoupled" and self.divergence != "reverse_kl":
             raise ValueError(f"objective.kind 'decoupled' has no density-ratio weighting; set divergence: reverse_kl "
                              f"or kind: dmd (got divergence {self.divergence!r})")
-        if self.kind == "dmd" and (self.ca_t_range is not None or self.dm_t_range is not None
+        if self.kind == "dmd" and (self.ca_t_range is not None or self.dm_t_range is not None or self.renoise is not None
                                    or (self.ca_weight, self.dm_weight) != (1.0, 1.0)):
-            raise ValueError("objective.ca_t_range, dm_t_range, ca_weight and dm_weight are Decoupled DMD's; set "
-                             "kind: decoupled or remove them")
+            raise ValueError("objective.ca_t_range, dm_t_range, ca_weight, dm_weight and renoise are Decoupled DMD's; "
+                             "set kind: decoupled or remove them")
+
+    def _check_ratio_normalization(self) -> None:
+        if self.ratio_time_bins is not None and self.ratio_time_bins < 0:
+            raise ValueError(f"objective.ratio_time_bins must be >= 0 (0: no per-time-bin stage), got "
+                             f"{self.ratio_time_bins}")
+        if self.divergence == "reverse_kl":  # DMD: h = 1, nothing to normalise (ratio_time_bins 0 is how it was recorded)
+            if self.ratio_time_bins or self.ratio_normalization is not None or self.ratio_ema_rate is not None:
+                raise ValueError("objective.ratio_normalization, ratio_time_bins and ratio_ema_rate normalise "
+                                 "f-distill's weight h(r), which reverse_kl (DMD) does not have; set ratio_time_bins: 0 "
+                                 "or another divergence")
+            return
+        scheme, bins, rate = self.ratio_scheme()
+        check_choice("objective.ratio_normalization", scheme, RATIO_NORMALIZATIONS)
+        if not 0 <= rate < 1:
+            raise ValueError(f"objective.ratio_ema_rate must be in [0, 1) (0: each bin's mean over the batch), got {rate}")
+        if scheme == "weight_bins" and bins == 0:
+            raise ValueError("objective.ratio_normalization weight_bins divides h by its per-time-bin mean; give "
+                             "ratio_time_bins >= 1, or use two_stage with ratio_time_bins: 0 for the batch mean alone")
+        if self.ratio_ema_rate is not None and (scheme != "two_stage" or bins == 0):
+            raise ValueError("objective.ratio_ema_rate is the rate of two_stage's per-bin running mean of r; set "
+                             "ratio_normalization: two_stage with ratio_time_bins >= 1, or remove it")
+
+    def ratio_scheme(self) -> tuple[str, int, float]:
+        """f-distill's (ratio_normalization, ratio_time_bins, ratio_ema_rate) with their defaults filled in."""
+        return (self.ratio_normalization or "two_stage", 10 if self.ratio_time_bins is None else int(self.ratio_time_bins),
+                0.0 if self.ratio_ema_rate is None else float(self.ratio_ema_rate))
 
     def times(self, name: str) -> tuple[float, float]:
         """The [lo, hi] of `name` ("t", "ca_t" or "dm_t"), the CA / DM ranges defaulting to t_range."""
         return tuple(getattr(self, f"{name}_range") or self.t_range)
+
+    @property
+    def renoise_schedule(self) -> str:
+        """Decoupled DMD's re-noising schedule with its default (hybrid)."""
+        return self.renoise or "hybrid"
 
 
 @dataclass(frozen=True)
@@ -177,27 +223,48 @@ class OptimizerArgs:
 
 @dataclass(frozen=True)
 class ForgetArgs:
-    """Score Forgetting Distillation (arXiv 2409.11219): for samples of `concepts` the DMD term's teacher target is
-    an erasure target, so the generator comes out erased; their GAN term is off.
+    """Score Forgetting Distillation (SFD, Chen et al. 2024, arXiv 2409.11219): for samples of `concepts` the DMD
+    term's teacher target is replaced, so the generator comes out erased; their GAN term is off.
 
     Args:
         concepts: classes the generator must not draw.
-        eta: ESD strength: the erased target is the teacher guided at w = -eta (losses.erasure.esd_target).
-        targets: instead of ESD, draw these classes (one per concept): the guided teacher's target for the target
-            class at the generator's scale w (losses.erasure.toward_target).
+        target: "safe" (SFD's score override: the guided teacher's target for a safe class instead of the forgotten
+            one, losses.erasure.forget_target) or "esd" (ESD's negative-guidance target, the teacher guided at
+            w = -eta). Default: "esd" when eta is given without targets (how earlier runs recorded ESD), else "safe"
+            (an eta recorded beside targets by earlier runs is dropped: it was unused there too).
+        targets: the safe class of each concept (one per concept, like the authors' label_to_override); null with
+            target safe: a safe class drawn uniformly per sample among the classes not erased (the authors'
+            pseudo_label_type "rand").
+        eta: ESD's strength (target esd only; default 1.0).
+    SFD is data-free: the generator needs only the requests (labels), e.g. data.digits.DigitsDataModule with
+    images: false, and no discriminator on real images of the concept.
     """
 
     concepts: list[int] = field(default_factory=list)
-    eta: float = 1.0
+    eta: float | None = None
     targets: list[int] | None = None
+    target: str | None = None
 
     def __post_init__(self):
         if not self.concepts:
             raise ValueError("forget.concepts is empty; list the classes to erase, or set forget: null for plain "
                              "distillation")
-        if self.eta < 0:
+        if self.eta is not None and self.eta < 0:
             raise ValueError(f"forget.eta must be >= 0 (the erased target is the teacher guided at w = -eta), "
                              f"got {self.eta}")
+        target = self.target
+        if target is None:  # resolved once, so the recorded config names it
+            target = "esd" if self.eta is not None and self.targets is None else "safe"
+            object.__setattr__(self, "target", target)
+            if target == "safe":  # earlier configs recorded eta beside targets, which then left it unused
+                object.__setattr__(self, "eta", None)
+        check_choice("forget.target", target, FORGET_TARGETS)
+        if target == "esd" and self.targets is not None:
+            raise ValueError("forget.targets are the safe classes of target safe; remove them or set target: safe")
+        if target == "safe" and self.eta is not None:
+            raise ValueError("forget.eta is ESD's strength; remove it or set target: esd")
+        if target == "esd" and self.eta is None:
+            object.__setattr__(self, "eta", 1.0)
 
 
 def as_group(cls: type, value: Any) -> Any:
@@ -228,14 +295,16 @@ def check_combinations(objective: ObjectiveArgs, guider: str, forget: ForgetArgs
 
 
 def check_forget(forget: ForgetArgs, guider, teacher) -> ForgetArgs:
-    """`forget` with its classes checked against the class-conditional `teacher` (a Denoiser) and its toward targets
-    against the module's guider (guidance.guiders.Guider); classes as ints."""
+    """`forget` with its classes checked against the class-conditional `teacher` (a Denoiser) and its safe-class
+    target against the module's guider (guidance.guiders.Guider); classes as ints."""
     num_classes = getattr(teacher.net, "num_classes", None)
     if num_classes is None:
         raise ValueError("forget erases classes of a class-conditional teacher; this teacher takes no labels")
     concepts = [int(c) for c in forget.concepts]
     if len(set(concepts)) != len(concepts) or not all(0 <= c < num_classes for c in concepts):
         raise ValueError(f"forget.concepts must be distinct classes in 0..{num_classes - 1}, got {concepts}")
+    if len(concepts) == num_classes:
+        raise ValueError(f"forget.concepts erases all {num_classes} classes, leaving no safe class; keep at least one")
     targets = forget.targets
     if targets is not None:
         targets = [int(c) for c in targets]
@@ -243,10 +312,23 @@ def check_forget(forget: ForgetArgs, guider, teacher) -> ForgetArgs:
                 or set(targets) & set(concepts)):
             raise ValueError(f"forget.targets must give one class in 0..{num_classes - 1} per erased concept "
                              f"{concepts}, none of them erased; got {targets}")
-        if any(b.model == "weak" for b in guider.branches(None)):
-            raise ValueError("forget.targets guides the frozen teacher toward the target classes with the module's "
-                             "guider, which cannot need a weak model; use a guider such as 'cfg'")
-    return ForgetArgs(concepts, float(forget.eta), targets)
+    if forget.target == "safe" and any(b.model == "weak" for b in guider.branches(None)):
+        raise ValueError("forget target safe guides the frozen teacher toward the safe classes with the module's "
+                         "guider, which cannot need a weak model; use a guider such as 'cfg'")
+    return ForgetArgs(concepts, None if forget.eta is None else float(forget.eta), targets, forget.target)
+
+
+def check_renoise_times(objective: ObjectiveArgs, generator_times: Sequence[float]) -> None:
+    """Decoupled DMD's hybrid / constrained schedules draw CA (and, constrained, DM) times cleaner than each generator
+    step's input time t_j: every t_j must lie above the range's lo."""
+    names = {"hybrid": ("ca_t",), "constrained": ("ca_t", "dm_t"), "full": ()}[objective.renoise_schedule]
+    for name in names:
+        lo = objective.times(name)[0]
+        low = [t for t in generator_times if t <= lo]
+        if low:
+            raise ValueError(f"objective.renoise {objective.renoise_schedule} draws {name.replace('_t', '')} times in "
+                             f"[{lo}, t_j) below each generator step's time t_j, but step time {low[0]} is not above "
+                             f"{lo}; lower objective.{name}_range's lo, raise generator.times, or set renoise: full")
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -273,9 +355,10 @@ def check_pg_sb_range(value) -> tuple[float, float] | None:
 
 def check_real_data(datamodule) -> None:
     """The discriminator (GAN term, f-divergences other than reverse KL) needs real samples for its real branch; a
-    prompt-only data module (`has_images = False`, e.g. data.prompts.PromptDataModule) has none."""
+    data module of requests only (`has_images = False`: data.prompts.PromptDataModule, data.digits.DigitsDataModule
+    with images: false) has none."""
     if getattr(datamodule, "has_images", True) is False:
         raise ValueError(f"the GAN term and f-divergences other than reverse_kl train a discriminator on real images "
-                         f"or latents, but {type(datamodule).__name__} gives prompts only; use captioned images "
-                         f"(data.captions.CaptionedImageDataModule), or set discriminator.gan_weight: 0 and "
-                         f"objective.divergence: reverse_kl")
+                         f"or latents, but {type(datamodule).__name__} gives requests only (prompts or labels); use "
+                         f"data with images (e.g. data.captions.CaptionedImageDataModule, or images: true), or set "
+                         f"discriminator.gan_weight: 0 and objective.divergence: reverse_kl")
