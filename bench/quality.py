@@ -1,6 +1,7 @@
-"""Quality on the digits default: FD, class accuracy, precision/recall, erased-class rate and network
-evaluations per sample for the teacher, the guidance-distilled students, the one-step students and the
-erased models, read from trained checkpoints (nothing is trained here).
+"""Quality on the digits default (or any labelled data: each model is judged by the feature network of the data it
+was trained on): FD, class accuracy, precision/recall, erased-class rate and network evaluations per sample for the
+teacher, the guidance-distilled students, the one-step students and the erased models, read from trained
+checkpoints (nothing is trained here).
 
 Checkpoints are looked up under `--runs DIR` in the layout `python -m train demo --out DIR` writes
 (`DIR/<stage>/checkpoints/last.ckpt`; progressive rounds `DIR/progressive/checkpoints/round_<k>_<n>steps.ckpt`)
@@ -88,33 +89,35 @@ def describe(module) -> str:
 @torch.no_grad()
 def evaluate(module, steps: int | None, scale: float, num_per_class: int, seed: int = 0) -> dict[str, Any]:
     """FD, accuracy, precision/recall over the classes a model keeps, and for erased models the erased-class
-    rate (the fraction of samples requested as an erased class that the classifier assigns to it)."""
-    from train.evaluation import load_digits_classifier
+    rate (the fraction of samples requested as an erased class that the feature network assigns to it), in the
+    feature space of the network trained on the model's own labelled data (train.evaluation.labelled.data_of)."""
+    from train.evaluation.classifier import load_feature_network
     from train.evaluation.digits_text import erased_digits
     from train.evaluation.evaluate import classify, reference_features
+    from train.evaluation.labelled import check_generates, data_of
     from train.evaluation.metrics import frechet_distance, precision_recall
 
+    data = data_of(module)
+    check_generates(module, data)  # before anything is sampled
     labels = torch.tensor(module.conditioner.enumerate()).repeat_interleave(num_per_class)
     if module.recipe().name == "generator":  # its guidance is distilled in: it takes no scale
         scale = None
     images, nfe = module.generate(labels, scale, steps, seed=seed)
     steps = module.recipe().resolve(scale, steps).steps
-    clf = load_digits_classifier()
+    clf = load_feature_network(data)
     feats, logits = classify(clf, images)
     erased = torch.tensor(erased_digits(module), dtype=torch.long)
     kept = ~torch.isin(labels, erased)
-    ref = reference_features(clf)
+    ref = reference_features(clf, "validation", data)
     if len(erased):  # references of the kept classes only
-        from data.digits import digits_tensors
-
-        real, real_labels = digits_tensors("validation")
+        real, real_labels = data.split_tensors("validation")
         ref = classify(clf, real[~torch.isin(real_labels, erased)])[0]
     pred = logits.argmax(1)
     precision, recall = precision_recall(ref, feats[kept])
     return {"steps": steps, "nfe": nfe, "fd": frechet_distance(feats[kept], ref),
             "accuracy": (pred[kept] == labels[kept]).double().mean().item(), "precision": precision, "recall": recall,
             "erased_rate": (pred[~kept] == labels[~kept]).double().mean().item() if len(erased) else None,
-            "samples": len(labels)}
+            "samples": len(labels), "data": data.name}
 
 
 def run(runs: Path | None, given: dict[str, str], scale: float, num_per_class: int, log=print) -> list[Table]:
@@ -138,13 +141,15 @@ def run(runs: Path | None, given: dict[str, str], scale: float, num_per_class: i
         rows.append({"row": row, "group": group, "model": describe(module), "checkpoint": str(path),
                      "status": "ok", **result})
     found = sum(r["status"] == "ok" for r in rows)
+    datas = sorted({r["data"] for r in rows if r.get("data")}) or ["the embedded digits"]
     notes = [f"CFG scale w = {scale:g} (D_u + w (D_c - D_u)) for every guided model and every w-student; "
-             f"{num_per_class} samples per class, DDIM from seed 0; FD, precision and recall in the digits "
-             "classifier's feature space against the 300 held-out digits",
+             f"{num_per_class} samples per class, DDIM from seed 0; FD, precision and recall in the feature space of "
+             f"the network trained on each model's data ({'; '.join(datas)}) against that data's held-out images",
              "erased models: FD, accuracy, precision and recall over the classes they keep (references of those "
              "classes only); erased-class rate: the fraction of samples requested as an erased class that the "
              "classifier still assigns to it",
              f"{found} of {len(rows)} checkpoints found; give the others with --runs DIR (the layout of "
              "`python -m train demo --out DIR`) or --ckpt ROW=PATH"]
-    return [Table(f"Quality on the digits default (w = {scale:g}, {10 * num_per_class} samples per model)",
+    title = "the digits default" if datas == ["the embedded digits (1x8x8, 10 classes)"] else "the models' data"
+    return [Table(f"Quality on {title} (w = {scale:g}, {num_per_class} samples per class and model)",
                   COLUMNS, rows, notes)]

@@ -73,6 +73,7 @@ class DigitsDataModule(L.LightningDataModule):
     num_classes = NUM_CLASSES
     image_size = IMAGE_SIZE
     channels = 1
+    class_names = [str(c) for c in range(NUM_CLASSES)]  # "0".."9"
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, images: bool = True):
         super().__init__()
@@ -91,6 +92,10 @@ class DigitsDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self._sets:
             self._sets = {s: TensorDataset(*digits_tensors(s)[0 if self.images else 1:]) for s in ("train", "validation")}
+
+    def split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [N, 1, 8, 8] in [-1, 1], labels [N]) of 'train' or 'validation' (what evaluation reads)."""
+        return digits_tensors(split)
 
     def train_dataloader(self) -> ResumableLoader:
         """Shuffled batches in an order fixed by (seed, epoch) that a resumed run continues mid-epoch."""

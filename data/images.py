@@ -354,6 +354,18 @@ class LabelledImageDataModule(L.LightningDataModule):
         raise ValueError(f"label column {column!r} of {self.path} holds {feature}; it must hold class ids "
                          f"(ClassLabel or integers) or class names (strings); pass label_column= naming such a column")
 
+    def split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [N, C, S, S] in [-1, 1], labels [N] int64) of a whole split ('train', 'validation', 'test'), decoded
+        in order (what evaluation reads: its feature network trains on 'train' and compares with 'validation')."""
+        self.setup()
+        if split not in self.sets:
+            raise ValueError(f"dataset {self.path} has no {split!r} split; it has {sorted(self.sets)}")
+        images, labels = [], []
+        for x, y in DataLoader(self.sets[split], batch_size=256, num_workers=self.num_workers):
+            images.append(x)
+            labels.append(y)
+        return torch.cat(images), torch.cat(labels)
+
     def _loader(self, split: str) -> DataLoader:
         self.setup()
         return DataLoader(self.sets[split], batch_size=self.batch_size, num_workers=self.num_workers,

@@ -41,6 +41,14 @@ def recipe_text(meta: dict) -> str:
             f"{_grid_note(meta)}")
 
 
+def classes_line(meta: dict) -> str:
+    """The card's line naming a class model's classes by label ("" without class names)."""
+    names = meta.get("class_names")
+    if not names or names == [str(i) for i in range(len(names))]:  # no names, or names that are the ids (digits)
+        return ""
+    return f"- classes (class label = name): {', '.join(f'{i} = {n}' for i, n in enumerate(names))}\n"
+
+
 def model_card(meta: dict, code: str) -> str:
     """README.md of an export: meta is guidedistill.json (with the files' "contents"), code the adapter's card_code."""
     s = meta["sampling"]
@@ -53,7 +61,7 @@ def model_card(meta: dict, code: str) -> str:
 - method: `{meta['method']}`; parameterisation: `{meta['parameterization']}`; schedule: `{meta['schedule']['class']}`
 - guidance convention: D = D_u + w (D_c - D_u) (w = 1 conditional; diffusers' guidance_scale, Flux's true_cfg_scale)
 - network evaluations per sample: {s['steps'] * s['evaluations_per_step']} at the default steps below
-
+{classes_line(meta)}
 ## Sample with diffusers alone
 
 ```python

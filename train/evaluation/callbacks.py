@@ -1,4 +1,5 @@
-"""Callbacks: validation samples (grid PNG, W&B image, FD and accuracy, a W&B metrics table) at fixed seeds."""
+"""Callbacks: validation samples (grid PNG, W&B image, FD and accuracy on the run's own labelled data, a W&B metrics
+table) at fixed seeds."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,24 +8,34 @@ import lightning as L
 import torch
 
 
-TABLE_COLUMNS = ["step", "w", "steps", "nfe", "fd", "accuracy", "precision", "recall", "erased_rate",
-                 *(f"accuracy_{c}" for c in range(10))]
+
+
+def table_columns(class_names: list[str]) -> list[str]:
+    """The columns of `val/metrics_table`: the metrics, then one class accuracy per class (`accuracy_<name>`)."""
+    return ["step", "w", "steps", "nfe", "fd", "accuracy", "precision", "recall", "erased_rate",
+            *(f"accuracy_{c}" for c in class_names)]
+
+
+TABLE_COLUMNS = table_columns([str(c) for c in range(10)])  # the digits' table
 
 
 class SampleMetrics(L.Callback):
     """At the end of each validation: sample `num_per_class` images per class at fixed seeds with the
     module's validation scale and steps, save a grid PNG (and log it to W&B), and log `val/fd`,
-    `val/accuracy`, `val/precision`, `val/recall`, `val/nfe` from the digits classifier. W&B also gets
-    `val/metrics_table`: one row per validation so far (step, w, sampler steps, NFE, the metrics, the erased
-    classes' rate for an erasure module, per-class accuracy). An erasure module (train.methods.erasure) with
-    `val_samples` > 0 also gets `val/erased_rate`: the fraction of its `val_samples` samples per erased class that
-    the classifier still assigns to that class (train.evaluation.erasure.erased_rate).
+    `val/accuracy`, `val/precision`, `val/recall`, `val/nfe` from the feature network of the run's labelled data
+    (the data module's, or for a run without labelled images the data its teacher's checkpoint records: train.
+    evaluation.labelled; trained once and cached). W&B also gets `val/metrics_table`: one row per validation so far
+    (step, w, sampler steps, NFE, the metrics, the erased classes' rate for an erasure module, per-class accuracy).
+    An erasure module (train.methods.erasure) with `val_samples` > 0 also gets `val/erased_rate`: the fraction of its
+    `val_samples` samples per erased class that the feature network still assigns to that class
+    (train.evaluation.erasure.erased_rate). At fit start the feature network is made ready and the model's image
+    shape checked against it, so a mismatch is one line before training, not a crash at the first validation.
 
     num_per_class: samples per class for the metrics (the grid shows the first 8 of each class).
-    metrics:       set False for networks the digits classifier cannot judge (other data sets).
+    metrics:       set False to keep the grids only (no feature network is trained).
     class_prompts: text models trained on the captioned digits (train.digits_pipeline): the prompt template of a
                    class, e.g. "a handwritten {word}"; samples are generated from these prompts, decoded by the
-                   model's VAE and judged by the same metrics.
+                   model's VAE and judged by the digits' metrics.
     erased_classes: the classes an erasure removes, for the erased rates (default: the erasure module's erased
                    classes, train.evaluation.digits_text.erased_digits).
     prompts:       other text models: the grid shows `num_per_class` samples of each of the data module's
@@ -37,12 +48,34 @@ class SampleMetrics(L.Callback):
         self.num_per_class, self.metrics, self.seed, self.class_prompts = num_per_class, metrics, seed, class_prompts
         self.erased_classes = erased_classes
         self.table_rows: list[list] = []
+        self.data = None  # the LabelledData the samples are judged against (set at fit start)
+
+    def _labelled_data(self, trainer: L.Trainer, pl_module):
+        """The digits for class prompts; the fit's data module when it gives labelled images; else what the module
+        records (its teacher's data: train.evaluation.labelled.data_of)."""
+        from data.reference import datamodule_reference
+        from train.evaluation.labelled import data_of, labelled_data
+
+        if self.class_prompts is not None:
+            return labelled_data(None)
+        reference = datamodule_reference(trainer.datamodule) if trainer.datamodule is not None else None
+        return labelled_data(reference, trainer.datamodule) if reference is not None else data_of(pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        if self.metrics:  # train or load the cached digits classifier once, before the first validation
-            from train.evaluation import load_digits_classifier
+        if not self.metrics or not hasattr(pl_module, "generate") or (
+                self.class_prompts is None and pl_module.conditioner.enumerate() is None):
+            return
+        from train.evaluation.classifier import load_feature_network
+        from train.evaluation.labelled import check_generates
 
-            load_digits_classifier()
+        try:
+            self.data = self._labelled_data(trainer, pl_module)
+            if self.class_prompts is None:
+                check_generates(pl_module, self.data)
+        except ValueError as e:
+            raise ValueError(f"SampleMetrics: {e} (or set the callback's metrics: false to keep only sample grids)") \
+                from None
+        load_feature_network(self.data)  # train or load the cached feature network once, before the first validation
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not hasattr(pl_module, "generate"):
@@ -68,7 +101,8 @@ class SampleMetrics(L.Callback):
         if self.metrics:
             from train.evaluation import evaluate_samples
 
-            m = evaluate_samples(images, labels, nfe_per_sample=nfe)
+            self.data = self.data or self._labelled_data(trainer, pl_module)
+            m = evaluate_samples(images, labels, nfe_per_sample=nfe, data=self.data)
             for key in ("fd", "accuracy", "precision", "recall", "nfe_per_sample"):
                 pl_module.log(f"val/{key.replace('_per_sample', '')}", float(m[key]), sync_dist=True)
             if trainer.is_global_zero:
@@ -90,21 +124,23 @@ class SampleMetrics(L.Callback):
             return
         from train.evaluation.erasure import erased_rate
 
-        rate = erased_rate(pl_module, erased, n, template=self.class_prompts, seed=self.seed, **pl_module.val_sampling())
+        rate = erased_rate(pl_module, erased, n, template=self.class_prompts, seed=self.seed, data=self.data,
+                           **pl_module.val_sampling())
         pl_module.log("val/erased_rate", rate, sync_dist=True)
 
     def _log_table(self, trainer: L.Trainer, pl_module, m: dict) -> None:
         """Add this validation's row to `val/metrics_table` and log the whole table to W&B."""
         erased = self._erased(pl_module)
-        per_class = list(m["per_class_accuracy"]) + [None] * (10 - len(m["per_class_accuracy"]))
+        names = self.data.class_names if self.data is not None else [str(c) for c in range(10)]
+        per_class = list(m["per_class_accuracy"]) + [None] * (len(names) - len(m["per_class_accuracy"]))
         erased_rate = (sum(per_class[c] for c in erased) / len(erased)) if erased else None
         self.table_rows.append([trainer.global_step, float(pl_module.val_scale), int(pl_module.val_steps),
                                 m["nfe_per_sample"], m["fd"], m["accuracy"], m["precision"], m["recall"],
-                                erased_rate, *per_class[:10]])
+                                erased_rate, *per_class[:len(names)]])
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                logger.log_table("val/metrics_table", columns=TABLE_COLUMNS, data=[list(r) for r in self.table_rows],
-                                 step=trainer.global_step)
+                logger.log_table("val/metrics_table", columns=table_columns(names),
+                                 data=[list(r) for r in self.table_rows], step=trainer.global_step)
 
     def _prompt_grid(self, trainer: L.Trainer, pl_module, prompts: list[str]) -> None:
         """A grid of `num_per_class` decoded samples per validation prompt (one row each), captioned in W&B."""

@@ -1,5 +1,6 @@
-"""Erasure metrics on the digits classifier: the erased-class rate of a model (class ids, or the text digits' class
-prompts) and the erasure table's row (erased rate, the other classes' accuracy and FD, robustness probes)."""
+"""Erasure metrics on the feature network of the model's labelled data (the digits classifier for the text digits'
+class prompts): the erased-class rate of a model and the erasure table's row (erased rate, the other classes'
+accuracy and FD, robustness probes)."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -9,21 +10,28 @@ import torch
 
 @torch.no_grad()
 def erased_rate(module, classes: Sequence[int], num_per_class: int, scale: float | None = None,
-                steps: int | None = None, template: str | None = None, seed: int = 0) -> float:
-    """The fraction of `num_per_class` samples per erased digit class that the digits classifier still assigns to
-    that class (lower is better): a class model is asked for the class ids, a text model of the captioned digits for
-    the class prompts of `template` ("a handwritten {word}", train.evaluation.digits_text)."""
-    from train.evaluation.classifier import load_digits_classifier
+                steps: int | None = None, template: str | None = None, seed: int = 0, data=None) -> float:
+    """The fraction of `num_per_class` samples per erased class that the feature network of the model's data
+    (`data`, default train.evaluation.labelled.data_of(module)) still assigns to that class (lower is better): a class
+    model is asked for the class ids, a text model of the captioned digits for the class prompts of `template`
+    ("a handwritten {word}", train.evaluation.digits_text), judged by the digits classifier."""
+    from train.evaluation.classifier import load_feature_network
     from train.evaluation.digits_text import caption, to_digits
-    from train.evaluation.evaluate import classify
+    from train.evaluation.evaluate import as_data_images, classify
+    from train.evaluation.labelled import check_generates, data_of, labelled_data
 
     if not classes or num_per_class <= 0:
         raise ValueError(f"erased_rate needs erased classes and num_per_class > 0, got {list(classes)}, {num_per_class}")
+    if data is None:
+        data = labelled_data(None) if template is not None else data_of(module)
+    if template is None:
+        check_generates(module, data)
     labels = torch.tensor(list(classes)).repeat_interleave(num_per_class)
     requests = labels if template is None else [caption(template, int(c)) for c in labels]
     samples, _ = module.generate(requests, scale, steps, seed=seed)
-    images = samples if template is None else to_digits(module.samples_to_images(samples))
-    pred = classify(load_digits_classifier(), images)[1].argmax(1)
+    images = as_data_images(module.samples_to_images(samples), data) if template is None else \
+        to_digits(module.samples_to_images(samples))
+    pred = classify(load_feature_network(data), images)[1].argmax(1)
     return (pred == labels).float().mean().item()
 
 
@@ -31,36 +39,39 @@ def erased_rate(module, classes: Sequence[int], num_per_class: int, scale: float
 def erasure_metrics(module, erased: Sequence[int] | None = None, scale: float = 2.0, probe_scales=(1.0, 3.0, 5.0),
                     steps: int = 50, num_per_class: int = 100, uncond_samples: int = 500,
                     seed: int = 0) -> dict[str, Any]:
-    """The erasure table's row for one class-conditional model on the digits classifier (DDIM with `steps`, CFG):
+    """The erasure table's row for one class-conditional model (DDIM with `steps`, CFG):
 
     erased_rate:     at `scale`, the fraction of samples requested as an erased class that the classifier assigns
                      to that class (num_per_class per class, every class sampled)
     other_acc:       at `scale`, class accuracy on the other classes' samples
-    other_fd:        at `scale`, Frechet distance of the other classes' samples to the real validation digits of
-                     the same classes (classifier features)
+    other_fd:        at `scale`, Frechet distance of the other classes' samples to the real held-out images of
+                     the same classes (feature-network features)
     uncond_rate:     robustness probe: fraction of `uncond_samples` unconditional samples classified as erased
     erased_rate_at:  robustness probe: {w: erased_rate} at the other guidance scales (erased classes only)
 
     erased: the erased classes (default: the erasure module's erased requests, train.evaluation.digits_text.
-    erased_digits)."""
-    from data.digits import digits_tensors
-    from train.evaluation.classifier import load_digits_classifier
+    erased_digits). The feature network and the references are those of the model's labelled data
+    (train.evaluation.labelled.data_of: its held-out images of the other classes)."""
+    from train.evaluation.classifier import load_feature_network
     from train.evaluation.digits_text import erased_digits
     from train.evaluation.evaluate import classify
+    from train.evaluation.labelled import check_generates, data_of
     from train.evaluation.metrics import frechet_distance
 
     classes = module.conditioner.enumerate()
     if classes is None:
-        raise ValueError("erasure_metrics judges class-conditional digit models; for a text model of the captioned "
+        raise ValueError("erasure_metrics judges class-conditional models; for a text model of the captioned "
                          "digits use erased_rate(module, classes, n, template=...) or `python -m train evaluate "
                          "--class-prompts`")
     erased = list(erased_digits(module) if erased is None else erased)
     if not erased:
         raise ValueError("give the erased classes (erased=[3]): the module names none")
-    clf = load_digits_classifier()
+    data = data_of(module)
+    check_generates(module, data)  # before anything is sampled
+    clf = load_feature_network(data)
     erased_t = torch.tensor(erased)
     rate = lambda images, labels: (classify(clf, images)[1].argmax(1) == labels).double().mean().item()  # noqa: E731
-    real, real_labels = digits_tensors("validation")
+    real, real_labels = data.split_tensors("validation")
     ref = classify(clf, real[~torch.isin(real_labels, erased_t)])[0]
     labels = torch.tensor(classes).repeat_interleave(num_per_class)
     images, _ = module.generate(labels, scale, steps, seed=seed)

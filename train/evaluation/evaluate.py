@@ -1,4 +1,5 @@
-"""`evaluate_samples`: the one evaluation every method reports (FD, accuracy, precision/recall, class histogram)."""
+"""`evaluate_samples`: the one evaluation every method reports (FD, accuracy, precision/recall, class histogram) in the
+feature space of the network trained on the model's own labelled data set."""
 from __future__ import annotations
 
 import math
@@ -9,16 +10,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from train.evaluation.classifier import NUM_CLASSES, DigitsClassifier, load_digits_classifier
+from train.evaluation.classifier import FeatureNetwork, check_trained_on, load_feature_network
+from train.evaluation.labelled import LabelledData, labelled_data
 from train.evaluation.metrics import class_accuracy, frechet_distance, precision_recall
 
-# Reference features per classifier and split, computed once per process (the references never change).
-_REFERENCE: weakref.WeakKeyDictionary[DigitsClassifier, dict[str, Tensor]] = weakref.WeakKeyDictionary()
+# Reference features per feature network and split, computed once per process (the references never change).
+_REFERENCE: weakref.WeakKeyDictionary[FeatureNetwork, dict[str, Tensor]] = weakref.WeakKeyDictionary()
 
 
 @torch.inference_mode()
-def classify(classifier: DigitsClassifier, images: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """(features [N, F], logits [N, 10]) on CPU for images [N, 1, 8, 8], clamped to [-1, 1] first."""
+def classify(classifier: FeatureNetwork, images: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """(features [N, F], logits [N, K]) on CPU for images [N, C, S, S], clamped to [-1, 1] first."""
     device = next(classifier.parameters()).device
     feats, logits = [], []
     for i in range(0, len(images), batch_size):
@@ -29,56 +31,71 @@ def classify(classifier: DigitsClassifier, images: Tensor, batch_size: int = 102
     return torch.cat(feats), torch.cat(logits)
 
 
-def reference_features(classifier: DigitsClassifier, split: str = "validation") -> Tensor:
-    """Features [N, F] of the real digits of `split` ('train' or 'validation'), memoised per classifier."""
+def reference_features(classifier: FeatureNetwork, split: str = "validation", data: LabelledData | None = None) -> Tensor:
+    """Features [N, F] of the real images of `split` ('train' or 'validation') of `data` (default: the digits),
+    memoised per feature network."""
     per_split = _REFERENCE.setdefault(classifier, {})
     if split not in per_split:
-        from data.digits import digits_tensors
-
-        per_split[split] = classify(classifier, digits_tensors(split)[0])[0]
+        per_split[split] = classify(classifier, (data or labelled_data(None)).split_tensors(split)[0])[0]
     return per_split[split]
 
 
-def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_split: str = "validation",
-                     classifier: DigitsClassifier | None = None, k: int = 3,
-                     nfe_per_sample: float | None = None) -> dict[str, Any]:
-    """Score generated (or real) digits against the real digits of `reference_split`.
+def as_data_images(images: Tensor, data: LabelledData) -> Tensor:
+    """Samples [N, C, S, S] checked against the data's image shape; for the digits, RGB [N, 3, 8, 8] (a latent
+    model's decoded samples) is read as grey (its channel mean)."""
+    c, s, _ = data.shape
+    if data.is_digits and images.ndim == 4 and tuple(images.shape[1:]) == (3, 8, 8):
+        images = images.float().mean(1, keepdim=True)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (c, s, s):
+        extra = " (or RGB [N, 3, 8, 8])" if data.is_digits else ""
+        raise ValueError(f"images must be [N, {c}, {s}, {s}]{extra} in [-1, 1] (the evaluation network of {data.name} "
+                         f"takes {c}x{s}x{s} images), got shape {tuple(images.shape)}")
+    return images
 
-    images:          [N, 1, 8, 8] in data space [-1, 1] (clamped before classification), N >= k + 1 and >= 2; RGB
-                     images [N, 3, 8, 8] are read as gray (their channel mean).
+
+def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_split: str = "validation",
+                     classifier: FeatureNetwork | None = None, k: int = 3,
+                     nfe_per_sample: float | None = None, data: LabelledData | None = None) -> dict[str, Any]:
+    """Score generated (or real) images against the real images of `reference_split` of their data set.
+
+    images:          [N, C, S, S] in data space [-1, 1] (clamped before classification), N >= k + 1 and >= 2; for
+                     the digits RGB images [N, 3, 8, 8] are read as gray (their channel mean).
     labels:          [N] int classes the samples were requested for, or None for unconditional samples.
-    reference_split: real digits that give the reference features ('validation': 300, 30 per class).
-    classifier:      feature extractor; default `load_digits_classifier()` (trained once, cached).
+    reference_split: real images that give the reference features (digits 'validation': 300, 30 per class).
+    classifier:      feature network; default `load_feature_network(data)` (trained once, cached). One trained on
+                     another data set is refused.
     k:               neighbourhood size of precision/recall (Kynkaanniemi et al. 2019 use 3).
     nfe_per_sample:  network evaluations per sample of the sampler (e.g. GuidedDenoiser.nfe), passed through.
+    data:            the labelled data set the samples are judged against (train.evaluation.labelled; default the
+                     embedded digits).
 
     Returns a dict:
-        fd                 Frechet distance between classifier features of samples and references (lower is better)
+        fd                 Frechet distance between feature-network features of samples and references (lower is better)
         accuracy           fraction classified as their requested label (None when labels is None)
-        per_class_accuracy list of 10: accuracy among samples requested for class c (None if none were)
-        class_histogram    list of 10: fraction of all samples the classifier assigns to class c
+        per_class_accuracy list of K: accuracy among samples requested for class c (None if none were)
+        class_histogram    list of K: fraction of all samples the feature network assigns to class c
                            (for concept erasure, the erased class's entry is the erased-class rate)
         precision, recall  improved precision/recall in feature space (Kynkaanniemi et al. 2019)
         num_samples        N
         nfe_per_sample     as given (None when not given)
     """
-    if images.ndim == 4 and tuple(images.shape[1:]) == (3, 8, 8):  # RGB (a latent model's decoded samples): gray
-        images = images.float().mean(1, keepdim=True)
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"images must be [N, 1, 8, 8] (or RGB [N, 3, 8, 8]) in [-1, 1], got shape {tuple(images.shape)}")
+    data = data if data is not None else labelled_data(None)
+    images = as_data_images(images, data)
     if labels is not None and labels.shape != (len(images),):
         raise ValueError(f"labels must be [N] = [{len(images)}] or None, got shape {tuple(labels.shape)}")
-    classifier = classifier if classifier is not None else load_digits_classifier()
+    classifier = classifier if classifier is not None else load_feature_network(data)
+    check_trained_on(classifier, data)
+    num_classes = data.num_classes
     feats, logits = classify(classifier, images)
-    ref = reference_features(classifier, reference_split)
+    ref = reference_features(classifier, reference_split, data)
     precision, recall = precision_recall(ref, feats, k=k)
     pred = logits.argmax(dim=1)
-    histogram = (torch.bincount(pred, minlength=NUM_CLASSES).double() / len(pred)).tolist()
-    accuracy, per_class = None, [None] * NUM_CLASSES
+    histogram = (torch.bincount(pred, minlength=num_classes).double() / len(pred)).tolist()
+    accuracy, per_class = None, [None] * num_classes
     if labels is not None:
         labels = labels.detach().cpu().long()
         accuracy = class_accuracy(logits, labels)
-        for c in range(NUM_CLASSES):
+        for c in range(num_classes):
             mask = labels == c
             if mask.any():
                 per_class[c] = (pred[mask] == c).double().mean().item()
@@ -92,6 +109,16 @@ def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_spl
         "num_samples": len(images),
         "nfe_per_sample": nfe_per_sample,
     }
+
+
+def feature_network_report(data: LabelledData) -> dict:
+    """What `evaluate` reports about the feature network of `data`: the data, its held-out accuracy, the cache file."""
+    from train.evaluation.classifier import cache_path, recipe_for
+
+    net = load_feature_network(data)
+    return {"data": data.name, "classes": data.class_names, "heldout_accuracy": net.heldout_accuracy,
+            "heldout_images": len(data.split_tensors("validation")[1]),
+            "weights": str(cache_path(None, recipe_for(data), data.digest))}
 
 
 def sampling_columns(module, scale=None, steps=None, sampler=None, guider=None, guider_params=None) -> dict:

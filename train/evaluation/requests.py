@@ -3,9 +3,10 @@ and prompts.
 
 A RequestSet is the rows to sample: every class of a class-conditional model (or the classes given by id or name),
 class prompts of the text digits model ("a handwritten {word}": one prompt per digit, labelled with the digit), or a
-prompt set (a prompt file, prompts on the command line). Labelled rows get the feature-network metrics (FD, class
-accuracy, precision/recall); any rows get FID against local reference images and, with prompts, CLIP score, when
-the user has those weights locally (train.evaluation.reference); what is missing is said, not downloaded.
+prompt set (a prompt file, prompts on the command line). Labelled rows get the feature-network metrics of the model's
+own labelled data (FD, class accuracy, precision/recall; train.evaluation.labelled); any rows get FID against local
+reference images (by default a class model's held-out images) and, with prompts, CLIP score, when the user has
+those weights locally (train.evaluation.reference); what is missing is said, not downloaded.
 """
 from __future__ import annotations
 
@@ -82,15 +83,42 @@ def generate_images(module, requests: Sequence, scale: float | None = None, step
     return module.samples_to_images(samples), nfe
 
 
+def set_data(module, rs: RequestSet):
+    """The labelled data whose feature network judges a RequestSet: the model's own (train.evaluation.labelled.data_of)
+    for class requests, the digits for the text digits' class prompts, None for prompts (no labels)."""
+    from train.evaluation.labelled import data_of, labelled_data
+
+    if rs.labels is None:
+        return None
+    return labelled_data(None) if rs.prompts is not None else data_of(module)
+
+
+def check_set(module, rs: RequestSet):
+    """set_data, with the model's image shape checked against its feature network before anything is sampled."""
+    from train.evaluation.labelled import check_generates
+
+    data = set_data(module, rs)
+    if data is not None and rs.prompts is None:
+        check_generates(module, data)
+    return data
+
+
 def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,), steps: int | None = None,
                  sampler: str | None = None, guider: str | None = None, guider_params: dict | None = None,
                  seed: int = 0, negative: Any = None, eta: float = 0.0, fid_weights: str | None = None,
                  fid_reference: str | None = None, clip_model: str | None = None) -> tuple[list[dict], list[str]]:
     """(rows, missing): one metrics row per scale (None: the recipe's own) for the samples of `rs`, and a sentence for
-    each reference metric that could not be computed for lack of local weights or reference images."""
+    each reference metric that could not be computed for lack of local weights or reference images.
+
+    Labelled rows get the feature-network metrics of their data (check_set: shapes checked first); FID with
+    fid_weights compares with fid_reference, or without one with the data's held-out images (class requests)."""
     from train.evaluation.evaluate import evaluate_samples, sampling_columns
     from train.evaluation.reference import reference_metrics
 
+    data = check_set(module, rs)
+    if fid_weights is not None and fid_reference is None and data is not None and rs.prompts is None:
+        held_out = data.split_tensors("validation")[0]
+        fid_reference = held_out.expand(-1, 3, -1, -1) if held_out.shape[1] == 1 else held_out
     rows, missing = [], []
     wants_reference = rs.labels is None or any(v is not None for v in (fid_weights, fid_reference, clip_model))
     for w in scales:
@@ -99,7 +127,7 @@ def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,
         row = {"requests": rs.name, **sampling_columns(module, w, steps, sampler, guider, guider_params),
                "eta": eta, "nfe_per_sample": nfe}
         if rs.labels is not None:
-            row.update(evaluate_samples(images, rs.labels, nfe_per_sample=nfe))
+            row.update(evaluate_samples(images, rs.labels, nfe_per_sample=nfe, data=data))
         if wants_reference:
             m = reference_metrics(images, rs.prompts, fid_weights=fid_weights, fid_reference=fid_reference,
                                   clip_model=clip_model)

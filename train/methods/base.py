@@ -16,6 +16,7 @@ from models.vae import shared_vae
 from train.runtime.nonfinite import NonFiniteGuard, nonfinite_gradient, nonfinite_terms
 from train.methods.sampling import DEFAULT_STEPS, GuidedSampling, Recipe
 from train.runtime.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, is_rebuildable, plain_config
+from train.methods.data_record import record_data
 from train.runtime.resume import StepSeed
 __all__ = ["DEFAULT_STEPS", "MethodModule"]
 
@@ -43,6 +44,7 @@ class MethodModule(L.LightningModule):
     val_scale: float = 2.0
     val_steps: int = 20
     val_samples: int = 200
+    data_reference: dict | None = None  # the data module it was fitted on (set at fit, saved in checkpoints)
 
     def __init__(self, nonfinite: str = "skip", max_skips: int = 10):
         super().__init__()
@@ -56,6 +58,7 @@ class MethodModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.datamodule is not None:
             self.check_data(self.trainer.datamodule)
+            self.data_reference = record_data(self, self.trainer.datamodule)  # which data set the model belongs to
 
     def check_data(self, datamodule: L.LightningDataModule) -> None:
         """Refuse, saying what to change, a data module whose images (`channels`, `image_size`) or classes
@@ -252,4 +255,5 @@ class MethodModule(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "method": self.method_name,
             "config": plain_config(hp) if rebuildable else None,
+            "data": self.data_reference,  # the labelled data it was trained on (train.methods.data_record)
         }

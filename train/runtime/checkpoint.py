@@ -218,6 +218,7 @@ def load_method(path: str | os.PathLike, expect: str | None = None) -> Any:
         module = instantiate({"class_path": class_path, "init_args": cfg})
     except ConfigError as e:
         raise CheckpointError(f"{str(path)!r}: its stored config no longer builds ({e})") from None
+    module.data_reference = meta.get("data")  # the labelled data it was trained on (train.methods.data_record)
     if ckpt["state_dict"] is None:  # a pipeline folder: the network loaded its own weights
         return module.eval()
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
