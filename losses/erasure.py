@@ -37,21 +37,36 @@ def esd_target(frozen: Denoiser, x_t: Tensor, t: Tensor, cond: Any, eta: float |
     return teacher_target(_guided(frozen, guider), x_t, t, cond, -eta, space)
 
 
-def window_scale(t: Tensor, eta: float, t_window: float) -> Tensor:
+def ant_early_target(frozen: Denoiser, x_t: Tensor, t: Tensor, cond: Any, eta: float | Tensor = 1.0,
+                     space: str = "eps", guider: Guider | None = None) -> Tensor:
+    """ANT's early-stage target ("Set You Straight", Li et al. 2025, arXiv 2504.12782, sec. 3; the authors' code, its
+    loss_1): at the early, high-noise steps the conditional prediction keeps the frozen guidance direction,
+    eps* = eps(x_t, null) + eta (eps(x_t, c) - eps(x_t, null)), i.e. the frozen model guided at w = +eta (ESD's Eq. 6
+    with the sign of the guidance term flipped). At eta = 1 it is the frozen conditional prediction.
+
+    frozen: the frozen model's Denoiser; cond: the erased condition [B]; eta: scalar or per-sample [B].
+    Returns [B, C, H, W] in `space`.
+    """
+    return teacher_target(_guided(frozen, guider), x_t, t, cond, eta, space)
+
+
+def window_scale(t: Tensor, eta: float, t_window: float, early_scale: float | None = None) -> Tensor:
     """Per-sample guidance scale [B] of the ANT window ("Set You Straight", Li et al. 2025, arXiv 2504.12782):
-    reversed guidance w = -eta at mid-to-late denoising (t <= t_window), w = 1 (the frozen conditional
-    prediction, i.e. the frozen score field) at early, high-noise steps (t > t_window). t: [B] in [0, 1]."""
-    return torch.where(t <= t_window, torch.full_like(t, -float(eta)), torch.ones_like(t))
+    reversed guidance w = -eta at mid-to-late denoising (t <= t_window), w = early_scale at early, high-noise steps
+    (t > t_window): None = +eta, ANT's early target e_0 + eta (e_p - e_0) (`ant_early_target`); 1 = the frozen
+    conditional prediction (this project's target before ANT's was followed; the same at eta = 1). t: [B] in [0, 1]."""
+    early = float(eta) if early_scale is None else float(early_scale)
+    return torch.where(t <= t_window, torch.full_like(t, -float(eta)), torch.full_like(t, early))
 
 
 def ant_target(frozen: Denoiser, x_t: Tensor, t: Tensor, cond: Any, eta: float = 1.0, t_window: float = 0.8,
-               space: str = "eps", guider: Guider | None = None) -> Tensor:
-    """ANT's trajectory-aware target (arXiv 2504.12782, sec. 3): the ESD target inside the window t <= t_window,
-    the frozen model's own conditional prediction D(x_t, c) outside it, one guided call with the per-sample
-    scale of `window_scale`. Pair it with `preservation_target` on the null condition to keep the early-stage
-    guidance direction (D_c - D_u) of the frozen model. Returns [B, C, H, W] in `space`.
+               space: str = "eps", guider: Guider | None = None, early_scale: float | None = None) -> Tensor:
+    """ANT's trajectory-aware target (arXiv 2504.12782, sec. 3) by time: the ESD target inside the window
+    t <= t_window, the early-stage target above it (`window_scale`: the frozen model guided at w = +eta, or at
+    early_scale), one guided call with per-sample scales. Pair it with `preservation_target` on the null condition to
+    keep the unconditional prediction at every stage. Returns [B, C, H, W] in `space`.
     """
-    return teacher_target(_guided(frozen, guider), x_t, t, cond, window_scale(t, eta, t_window), space)
+    return teacher_target(_guided(frozen, guider), x_t, t, cond, window_scale(t, eta, t_window, early_scale), space)
 
 
 def toward_target(frozen: Denoiser, x_t: Tensor, t: Tensor, target_cond: Any, w: float | Tensor = 1.0,

@@ -1,5 +1,6 @@
 """Erasure targets and preservation terms against closed-form Gaussian-mixture denoisers: ESD = the guidance core
-at w = -eta = the analytic combination, ANT's window, erase-toward, and the frozen-prediction preservation targets."""
+at w = -eta = the analytic combination, ANT's early-stage target and window, erase-toward, and the frozen-prediction
+preservation targets."""
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,8 @@ from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import CFG
 from guidance.parameterization import from_x0
 from guidance.schedules import VPCosine
-from losses.erasure import (ant_target, esd_target, forget_target, preservation_target, regression_loss,
-                            toward_target, window_scale, windowed)
+from losses.erasure import (ant_early_target, ant_target, esd_target, forget_target, preservation_target,
+                            regression_loss, toward_target, window_scale, windowed)
 from tests.guidance.gmm import GaussianMixture, GMMNet, gmm_denoiser
 
 SCHEDULE = VPCosine()
@@ -74,11 +75,26 @@ def test_esd_target_takes_per_sample_eta(gmm):
 
 def test_window_scale_reverses_guidance_only_at_or_below_the_threshold():
     t = torch.tensor([0.0, 0.3, 0.5, 0.50001, 1.0])
-    assert window_scale(t, 2.0, 0.5).tolist() == [-2.0, -2.0, -2.0, 1.0, 1.0]
+    assert window_scale(t, 2.0, 0.5).tolist() == [-2.0, -2.0, -2.0, 2.0, 2.0]  # ANT: +eta early
+    assert window_scale(t, 2.0, 0.5, early_scale=1.0).tolist() == [-2.0, -2.0, -2.0, 1.0, 1.0]  # the earlier w = 1
+
+
+@pytest.mark.parametrize("kind", ["eps", "v"])
+@pytest.mark.parametrize("eta", [0.5, 1.0, 2.0])
+def test_ant_early_target_keeps_the_frozen_guidance_direction(gmm, kind, eta):
+    """ANT (arXiv 2504.12782; the authors' loss_1): e_0 + eta (e_p - e_0), exact on the GMM teacher in eps space
+    whatever the network predicts; at eta = 1 it is the frozen conditional prediction, otherwise it is not."""
+    den = gmm_denoiser(gmm, SCHEDULE, kind)
+    x_t, t, c = inputs(gmm)
+    got = ant_early_target(den, x_t, t, c, eta, "eps")
+    e_p, e_0 = analytic(gmm, x_t, t, c, "eps"), analytic(gmm, x_t, t, NULL(c), "eps")
+    close(got, e_0 + eta * (e_p - e_0))
+    assert torch.allclose(got, e_p, rtol=0, atol=1e-10) == (eta == 1.0)
+    close(got, teacher_target(GuidedDenoiser(den, CFG()), x_t, t, c, eta, "eps"))  # the guidance core at w = +eta
 
 
 @pytest.mark.parametrize("space", ["eps", "v"])
-def test_ant_target_is_esd_inside_the_window_and_the_frozen_prediction_outside(gmm, space):
+def test_ant_target_is_esd_inside_the_window_and_the_early_target_outside(gmm, space):
     den = gmm_denoiser(gmm, SCHEDULE, "v")
     x_t, t, c = inputs(gmm)
     t_window = 0.5
@@ -86,9 +102,13 @@ def test_ant_target_is_esd_inside_the_window_and_the_frozen_prediction_outside(g
     inside = t <= t_window
     assert 0 < int(inside.sum()) < B
     close(got[inside], esd_target(den, x_t, t, c, 1.5, space)[inside])
-    close(got[~inside], analytic(gmm, x_t, t, c, space)[~inside])  # frozen score field preserved early
     y_c, y_u = analytic(gmm, x_t, t, c, space), analytic(gmm, x_t, t, NULL(c), space)
     close(got[inside], (y_u - 1.5 * (y_c - y_u))[inside])
+    close(got[~inside], (y_u + 1.5 * (y_c - y_u))[~inside])  # ANT: the frozen guidance direction kept early
+    close(got[~inside], ant_early_target(den, x_t, t, c, 1.5, space)[~inside])
+    old = ant_target(den, x_t, t, c, eta=1.5, t_window=t_window, space=space, early_scale=1.0)
+    close(old[~inside], y_c[~inside])  # early_scale 1: the frozen conditional prediction (the earlier target)
+    close(old[inside], got[inside])
 
 
 def test_toward_target_is_the_frozen_prediction_for_the_target_class(gmm):
