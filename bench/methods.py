@@ -102,7 +102,7 @@ def prebuild_banks(module) -> None:
     step pays for building one (the module builds them lazily, the first time a class is drawn)."""
     from train.methods.erasure import ConceptErasure
 
-    if isinstance(module, ConceptErasure):
+    if isinstance(module, ConceptErasure) and module.x_t_source == "frozen_bank":
         bank = module._bank()
         for request in [module.conditioner.null_request, *(module.conditioner.enumerate() or [])]:
             bank.build(request, module.device)

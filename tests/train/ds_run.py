@@ -106,15 +106,15 @@ def build(method: str, teacher: str | None, batch: int, nan_at: int = -1, frozen
                                           "lr": 1e-3, "warmup_steps": 1, "ema_decay": 0.5}}), digits
     if method == "onestep":  # generator, LoRA fake score and discriminator (f-distill JS + GAN): three engines
         return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
-                            "init_args": {"teacher": teacher, "objective": {"divergence": "jensen_shannon"},
+                            "init_args": {"teacher": teacher,  # rate 0.5: the running means of r carry over steps
+                                          "objective": {"divergence": "jensen_shannon", "ratio_ema_rate": 0.5},
                                           "discriminator": {"gan_weight": 0.1, "hidden": 16},
                                           "fake_score": {"updates": 2, "rank": 4},
                                           "ema_decay": 0.9, "frozen_dtype": frozen_dtype}}), digits
-    if method == "erasure":
+    if method == "erasure":  # ESD's on-policy x_t: the student's own partial trajectories, drawn through per_sample
         return instantiate({"class_path": "train.methods.erasure.ConceptErasure",
                             "init_args": {"model": teacher, "concepts": [3], "params": "esd-u", "lr": 1e-3,
-                                          "batch_size": batch // 2,
-                                          "trajectory_steps": 3, "bank_size": 4, "bank_refresh": 2,
+                                          "batch_size": batch // 2, "trajectory_steps": 3,
                                           "val_samples": 0}}), ErasureSteps(steps_per_epoch=10)
     raise ValueError(f"unknown method {method!r}")
 

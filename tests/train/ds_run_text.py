@@ -34,11 +34,11 @@ def build(method: str, teacher: str, batch: int, nan_at: int = -1, frozen_dtype:
                                             "ema_decay": 0.9, "val_samples": 0, "frozen_dtype": frozen_dtype}})
         images = Path(teacher).parent / "images"
         return module, CaptionedImageDataModule(str(images), image_size=16, batch_size=batch, val_size=2)
-    if method == "text_erasure":  # ESD-x with anchors and the null prompt, x_t from the frozen trajectories
+    if method == "text_erasure":  # ESD-x with anchors and the null prompt, x_t from the student's own trajectories
         module = instantiate({"class_path": "train.methods.erasure.ConceptErasure",
                               "init_args": {"model": teacher, "concepts": CONCEPTS, "params": "esd-x",
                                             "uncond_weight": 1.0, "batch_size": batch, "trajectory_steps": 3,
-                                            "bank_size": 4, "lr": 1e-2}})
+                                            "lr": 1e-2}})
         return module, ErasureSteps(steps_per_epoch=10)
     return ds_run.build(method, teacher, batch, nan_at, frozen_dtype)
 

@@ -114,7 +114,9 @@ def test_erase_toward_regresses_the_frozen_prediction_for_the_alternative(kind):
 
 
 def test_the_ant_window_erases_late_and_keeps_the_frozen_prediction_early(kind):
-    m = build(kind, t_window=0.5, eta=1.0, batch_size=8, lr=1e-3)
+    # t from the training distribution (the frozen bank), so that one group straddles the window; at eta = 1 ANT's
+    # early target e_0 + eta (e_p - e_0) is the frozen conditional prediction
+    m = build(kind, t_window=0.5, eta=1.0, batch_size=8, lr=1e-3, x_t_source="frozen_bank")
     g = group(m, "erase")
     inside = g.t <= 0.5
     assert 0 < int(inside.sum()) < len(g.t)
@@ -123,7 +125,7 @@ def test_the_ant_window_erases_late_and_keeps_the_frozen_prediction_early(kind):
     frozen = preservation_target(m.frozen, g.x_t, g.t, g.cond, m.space)
     torch.testing.assert_close(got[~inside], frozen[~inside])  # ANT, arXiv 2504.12782: the frozen field early
     torch.testing.assert_close(got[inside], esd_target(m.frozen, g.x_t, g.t, g.cond, 1.0, m.space)[inside])
-    toward = build(kind, t_window=0.5, targets=kind.targets)
+    toward = build(kind, t_window=0.5, targets=kind.targets, x_t_source="frozen_bank")
     got = toward.erase_target(g.x_t, g.t, g.requests)
     torch.testing.assert_close(got[~inside], frozen[~inside])
     assert fit(m)

@@ -79,10 +79,11 @@ def onestep(ckpts):  # generator, LoRA fake score (2 updates per step) and discr
                                       "fake_score": {"updates": 2, "rank": 4}, "ema_decay": 0.9}})
 
 
-def erasure(ckpts):  # trajectory banks rebuilt every 2 steps
+def erasure(ckpts):  # the frozen trajectory banks, rebuilt every 2 steps
     return instantiate({"class_path": "train.methods.erasure.ConceptErasure",
                         "init_args": {"model": str(ckpts["teacher"]), "concepts": [3], "lr": 0.05, "batch_size": 4,
-                                      "trajectory_steps": 3, "bank_size": 4, "bank_refresh": 2, "val_samples": 0}})
+                                      "x_t_source": "frozen_bank", "trajectory_steps": 3, "bank_size": 4,
+                                      "bank_refresh": 2, "val_samples": 0}})
 
 
 METHODS = {  # name: (module, data, steps, stop)

@@ -4,7 +4,8 @@ selection (ESD-x/-u, LoRA, SalUn)."""
 from __future__ import annotations
 
 import copy
-from typing import Any, NamedTuple
+import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,38 +15,31 @@ from guidance.conditions import cond_cat, cond_device, cond_index
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
 from guidance.guiders import CFG
-from losses.erasure import (ant_target, esd_target, preservation_target, regression_loss, toward_target,
-                            windowed)
+from losses.erasure import (ant_early_target, ant_target, esd_target, preservation_target, regression_loss,
+                            toward_target, windowed)
 from models.ema import EMA
 from models.param_select import SELECTIONS, SaliencyMask, add_lora, select_parameters
 from train.methods.base import MethodModule
 from train.methods.erasure_concepts import ErasureConcepts, resolve_concepts
+from train.methods.erasure_samples import X_T_SOURCES, ErasureSamples, Group
 from train.methods.trajectories import TrajectoryBank
 from train.runtime.checkpoint import load_teacher
 from train.runtime.optim import adamw_with_warmup
 
 SAMPLING = ("one", "all")
-TERMS = ("erase", "anchor", "uncond")
+TERMS = ("erase", "erase_early", "anchor", "uncond", "uncond_early")
+LOSS_SPACES = ("eps", "x0", "v", "flow")
 
 
-class Group(NamedTuple):
-    """The samples of one loss term: x_t [n, C, H, W], t [n], their requests (canonical) and condition [n]."""
-
-    term: str
-    x_t: Tensor
-    t: Tensor
-    requests: list
-    cond: Any
-
-
-class ConceptErasure(MethodModule):
+class ConceptErasure(ErasureSamples, MethodModule):
     """Concept erasure: the student (a copy of the frozen model) regresses erasure targets built by the guidance core
     on the frozen model, plus preservation terms. Works on any model whose conditioner turns requests into conditions
     (class ids or names of a class-conditional model, prompts of a text-to-image one).
 
     Randomness: the erased request of a step ("one") is one draw shared by every process; everything else (concepts
-    with "all", anchors, t, trajectories, noise) is drawn per sample through MethodModule.per_sample, so a run on W
-    processes x batch_size equals one process x W batch_size, draw for draw.
+    with "all", anchors, t or the trajectory step, trajectories, noise) is drawn per sample through
+    MethodModule.per_sample, so a run on W processes x batch_size equals one process x W batch_size, draw for draw.
+    Where x_t comes from: train.methods.erasure_samples.ErasureSamples.
 
     model:            the model to erase: a teacher checkpoint (runs/.../checkpoints/last.ckpt) or a diffusers
                       pipeline folder.
@@ -56,14 +50,31 @@ class ConceptErasure(MethodModule):
                       concept's `alternative`) instead of ESD's negative guidance (Gandikota et al. 2023, arXiv
                       2303.07345).
     eta:              ESD negative-guidance strength: the target is the frozen model guided at w = -eta.
-    t_window:         ANT window (arXiv 2504.12782): erase only at t <= t_window, keep the frozen conditional
-                      prediction above (early, high-noise steps). None: erase at every t.
+    x_t_source:       with step batches (data.steps.ErasureSteps): "student", ESD's x_t (sec. 4 and the authors'
+                      train-esd script): the fine-tuned network's own CFG DDIM trajectory at `trajectory_scale` from
+                      fresh noise, stopped at a grid step uniform in 0 .. trajectory_steps - 1, targets read at that
+                      step's time; "frozen_bank": the frozen model's trajectories, cached once (`bank_size` per
+                      request, rebuilt every `bank_refresh` steps) and jumped to t from the training distribution:
+                      faster, and what this project did first. Data batches bring their own x_t (noised samples).
+    trajectory_steps, trajectory_scale: DDIM steps and CFG scale of those trajectories (ESD: 50 and 3, the
+                      `ddim_steps` and `start_guidance` of the authors' script).
+    ant_steps:        ANT ("Set You Straight", arXiv 2504.12782; authors' code `before_step` 7 of 50): the first
+                      ant_steps of the trajectory_steps grid steps are the early stage. Each step trains one early
+                      group (x_t after 0 .. ant_steps - 1 steps; target: the frozen model guided at w = +eta,
+                      e_0 + eta (e_p - e_0)) and one late group (ant_steps .. steps - 1; ESD's target), from one
+                      start noise; the null-condition term is read at both groups' x_t. None: no ANT stages.
+    early_weight:     ANT's alpha_1: weight of the early stage (its erase and null-condition terms); 1 in the paper.
+    t_window:         ANT by time instead of by step: erase at t <= t_window, the early-stage target above it, at
+                      whatever t x_t comes with (any x_t source, data batches too). None: off. Not with ant_steps.
+    early_scale:      guidance scale of the early-stage target (ant_steps or t_window): None = +eta (ANT); 1 = the
+                      frozen conditional prediction (this project's target before; the same at eta = 1).
     toward_scale:     guidance scale of the toward target (1: the plain frozen prediction for the alternative).
     toward_away:      use the erased request as the negative condition of the toward target.
     anchors:          requests whose predictions stay the frozen ones (SPM anchoring, arXiv 2312.16145; shorthand for
                       the spec's anchors); None: every class not erased when the conditioner can list its requests,
-                      none for prompts; []: none.
-    anchor_weight:    weight of the anchor term; uncond_weight: of the null-condition term (All but One).
+                      none for prompts; []: none. Their x_t come from trajectories at their own requests.
+    anchor_weight:    weight of the anchor term; uncond_weight: of the null-condition term (All but One; ANT's
+                      alpha_2), None: 0.5 with ant_steps (ANT), else 1. ESD itself has neither term.
     concept_sampling: "one" (one erased request per step; with data batches, its concept's samples) or "all" (each
                       sample draws its request; with data batches, every erased concept's samples).
     params:           trainable parameters: esd-x (class embedding / cross-attention), esd-u (the rest), all, lora
@@ -71,11 +82,11 @@ class ConceptErasure(MethodModule):
                       one-dimensional adapters).
     saliency_top_k:   SalUn (arXiv 2310.12508): update only this fraction of the selected weights, the largest
                       |grad| of the erasure loss over `saliency_batches` batches at the start. None: off.
-    batch_size:       samples per term per step when x_t comes from the frozen model's trajectories (data.steps.
-                      ErasureSteps); with a data module (labelled images, captioned images) x_t comes from its batches.
-    trajectory_steps, trajectory_scale, bank_size, bank_refresh: DDIM steps and guidance scale of the frozen
-                      trajectories, trajectories kept per request, rebuild period in steps (0: never).
-    loss_space:       space of the regression (eps as ESD, x0, v, flow); None: the network's parameterisation.
+    batch_size:       samples per term per step with step batches (data.steps.ErasureSteps); with a data module
+                      (labelled images, captioned images) x_t comes from its batches.
+    loss_space:       space of the regression: eps (ESD, Eq. 6: the paper's loss, whatever the network predicts; the
+                      predictions are converted, not retrained), x0, v, flow; None: the network's parameterisation
+                      (before: for a v network that weighs each t by 1 / alpha^2 against eps).
     lr, weight_decay, warmup_steps: AdamW; ema_decay: EMA of the student used for sampling (0: off).
     val_scale, val_steps: CFG scale and steps of validation samples; val_samples: samples per erased class of
                       `val/erased_rate`, which train.evaluation.callbacks.SampleMetrics logs (0: off).
@@ -87,24 +98,30 @@ class ConceptErasure(MethodModule):
     method_name = "erasure"
 
     def __init__(self, model: str, concepts: str | dict | list, targets: list | None = None, eta: float = 1.0,
-                 t_window: float | None = None, toward_scale: float = 1.0, toward_away: bool = False,
-                 anchors: list | None = None, anchor_weight: float = 1.0, uncond_weight: float = 1.0,
+                 x_t_source: str = "student", trajectory_steps: int = 50, trajectory_scale: float = 3.0,
+                 ant_steps: int | None = None, early_weight: float = 1.0, t_window: float | None = None,
+                 early_scale: float | None = None, toward_scale: float = 1.0, toward_away: bool = False,
+                 anchors: list | None = None, anchor_weight: float = 1.0, uncond_weight: float | None = None,
                  concept_sampling: str = "one", params: str = "esd-x", lora_rank: int = 1,
                  lora_alpha: float | None = None, saliency_top_k: float | None = None, saliency_batches: int = 4,
-                 batch_size: int = 32, trajectory_steps: int = 50, trajectory_scale: float = 2.0,
-                 bank_size: int = 128, bank_refresh: int = 0, loss_space: str | None = None, lr: float = 1e-4,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, ema_decay: float = 0.0,
+                 batch_size: int = 32, bank_size: int = 128, bank_refresh: int = 0, loss_space: str | None = "eps",
+                 lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0, ema_decay: float = 0.0,
                  val_scale: float = 2.0, val_steps: int = 20, val_samples: int = 50,
                  model_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         _check_options(eta, t_window, concept_sampling, params, saliency_top_k, weight_decay, batch_size, loss_space)
+        _check_sampling(x_t_source, trajectory_steps, trajectory_scale, ant_steps, early_weight, t_window, bank_refresh)
         frozen = self._load_frozen(model, model_config)
         self.spec: ErasureConcepts = resolve_concepts(concepts, targets, anchors, frozen.net.conditioner)
         self._make_student(frozen, params, lora_rank, lora_alpha, ema_decay)
         self.num_trainable = sum(p.numel() for p in self.trainable)
         self.saliency = SaliencyMask(self.trainable) if saliency_top_k is not None else None
         self.eta, self.t_window, self.toward_scale, self.toward_away = eta, t_window, toward_scale, toward_away
+        self.x_t_source, self.trajectory_steps, self.trajectory_scale = x_t_source, trajectory_steps, trajectory_scale
+        self.ant_steps, self.early_weight, self.early_scale = ant_steps, early_weight, early_scale
+        if uncond_weight is None:
+            uncond_weight = 0.5 if ant_steps is not None else 1.0  # ANT's alpha_2 (authors' configs)
         self.anchor_weight, self.uncond_weight, self.concept_sampling = anchor_weight, uncond_weight, concept_sampling
         self.saliency_top_k, self.saliency_batches, self.batch_size = saliency_top_k, saliency_batches, batch_size
         self.bank_refresh, self.space = bank_refresh, loss_space or frozen.parameterization
@@ -155,8 +172,10 @@ class ConceptErasure(MethodModule):
     def _bank(self) -> TrajectoryBank:
         """The trajectory bank, rebuilt every `bank_refresh` steps: generation global_step // bank_refresh."""
         if self.bank is None:
+            progress = self._trainer is not None and self.trainer.is_global_zero and \
+                self.trainer.progress_bar_callback is not None
             self.bank = TrajectoryBank(GuidedDenoiser(self.frozen, CFG()), self.conditioner, self.sample_shape(),
-                                       *self._bank_args)
+                                       *self._bank_args, progress=progress)
         generation = self.global_step // self.bank_refresh if self.bank_refresh > 0 else 0
         if generation != self.bank.generation:
             self.bank.banks.clear()
@@ -178,72 +197,25 @@ class ConceptErasure(MethodModule):
         pos = {k: i for i, k in enumerate(unique)}
         return cond_index(rows, torch.tensor([pos[k] for k in keys], device=self.device))
 
-    def _draw_erased(self, n: int, generator=None) -> list:
-        """n erased requests: one for the whole step ("one", the same on every process) or one per sample ("all")."""
-        erased = self.spec.erased
-        if self.concept_sampling == "one":
-            idx = torch.randint(0, len(erased), (1,), generator=generator).expand(n)
-        else:
-            idx = self.per_sample(lambda m: torch.randint(0, len(erased), (m,), generator=generator), n)
-        return [erased[i][0] for i in idx.tolist()]
-
     def _weight(self, term: str) -> float:
-        return {"erase": 1.0, "anchor": self.anchor_weight, "uncond": self.uncond_weight}[term]
-
-    def _groups(self, batch, generator=None) -> list[Group]:
-        """The samples of each loss term: from the frozen model's trajectories, or from real data when the batch is
-        (samples [B, C, H, W], requests [B]: class ids or captions)."""
-        if isinstance(batch, (list, tuple)):
-            return self._data_groups(*batch, generator=generator)
-        n, null = self.batch_size, self.conditioner.null_request
-        wanted = [("erase", self._draw_erased(n, generator))]
-        anchors = self.spec.anchors
-        if anchors and self.anchor_weight > 0:
-            pick = self.per_sample(lambda m: torch.randint(0, len(anchors), (m,), generator=generator), n)
-            wanted.append(("anchor", [anchors[i] for i in pick.tolist()]))
-        if self.uncond_weight > 0:
-            wanted.append(("uncond", [null] * n))
-        bank = self._bank()
-        return [Group(term, *bank.draw(reqs, self.device, generator, self.per_sample), reqs, self._condition(reqs))
-                for term, reqs in wanted]
-
-    def _data_groups(self, x0: Tensor, raw, generator=None) -> list[Group]:
-        """A data batch: x_t = noised samples; a sample is "erase" when its request's key is an erased request (of the
-        step's concept with "one"), "anchor" when it is an anchor; every sample also counts, with the null condition,
-        for "uncond"."""
-        requests = self.conditioner.parse_all(raw)
-        n, sched = len(requests), self.student.schedule
-        t = self.per_sample(lambda m: sched.sample_t(m, generator=generator, device=x0.device), n).to(x0.dtype)
-        eps = self.per_sample(lambda m: torch.randn(m, *x0.shape[1:], generator=generator), n).to(x0)
-        x_all = sched.add_noise(x0, eps, t)
-        if self.concept_sampling == "one":
-            erase_keys = self._concept_keys[self.spec.erased[int(torch.randint(0, len(self.spec.erased), (1,),
-                                                                               generator=generator))][1]]
-        else:
-            erase_keys = set().union(*self._concept_keys)
-        keys = [self.conditioner.key(r) for r in requests]
-        cond = self.encode(raw)
-        masks = {"erase": [k in erase_keys for k in keys], "anchor": [k in self._anchor_keys for k in keys],
-                 "uncond": [True] * n}
-        conds = {"erase": cond, "anchor": cond, "uncond": self.conditioner.null(cond)}
-        groups = []
-        for term, mask in masks.items():
-            if self._weight(term) > 0 and any(mask):
-                m = torch.tensor(mask, device=x0.device)
-                reqs = [r if term != "uncond" else self.conditioner.null_request for r, k in zip(requests, mask) if k]
-                groups.append(Group(term, x_all[m], t[m], reqs, cond_index(conds[term], m)))
-        return groups
+        """The weight of a term's mean loss. With ANT stages the total is ANT's L_late + alpha_2 U_late
+        + alpha_1 (L_early + alpha_2 U_early) (authors' code; alpha_1 = early_weight, alpha_2 = uncond_weight), plus
+        this project's anchor term."""
+        return {"erase": 1.0, "erase_early": self.early_weight, "anchor": self.anchor_weight,
+                "uncond": self.uncond_weight, "uncond_early": self.early_weight * self.uncond_weight}[term]
 
     # --- targets and losses ------------------------------------------------------------------------
     def _target(self, group: Group) -> Tensor:
-        if group.term != "erase":  # preservation: the frozen prediction for the same condition
-            return preservation_target(self.frozen, group.x_t, group.t, group.cond, self.space)
-        return self.erase_target(group.x_t, group.t, group.requests, group.cond)
+        if group.term == "erase":
+            return self.erase_target(group.x_t, group.t, group.requests, group.cond)
+        if group.term == "erase_early":
+            return self.early_target(group.x_t, group.t, group.requests, group.cond)
+        return preservation_target(self.frozen, group.x_t, group.t, group.cond, self.space)  # the frozen prediction
 
     def erase_target(self, x_t: Tensor, t: Tensor, requests: list, cond: Any = None) -> Tensor:
         """The erasure target [n, C, H, W] (in the loss space) of erased requests at x_t [n, C, H, W], t [n]: ESD's
-        (the frozen model guided at w = -eta; ANT's window when t_window is set) for concepts without an alternative,
-        the toward target for the others. cond: the requests' condition (default: encoded here)."""
+        (the frozen model guided at w = -eta; with t_window, the early-stage target above it) for concepts without an
+        alternative, the toward target for the others. cond: the requests' condition (default: encoded here)."""
         cond = self._condition(requests) if cond is None else cond
         alts = [self._alternative[self.conditioner.key(r)] for r in requests]
         toward = torch.tensor([a is not None for a in alts], device=x_t.device)
@@ -257,19 +229,31 @@ class ConceptErasure(MethodModule):
                                    [a for a in alts if a is not None]).to(out.dtype)
         return out
 
+    def early_target(self, x_t: Tensor, t: Tensor, requests: list, cond: Any = None) -> Tensor:
+        """ANT's early-stage target [n, C, H, W] for erased requests (every concept, erased toward an alternative or
+        not): the frozen model guided at w = +eta (arXiv 2504.12782; e_0 + eta (e_p - e_0)), or at early_scale; 1 is
+        the frozen conditional prediction."""
+        cond = self._condition(requests) if cond is None else cond
+        if self.early_scale == 1:
+            return preservation_target(self.frozen, x_t, t, cond, self.space)
+        w = self.eta if self.early_scale is None else self.early_scale
+        return ant_early_target(self.frozen, x_t, t, cond, w, self.space)
+
     def _esd(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         if self.t_window is None:
             return esd_target(self.frozen, x_t, t, cond, self.eta, self.space)  # ESD Eq. 6
-        return ant_target(self.frozen, x_t, t, cond, self.eta, self.t_window, self.space)
+        return ant_target(self.frozen, x_t, t, cond, self.eta, self.t_window, self.space, early_scale=self.early_scale)
 
     def _toward(self, x_t: Tensor, t: Tensor, cond: Any, alts: list) -> Tensor:
         target = toward_target(self.frozen, x_t, t, self._condition(alts), self.toward_scale, self.space,
                                source_cond=cond if self.toward_away else None)
-        outside = preservation_target(self.frozen, x_t, t, cond, self.space) if self.t_window is not None else target
-        return windowed(target, outside, t, self.t_window)
+        if self.t_window is None:
+            return target
+        return windowed(target, self.early_target(x_t, t, [], cond), t, self.t_window)
 
     def losses(self, batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Mean loss per term ('erase', 'anchor', 'uncond') for one batch; one student forward for all terms."""
+        """Mean loss per term (erase, anchor, uncond; with ANT stages erase_early and uncond_early too) for one
+        batch; one student forward for all terms."""
         groups = self._groups(batch, generator)
         if not groups:
             return {}
@@ -367,5 +351,27 @@ def _check_options(eta, t_window, sampling, params, top_k, weight_decay, batch_s
         raise ValueError("saliency_top_k needs weight_decay: 0 (AdamW would decay the masked weights)")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if space not in (None, "eps", "x0", "v", "flow"):
-        raise ValueError(f"loss_space must be eps, x0, v, flow or null (the network's parameterisation), got {space!r}")
+    if space is not None and space not in LOSS_SPACES:
+        raise ValueError(f"loss_space must be eps (ESD), x0, v, flow or null (the network's parameterisation), "
+                         f"got {space!r}")
+
+
+def _check_sampling(source, steps, scale, ant_steps, early_weight, t_window, bank_refresh) -> None:
+    if source not in X_T_SOURCES:
+        raise ValueError(f"x_t_source must be one of {', '.join(X_T_SOURCES)} (student: ESD's on-policy x_t; "
+                         f"frozen_bank: the frozen model's cached trajectories), got {source!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"trajectory_steps must be a positive integer (the DDIM grid x_t is drawn on), got {steps!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"trajectory_scale must be a finite guidance scale, got {scale}")
+    if bank_refresh and source != "frozen_bank":
+        raise ValueError(f"bank_refresh={bank_refresh} rebuilds the frozen trajectory bank: set x_t_source: "
+                         f"frozen_bank, or bank_refresh: 0 (x_t_source: student samples fresh trajectories every step)")
+    if ant_steps is not None:
+        if not isinstance(ant_steps, int) or not 1 <= ant_steps < steps:
+            raise ValueError(f"ant_steps must be a step count in 1..{steps - 1} (the early stage: the first ant_steps "
+                             f"of trajectory_steps={steps}; ANT: 7 of 50), got {ant_steps!r}")
+        if t_window is not None:
+            raise ValueError("give ant_steps (ANT's stages by grid step) or t_window (by time), not both")
+    if early_weight < 0:
+        raise ValueError(f"early_weight (ANT's alpha_1) must be >= 0, got {early_weight}")

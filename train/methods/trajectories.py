@@ -1,5 +1,5 @@
-"""Cached DDIM trajectories of a frozen guided model per request (class or prompt): the x_t that trajectory-based
-concept erasure (ESD) trains on."""
+"""Cached DDIM trajectories of a frozen guided model per request (class or prompt): the x_t of concept erasure's
+`x_t_source: frozen_bank` (ESD samples the model being fine-tuned instead; this cache is the faster variant)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from guidance.guided import GuidedDenoiser
 from guidance.samplers import ddim_step
@@ -35,24 +36,49 @@ class TrajectoryBank:
     `trajectory_seed`), so a bank rebuilt after a restart, or first built during validation, is the same bank.
 
     guided: the frozen model under its guider (CFG); conditioner: its requests' encoder; shape: (C, H, W) of a
-    sample; steps, scale, size: DDIM steps, guidance scale and trajectories per request.
+    sample; steps, scale, size: DDIM steps, guidance scale and trajectories per request; progress: show a bar while
+    banks are built (a large model's bank takes minutes).
     """
 
     def __init__(self, guided: GuidedDenoiser, conditioner: Conditioner, shape: Sequence[int], steps: int = 50,
-                 scale: float = 2.0, size: int = 128):
+                 scale: float = 2.0, size: int = 128, progress: bool = False):
         self.guided, self.conditioner, self.shape = guided, conditioner, tuple(shape)
-        self.steps, self.scale, self.size = steps, scale, size
+        self.steps, self.scale, self.size, self.progress = steps, scale, size, progress
         self.banks: dict[str, tuple[Tensor, Tensor]] = {}  # key -> (x0, eps) [N, S, C, H, W]
         self.generation = 0  # bumped (and the banks dropped) by the owner to draw fresh trajectories
         self.times: Tensor | None = None  # the S grid times, descending
 
     @torch.no_grad()
-    def build(self, request: Any, device) -> None:
-        """Sample `size` trajectories for `request` (the null request: unconditional) and store their predictions."""
-        with torch.inference_mode(False):  # a bank first built during validation must serve training too
-            self._build(request, device)
+    def build(self, request: Any, device, bar: tqdm | None = None) -> None:
+        """Sample `size` trajectories for `request` (the null request: unconditional) and store their predictions;
+        bar: a progress bar advanced once per DDIM step (default: one of its own when `progress`)."""
+        own = bar is None
+        if own:
+            bar = self._bar(1)
+        try:
+            with torch.inference_mode(False):  # a bank first built during validation must serve training too
+                self._build(request, device, bar)
+        finally:
+            if own:
+                bar.close()
 
-    def _build(self, request: Any, device) -> None:
+    def _bar(self, requests: int) -> tqdm:
+        return tqdm(total=requests * self.steps, desc=f"erasure trajectory bank ({requests} request(s) x {self.size})",
+                    unit="step", disable=not self.progress, leave=False)
+
+    def build_missing(self, requests: Sequence[Any], device) -> None:
+        """Build the banks of the requests that have none, under one progress bar."""
+        missing = {}
+        for r in requests:
+            missing.setdefault(self.conditioner.key(r), r)
+        missing = {k: r for k, r in missing.items() if k not in self.banks}
+        if not missing:
+            return
+        with self._bar(len(missing)) as bar:
+            for r in missing.values():
+                self.build(r, device, bar)
+
+    def _build(self, request: Any, device, bar: tqdm) -> None:
         sched = self.guided.schedule
         times = sched.sampling_times(self.steps, device=device).float()
         a0, s0 = sched.alpha_sigma(times[:1])
@@ -68,6 +94,7 @@ class TrajectoryBank:
             epss.append(pred.eps.float())
             t_next = times[i + 1].expand(self.size) if i + 1 < self.steps else torch.full_like(t, -1.0)
             x = ddim_step(pred, x, t_next, sched)
+            bar.update(1)
         self.banks[key] = (torch.stack(x0s, 1), torch.stack(epss, 1))
         self.times = times
 
@@ -78,15 +105,30 @@ class TrajectoryBank:
         per_sample(draw, n): how the per-sample draws (t, trajectory) are made (MethodModule.per_sample, so that
         W processes equal one); default draw(n)."""
         per_sample = per_sample or (lambda fn, n: fn(n))
-        keys = [self.conditioner.key(r) for r in requests]
-        for k, r in dict(zip(keys, requests)).items():
-            if k not in self.banks:
-                self.build(r, device)
+        self.build_missing(requests, device)
         sched = self.guided.schedule
-        n = len(keys)
+        n = len(requests)
         t = per_sample(lambda m: sched.sample_t(m, generator=generator), n).float().to(device)  # CPU draws: same on every device
         t = t.clamp(max=float(self.times[0]))
         step = ((self.times[None, :] >= t[:, None]).sum(1) - 1).clamp(min=0)
+        return self._jump(requests, t, step, device, generator, per_sample), t
+
+    def draw_at(self, requests: Sequence[Any], stop: int, device, generator: torch.Generator | None = None,
+                per_sample: PerSample | None = None) -> tuple[Tensor, Tensor]:
+        """(x_t [B, C, H, W], t [B]) for B requests: a stored trajectory's state after its first `stop` DDIM steps
+        (0 <= stop < steps), i.e. at the grid time t = sampling_times(steps)[stop] (what guidance.samplers.sample_until
+        returns there for the trajectory's noise). per_sample: as `draw`."""
+        per_sample = per_sample or (lambda fn, n: fn(n))
+        self.build_missing(requests, device)
+        n = len(requests)
+        t = self.times[stop].float().to(device).expand(n)
+        step = torch.full((n,), stop, dtype=torch.long, device=device)
+        return self._jump(requests, t, step, device, generator, per_sample), t
+
+    def _jump(self, requests, t: Tensor, step: Tensor, device, generator, per_sample: PerSample) -> Tensor:
+        """x_t [B, C, H, W] at times t [B] from grid step `step` [B] of a random stored trajectory per request."""
+        keys = [self.conditioner.key(r) for r in requests]
+        n = len(keys)
         traj = per_sample(lambda m: torch.randint(0, self.size, (m,), generator=generator), n).to(device)
         x0 = torch.empty(n, *self.shape, device=device)
         eps = torch.empty_like(x0)
@@ -94,5 +136,5 @@ class TrajectoryBank:
             m = torch.tensor([kk == k for kk in keys], device=device)
             bx0, beps = self.banks[k]
             x0[m], eps[m] = bx0[traj[m], step[m]], beps[traj[m], step[m]]
-        a, s = (v.reshape(-1, *([1] * len(self.shape))) for v in sched.alpha_sigma(t))
-        return a * x0 + s * eps, t  # DDIM jump to t (Song et al. 2021, Eq. 12, eta = 0)
+        a, s = (v.reshape(-1, *([1] * len(self.shape))) for v in self.guided.schedule.alpha_sigma(t))
+        return a * x0 + s * eps  # DDIM jump to t (Song et al. 2021, Eq. 12, eta = 0)
