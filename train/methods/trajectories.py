@@ -26,10 +26,11 @@ def trajectory_seed(key: str, generation: int) -> int:
 class TrajectoryBank:
     """DDIM trajectories of a guided model per request, kept as the guided prediction (x0, eps) [N, S, C, H, W] at
     each of the S grid times. The state after a partial trajectory stopped at any t is one DDIM jump from the last
-    grid state at or above t: x_t = alpha(t) x0_i + sigma(t) eps_i (Song et al. 2021, Eq. 12, eta = 0). This is ESD's
-    x_t (Gandikota et al. 2023, sec. 4: sample the frozen model with the erased condition up to a random step), with t
-    drawn from the schedule's training distribution, as ESD draws a DDPM step inside the chosen DDIM interval.
-    Memory: 2 N S C H W floats per request (0.7 MB per 100 digit trajectories).
+    grid state at or above t: x_t = alpha(t) x0_i + sigma(t) eps_i (Song et al. 2021, Eq. 12, eta = 0). ESD
+    (Gandikota et al. 2023, sec. 4) samples the model being fine-tuned up to a random step every iteration; this
+    bank is the cheaper stand-in that samples the FROZEN model once (x_t_source: frozen_bank), at t drawn from the
+    schedule's training distribution (`draw`, as ESD's script draws a DDPM step inside the chosen DDIM interval) or at
+    a grid step (`draw_at`). Memory: 2 N S C H W floats per request (0.7 MB per 100 digit trajectories).
 
     Banks are keyed by `conditioner.key(request)` and sampled with `conditioner.encode([request] * size)`. The
     trajectories of a request are a function of (key, `generation`) only (their start noise has its own seed,
