@@ -186,6 +186,10 @@ def test_for_a_one_step_generator_hybrid_is_the_fixed_range_schedule(tiny_teache
 def test_a_generator_step_below_the_ca_range_is_refused(tiny_teacher_ckpt):
     with pytest.raises(ValueError, match="set renoise: full"):
         build(tiny_teacher_ckpt, objective={"kind": "decoupled", "ca_t_range": [0.5, 0.98]}, generator={"steps": 2})
+    with pytest.raises(ValueError, match="draws dm times"):  # constrained also bounds the DM times
+        build(tiny_teacher_ckpt, objective={"kind": "decoupled", "dm_t_range": [0.6, 0.98], "renoise": "constrained"},
+              generator={"steps": 2})
+    build(tiny_teacher_ckpt, objective={"kind": "decoupled", "dm_t_range": [0.6, 0.98]}, generator={"steps": 2})
 
 
 # --- Score Forgetting Distillation: safe-class override, data-free ---------------------------------------------
@@ -202,6 +206,11 @@ def test_forget_defaults_to_the_safe_class_override():
         ForgetArgs([3], target="safe", eta=1.0)
     with pytest.raises(ValueError, match="must be one of safe, esd"):
         ForgetArgs([3], target="toward")
+
+
+def test_forgetting_every_class_leaves_no_safe_class(tiny_teacher_ckpt):
+    with pytest.raises(ValueError, match="leaving no safe class"):
+        build(tiny_teacher_ckpt, forget={"concepts": list(range(10))})
 
 
 def test_without_safe_classes_each_forgotten_sample_gets_a_random_kept_class(tiny_teacher_ckpt, monkeypatch):
