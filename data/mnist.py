@@ -51,10 +51,10 @@ def mnist_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     """The datasets save_to_disk folder of full MNIST ('train': 60,000, 'validation': the 10,000 test images; columns
     'image' (PNG) and 'label' (ClassLabel '0'..'9')), written once into <cache>/mnist-<digest of the CSVs' names and
     sizes> (a temporary folder renamed into place, so an interrupted build is never read)."""
+    files = mnist_csvs()
     import datasets
     from PIL import Image
 
-    files = mnist_csvs()
     key = hashlib.sha256(repr(sorted((s, f.name, f.stat().st_size) for s, f in files.items())).encode()).hexdigest()
     root = Path(cache_dir or os.environ.get("GUIDEDISTILL_CACHE") or Path.home() / ".cache" / "guidedistill")
     target = root / f"mnist-{key[:16]}"

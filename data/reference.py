@@ -6,8 +6,8 @@ import inspect
 import os
 from typing import Any
 
-# the init arguments that decide which images a labelled data module gives (the rest only pace loading)
-LOADING_ONLY = ("batch_size", "num_workers")
+# init arguments that only pace loading or choose what a batch holds (data.digits' images: false), not which data set
+LOADING_ONLY = ("batch_size", "num_workers", "images")
 
 
 def gives_labelled_images(datamodule: Any) -> bool:

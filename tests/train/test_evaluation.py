@@ -1,4 +1,5 @@
-"""Tests of train/evaluation: Frechet distance, precision/recall, the cached digits classifier, evaluate_samples."""
+"""Tests of train/evaluation: Frechet distance, precision/recall, the cached feature network (the digits classifier and
+the network of any other labelled data set), evaluate_samples."""
 from __future__ import annotations
 
 import shutil
@@ -266,3 +267,68 @@ def test_format_table():
         "| teacher | 1.235 | 0.9 | 50 |\n"
         "| student\\|1 | 1.235e+04 | - | - |")
     assert format_table(rows[:1]).splitlines()[0] == "| method | fd | accuracy | nfe |"
+
+
+# ------------------------------------------------------------------------- the feature network of any data set
+
+def test_the_digits_network_is_the_feature_network_at_1x8x8():
+    digits = clf_mod.FeatureNetwork(**clf_mod.RECIPE["arch"])
+    assert clf_mod.DigitsClassifier is clf_mod.FeatureNetwork and digits.image_shape == (1, 8, 8)
+    assert [k for k in digits.state_dict()] == ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias",
+                                                "body.5.weight", "body.5.bias", "body.9.weight", "body.9.bias",
+                                                "head.1.weight", "head.1.bias"]   # the original digits classifier's
+    assert clf_mod.recipe_for(type("D", (), {"is_digits": True})()) is clf_mod.RECIPE
+
+
+@pytest.mark.parametrize("channels, size, pooled", [(3, 16, 4), (1, 28, 4), (3, 32, 4), (1, 12, 3)])
+def test_the_feature_network_takes_any_image_size(channels, size, pooled):
+    recipe = clf_mod.image_recipe(channels, size, 5)
+    net = clf_mod.FeatureNetwork(**recipe["arch"])
+    x = torch.rand(2, channels, size, size) * 2 - 1
+    assert net.features(x).shape == (2, clf_mod.FEATURE_DIM) and net(x).shape == (2, 5)
+    assert net.body[-1].in_features == 64 * pooled ** 2   # S // 4, average-pooled to 4x4 above 4
+    assert recipe["fill"] == "edge" and recipe["shift"] == max(1, size // 8)
+
+
+def test_the_edge_fill_shifts_each_channel_with_its_own_border():
+    # constant channels stay constant under an edge-filled shift; the digits' -1 fill brings in -1 pixels
+    x = torch.tensor([0.5, -0.25, 0.75])[None, :, None, None].expand(4, 3, 6, 6).contiguous()
+    plain = {"shift": 2, "contrast": [1.0, 1.0], "noise_std_max": 0.0}
+    edge = clf_mod._augment(x, dict(plain, fill="edge"), torch.Generator().manual_seed(0))
+    assert edge.shape == x.shape and torch.equal(edge, x)
+    minus = clf_mod._augment(x, plain, torch.Generator().manual_seed(0))
+    assert (minus == -1).any() and torch.equal(minus[minus != -1], x[minus != -1])
+
+
+def _two_class_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, 3, 8, 8]: class 0 dark with a bright left half, class 1 dark with a bright right half, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    x = torch.full((n, 3, 8, 8), -0.8) + 0.1 * torch.randn(n, 3, 8, 8, generator=g)
+    x[labels == 0, :, :, :4] += 1.5
+    x[labels == 1, :, :, 4:] += 1.5
+    return x.clamp(-1, 1), labels
+
+
+def test_training_on_another_data_set_is_deterministic_and_learns():
+    recipe = dict(clf_mod.image_recipe(3, 8, 2), min_steps=40, max_steps=40)
+    (xt, yt), (xv, yv) = _two_class_images(48, 0), _two_class_images(40, 1)
+    a, b = (clf_mod.train_feature_network(xt, yt, recipe) for _ in range(2))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert clf_mod.classifier_accuracy(a, xv, yv) == 1.0
+
+
+def test_another_data_sets_cache_file_and_weights_are_refused(classifier, tmp_path):
+    path = cache_path(tmp_path, clf_mod.RECIPE, "f" * 64)
+    assert path != cache_path(tmp_path) and path.name.endswith(f"-{'f' * 16}.safetensors")
+    save_classifier(classifier, path)   # the digits network, filed under another data set's digest
+    with pytest.raises(ValueError, match=r"trained on another data set \(the embedded digits"):
+        load_classifier(path, data_digest="f" * 64)
+    assert load_classifier(path).heldout_accuracy == classifier.heldout_accuracy > 0.97
+
+    class Other:   # a LabelledData of another data set with the digits' shapes
+        is_digits, shape, num_classes, class_names, digest, name = False, (1, 8, 8), 10, list("0123456789"), "e" * 64, "other"
+
+    _, (xv, yv) = digits_tensors("train"), digits_tensors("validation")
+    with pytest.raises(ValueError, match="trained on the embedded digits .* not on other"):
+        evaluate_samples(xv, yv, classifier=classifier, data=Other())
