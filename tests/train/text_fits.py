@@ -77,6 +77,19 @@ class TextWorkspace:
                        "lr": 1e-4, "warmup_steps": 1, "ema_decay": 0.5, "val_samples": 0}},
                    "data": {"class_path": "data.captions.CaptionedImageDataModule", "init_args": {
                        "path": str(self.images), "image_size": 16, "batch_size": 2, "val_size": 2}}}
+        elif method == "teacher":  # fine-tuning the folder's network on captioned images, with caption dropout
+            from train.runtime.checkpoint import pipeline_teacher_config
+
+            teacher = pipeline_teacher_config(model)
+            cfg = {"model": {"class_path": teacher.pop("_class_path"), "init_args": {
+                       **teacher, "p_uncond": 0.1, "lr": 1e-4, "warmup_steps": 1, "val_samples": 0}},
+                   "data": {"class_path": "data.captions.CaptionedImageDataModule", "init_args": {
+                       "path": str(self.images), "image_size": 16, "batch_size": 2, "val_size": 2}}}
+        elif method == "fdistill":  # f-distill JS with the GAN term: a discriminator on captioned latents
+            cfg = self.config("dmd", kind)
+            cfg["model"]["init_args"].update(objective={"divergence": "jensen_shannon"},
+                                             discriminator={"gan_weight": 0.1, "hidden": 16})
+            cfg["data"] = self.config("gd", kind)["data"]
         else:
             raise ValueError(f"unknown method {method!r}")
         cfg["model"]["init_args"].update(overrides)
