@@ -73,7 +73,8 @@ def write_part(out: Path, name: str, tables: list[Table], meta: dict[str, Any], 
     """Write <out>/<name>.md and <out>/<name>.json (atomically); return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     m = meta["machine"]
-    head = [f"## {name}", "", f"`{meta['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
+    memory = f", {m['memory_gb']} GB memory ({m['memory_available_gb']} GB available)" if "memory_gb" in m else ""
+    head = [f"## {name}", "", f"`{meta['command']}` on {m['cpu']} ({m['cores']} cores{memory}, torch {m['torch']}, "
             f"{m['torch_threads']} thread(s)), {m['date']}; load average {m['load_average_1m']} at the start"
             + (" (loaded machine: absolute times are inflated, ratios measured side by side less so)." if loaded(m)
                else "."), ""]

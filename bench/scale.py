@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", default="auto",
                    help="torch threads per worker: a number, or auto (2 when the 1-minute load leaves 2 cores idle, else 1)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and the arithmetic, and exit")
+    p.add_argument("--render", metavar="SCALE_JSON",
+                   help="rewrite the tables and the plot from the records of an earlier run's scale.json; run nothing")
     args = p.parse_args(argv)
     if args.threads != "auto" and not args.threads.isdigit():
         p.error(f"--threads must be a number or auto, not {args.threads!r}")
@@ -242,26 +245,42 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     from bench import report
     from bench.scale_plan import mem_available_mb, mem_total_mb
-    from bench.scale_plot import plot
-    from bench.scale_tables import goals, tables
 
     out = Path(args.out)
+    if args.render:
+        import json
+
+        saved = json.loads(Path(args.render).read_text())
+        write(out, saved["records"]["rows"], saved["records"]["zero"], saved["settings"],
+              {k: v for k, v in saved.items() if k not in ("records", "goals", "tables")})
+        return
     command = "python -m bench.scale " + shlex.join(sys.argv[1:] if argv is None else argv)
     info = {**report.machine(), "memory_gb": round(mem_total_mb() / 1024, 1),
-            "memory_available_gb": round(mem_available_mb() / 1024, 1), "worker_threads": s["threads"]}
+            "memory_available_gb": round(mem_available_mb() / 1024, 1), "torch_threads": s["threads"]}  # the workers'
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"[scale] {info['cores']} cores, load {info['load_average_1m']}, {info['memory_available_gb']} of "
         f"{info['memory_gb']} GB free; {s['threads']} thread(s) per worker")
     t0 = time.time()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through run_jobs, which stops its worker
     bench = Bench(s, Path(args.models), limit_mb, log)
     bench.run_rows()
     bench.run_zero()
-    made = tables(bench.rows, bench.zero, s)
     meta = {"command": command.strip(), "machine": info, "settings": s, "seconds": round(time.time() - t0),
             "machine_at_end": report.machine(), "mem_limit_gb": args.mem_limit_gb}
-    print(report.write_part(out, "scale", made, meta, goals(bench.rows, bench.zero, s)), flush=True)
-    plot(bench.rows, s, out / "scale.png")
+    write(out, bench.rows, bench.zero, s, meta)
     log(f"[scale] done in {time.time() - t0:.0f} s; {out}/scale.{{md,json,png}}")
+
+
+def write(out: Path, rows: list[dict], zero: list[dict], s: dict, meta: dict) -> None:
+    """scale.md and scale.json (with every record, so --render can redo the tables) and scale.png."""
+    from bench import report
+    from bench.scale_plot import plot
+    from bench.scale_tables import goals, tables
+
+    made = tables(rows, zero, s)
+    meta = {**meta, "records": {"rows": rows, "zero": zero}}
+    print(report.write_part(out, "scale", made, meta, goals(rows, zero, s)), flush=True)
+    plot(rows, s, out / "scale.png")
 
 
 if __name__ == "__main__":

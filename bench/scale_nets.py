@@ -63,7 +63,8 @@ ROWS: dict[str, tuple[str, str, dict, dict]] = {
 
 
 def is_sd(net: str) -> bool:
-    return net in SD_NETS
+    """A text-to-image network loaded from a pipeline folder (SD 1.5 at a width, or SDXL: bench.scale_gpu)."""
+    return net in SD_NETS or net == "sdxl"
 
 
 def unet_config(width: float, sample_size: int) -> dict:
@@ -211,6 +212,8 @@ def build_row(row: str, net: str, folder: Path | None, batch: int, size: int = 3
 def describe_net(net: str, size: int, batch: int) -> str:
     from bench.methods import NETS
 
+    if net == "sdxl":
+        return f"SDXL UNet, 4x{size}x{size} latents, batch {batch}"
     if is_sd(net):
         return f"SD 1.5 UNet x{SD_NETS[net]:g} width, 4x{size}x{size} latents, batch {batch}"
     return f"digits UNet '{net}', 1x8x8, batch {NETS[net]['batch']}"

@@ -202,14 +202,17 @@ def run_jobs(jobs: list[dict], floor_mb: float, timeout: float, log) -> tuple[li
             proc = subprocess.Popen([sys.executable, "-m", "bench.scale_worker", "--jobs", str(spec), "--result", tmp],
                                     cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             t0, low, error = time.time(), None, None
-            while proc.poll() is None:
-                time.sleep(0.5)
-                free = mem_available_mb()
-                if free < floor_mb or time.time() - t0 > timeout:
-                    low = free
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    free = mem_available_mb()
+                    if free < floor_mb or time.time() - t0 > timeout:
+                        low = free
+                        break
+            finally:
+                if proc.poll() is None:  # low memory, time out, or the bench itself stopped (Ctrl-C, SIGTERM)
                     os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group (its ranks): ours
                     proc.wait()
-                    break
         if low is not None:
             error = (f"stopped: the machine had {low / 1024:.1f} GB free" if low < floor_mb
                      else f"stopped after {timeout:.0f} s")
