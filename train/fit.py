@@ -123,8 +123,7 @@ def lightning_cli(argv: list[str] | None):
                     # the mode decides, passed to wandb.init; WandbLogger(offline=True) would force offline over it
                     lg.init_args["offline"], lg.init_args["mode"] = False, mode
                     if lg.init_args.get("save_dir") in (None, "."):
-                        lg.init_args["save_dir"] = root
-                        Path(root).mkdir(parents=True, exist_ok=True)
+                        lg.init_args["save_dir"] = root  # created with the trainer (RunFolder.claim), not before
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None,
@@ -142,6 +141,9 @@ def lightning_cli(argv: list[str] | None):
             if folder is not None:
                 folder.claim()
                 claimed.append(folder)
+            else:
+                cfg = self.config[self.subcommand] if self.subcommand else self.config
+                Path(cfg.trainer.get("default_root_dir") or "runs/default").mkdir(parents=True, exist_ok=True)
             trainer = super().instantiate_trainer(**kwargs)
             for cb in trainer.checkpoint_callbacks:
                 if cb.dirpath is None:

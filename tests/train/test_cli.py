@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,36 @@ def test_empty_dataset(tmp_path, capsys):
     err = fit_error(capsys, tmp_path, "--data", "data.images.LabelledImageDataModule", "--data.path",
                     str(tmp_path / "empty"), "--data.image_size", "8", "--data.channels", "1")
     assert "holds no images" in err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--trainer.max_steps", "abc"], "trainer.max_steps: expected int, got 'abc'"),
+    (["--model.init_args.lr", "abc"], "model.init_args.lr: expected float, got 'abc'"),
+    (["--model.init_args.net.init_args.num_classes", "x"], "model.init_args.net.init_args.num_classes: expected int"),
+])
+def test_a_value_of_the_wrong_type_names_its_key_and_type(tmp_path, capsys, extra, needle):
+    assert needle in fit_error(capsys, tmp_path, *extra)
+
+
+def test_the_shipped_digits_configs_point_at_each_others_runs():
+    """A user who runs configs/digits/teacher.yaml and then any other digits config needs no path: every default
+    teacher / model / student path is where the config that trains it writes."""
+    from train.runtime.config import read_yaml
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "digits"
+    written = {name: read_yaml(root / f"{name}.yaml")["trainer"]["default_root_dir"] + "/checkpoints/last.ckpt"
+               for name in ("teacher", "guidance_distill")}
+    for path in sorted(root.glob("*.yaml")):
+        args = read_yaml(path)["model"]["init_args"]
+        for key, source in (("teacher", "teacher"), ("model", "teacher"), ("student", "guidance_distill")):
+            if key in args:
+                assert args[key] == written[source], (path.name, key)
+
+
+@pytest.mark.parametrize("config, flag", [("guidance_distill", "teacher"), ("dmd", "teacher"), ("erase_one", "model"),
+                                          ("progressive", "student")])
+def test_a_missing_teacher_names_the_flag_to_pass(tmp_path, capsys, config, flag):
+    root = Path(__file__).resolve().parents[2] / "configs" / "digits"
+    err = fit_error(capsys, tmp_path, f"--model.init_args.{flag}", str(tmp_path / "none.ckpt"),
+                    config=root / f"{config}.yaml")
+    assert "does not exist" in err and f"--model.init_args.{flag}" in err

@@ -142,9 +142,9 @@ class ConceptErasure(ErasureSamples, MethodModule):
         try:
             frozen, config = load_teacher(model, model_config)
         except FileNotFoundError:
-            raise ValueError(f"model={model!r} does not exist; pass the model to erase: a teacher checkpoint written "
-                             f"by `python -m train fit` (e.g. runs/demo/teacher/checkpoints/last.ckpt) or a diffusers "
-                             f"pipeline folder") from None
+            raise ValueError(f"model={model!r} does not exist; pass the model to erase as --model.init_args.model: a "
+                             f"teacher checkpoint written by `python -m train fit` (e.g. "
+                             f"runs/digits-teacher/checkpoints/last.ckpt) or a diffusers pipeline folder") from None
         self.hparams["model_config"] = config
         return frozen
 

@@ -25,18 +25,25 @@ from train.runtime.optim import LR_DECAYS, adamw_with_warmup
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")  # diffusers UNet attention + ResNet convs
 
 
-def load_frozen(path: str, expect: str, config: dict | None) -> tuple[MethodModule, dict]:
+def load_frozen(path: str, expect: str, config: dict | None, arg: str = "teacher") -> tuple[MethodModule, dict]:
     """The method module a distillation starts from, and its config (to record in our hyper-parameters).
 
     With `config` (recorded by an earlier run) the module is rebuilt from it WITHOUT reading `path`: its
     weights then come from the distillation checkpoint being loaded, so a student checkpoint samples
-    even where the teacher file is gone. Otherwise the checkpoint at `path` is loaded (weights_only)."""
+    even where the teacher file is gone. Otherwise the checkpoint at `path` is loaded (weights_only); a missing one
+    is a FileNotFoundError naming the init argument `arg` to pass it as."""
+    from pathlib import Path
+
     from train.runtime.checkpoint import load_method, read_checkpoint
     from train.runtime.config import instantiate
 
     if config is not None:
         cfg = {k: v for k, v in config.items() if k != "_instantiator"}
         return instantiate({"class_path": cfg.pop("_class_path"), "init_args": cfg}), config
+    if not Path(path).exists():
+        train = {"teacher": "configs/digits/teacher.yaml", "student": "configs/digits/guidance_distill.yaml"}[arg]
+        raise FileNotFoundError(f"{arg} checkpoint {path!r} does not exist; train one with `python -m train fit "
+                                f"--config {train}` and pass its last.ckpt as --model.init_args.{arg}")
     meta = read_checkpoint(path)[CHECKPOINT_KEY]
     return load_method(path, expect=expect), meta["config"]
 

@@ -111,7 +111,7 @@ class ProgressiveDistillation(MethodModule):
         self.start_steps, self.end_steps, self.steps_per_round = start_steps, end_steps, steps_per_round
         self.num_rounds = round(math.log2(ratio))
 
-        stage1, cfg = load_frozen(student, "guidance_distillation", student_config)
+        stage1, cfg = load_frozen(student, "guidance_distillation", student_config, "student")
         self.hparams["student_config"] = cfg
         self.distilled_guider = stage1.distilled_guider
         self.w_min = stage1.w_min if w_min is None else w_min

@@ -276,6 +276,7 @@ def load_teacher(path: str | None, config: dict | None) -> tuple[Denoiser, dict 
         den = instantiate({"class_path": config["_class_path"], "init_args": cfg}).sampling_denoiser()
         stored = config
     else:
-        raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist; train one with "
-                                f"`python -m train fit --config configs/digits/teacher.yaml` and pass its last.ckpt")
+        raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist; train one with `python -m train fit "
+                                f"--config configs/digits/teacher.yaml` and pass its last.ckpt (or a diffusers pipeline "
+                                f"folder) as --model.init_args.teacher")
     return den.requires_grad_(False).eval(), stored

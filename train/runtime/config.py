@@ -54,9 +54,15 @@ def instantiate(config: dict, base: type | None = None) -> Any:
 
 def user_message(e: BaseException) -> str:
     """One line for a user error. jsonargparse wraps a constructor's error in a union report
-    ("Does not validate against any of the Union subtypes ... Errors: - <the real message>"); pick the
-    real message out of it."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    ("Does not validate against any of the Union subtypes ... Errors: - <the real message>") and a value of the wrong
+    type in nested "Parser key" lines; pick the real message (with the full key of a wrongly typed value) out of it."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    keys = re.findall(r'Parser key "([^"]+)":', text)
+    typed = re.search(r"Expected a <class '([\w.]+)'>\. Got value: (.*)", text)
+    if keys and typed and typed.group(1) != "NoneType":  # a value of the wrong type, maybe inside a class's init_args
+        key = ".init_args.".join(dict.fromkeys(keys))  # each nested key is inside the class of the one before
+        return f"{key}: expected {typed.group(1)}, got {typed.group(2).strip()!r}"
     key = re.match(r'Parser key "([^"]+)":', lines[0]) if lines else None
     for i, ln in enumerate(lines):
         if ln.startswith("- ") and "Expected a <class 'NoneType'>" not in ln:
