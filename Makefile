@@ -39,6 +39,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench --runs $(RUNS) $(BENCH_ARGS)
 
+# issue #17: every method on networks of Stable Diffusion 1.5's size (random weights) on CPU, ZeRO-2/3 and a width
+# sweep -> bench/results/scale.{md,json,png}; hours on 2 cores and up to ~20 GB of memory (rows that cannot fit are
+# reported, not run). BENCH_SCALE_ARGS passes more (e.g. --quick, --nets sd15/2, --mem-limit-gb 8). GPU: bench/scale_gpu.sh
+.PHONY: bench-scale
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale $(BENCH_SCALE_ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 

@@ -10,6 +10,8 @@ Quality reads trained checkpoints and trains nothing (rows without a checkpoint 
 bench/quality.py for the row names). Speed and memory train their own networks with random weights for a
 few steps (bench/speed.py, bench/memory.py): figures are medians of repeated runs with min and max, and
 the headline is the ratio measured side by side in one run, not the absolute time.
+
+At Stable Diffusion scale (hours, ~20 GB): `python -m bench.scale` (`make bench-scale`; bench/scale.py).
 """
 from __future__ import annotations
 
