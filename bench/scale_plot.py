@@ -16,8 +16,10 @@ W, H, PAD = 560, 420, 60  # one panel
 
 
 def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str, series: dict[str, list[tuple[float, float]]],
-           xs: tuple[float, float], ys: tuple[float, float]) -> None:
-    """Axes, ticks and one polyline per series ([(params, ratio)]) in the panel whose left edge is x0."""
+           xs: tuple[float, float], ys: tuple[float, float], refs: tuple[tuple[float, str], ...] = (),
+           hollow: dict[str, list[tuple[float, float]]] | None = None) -> None:
+    """Axes, ticks, dashed reference levels `refs` ((ratio, label)) and one polyline per series ([(params, ratio)])
+    in the panel whose left edge is x0."""
     left, right, top, bottom = x0 + PAD, x0 + W - 20, 40, H - PAD
     lx = (math.log10(xs[0]), math.log10(xs[1]))
 
@@ -43,12 +45,21 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str, series: dict[str, lis
         draw.text((left - 40, y - 6), f"{r:.2f}", fill=(0, 0, 0))
         r += step
     draw.text((left + (right - left) // 2 - 60, bottom + 28), "network parameters (log)", fill=(0, 0, 0))
+    for level, label in refs:
+        if ys[0] <= level <= ys[1]:
+            _, y = px(xs[0], level)
+            for x in range(int(left), int(right), 12):
+                draw.line([x, y, min(x + 6, right), y], fill=(90, 90, 90))
+            draw.text((right - 7 * len(label) - 4, y - 13), label, fill=(90, 90, 90))
     for row, points in series.items():
         pts = [px(p, v) for p, v in sorted(points)]
         if len(pts) > 1:
             draw.line(pts, fill=COLOURS.get(row, (0, 0, 0)), width=2)
         for x, y in pts:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS.get(row, (0, 0, 0)))
+    for row, points in (hollow or {}).items():  # rows that did not fit: their arithmetic ratio
+        for x, y in (px(p, v) for p, v in points):
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], outline=COLOURS.get(row, (0, 0, 0)), width=2)
 
 
 def _nice_step(span: float) -> float:
@@ -58,27 +69,38 @@ def _nice_step(span: float) -> float:
 
 
 def plot(records: list[dict], s: dict, path: Path) -> Path:
-    """scale.png: left, peak memory x plain; right, step time x plain (no gradient checkpointing), against parameters."""
-    panels = {"x_plain": {}, "step_x": {}}
+    """scale.png: left, peak memory x plain (hollow: the arithmetic of rows that did not fit); right, step time x plain;
+    no gradient checkpointing, against parameters."""
+    panels, hollow = {"x_plain": {}, "step_x": {}}, {}
     for r in records:
-        if r.get("status") == "ok" and not r["ckpt"] and r["size"] in (s["size"], 8) and r.get("x_plain") is not None:
+        if r["ckpt"] or r["size"] not in (s["size"], 8):
+            continue
+        if r.get("status") == "ok" and r.get("x_plain") is not None:
             for key in panels:
                 panels[key].setdefault(r["row"], []).append((r["P"], r[key]))
-    img = Image.new("RGB", (2 * W, H + 24 * len(ROWS) // 2 + 20), "white")
+        elif r.get("status", "").startswith("does not fit") and r.get("arith_x") is not None:
+            hollow.setdefault(r["row"], []).append((r["P"], r["arith_x"]))
+    img = Image.new("RGB", (2 * W, H + 22 * ((len(ROWS) + 1) // 2 + 1) + 12), "white")
     draw = ImageDraw.Draw(img)
-    values = [p for pts in panels["x_plain"].values() for p in pts] + [p for pts in panels["step_x"].values() for p in pts]
+    values = [p for panel in (*panels.values(), hollow) for pts in panel.values() for p in pts]
     if values:
         xs = (min(p for p, _ in values) / 1.5, max(p for p, _ in values) * 1.5)
         for i, (key, title) in enumerate((("x_plain", "peak memory / plain fine-tuning"),
                                           ("step_x", "step time / plain fine-tuning"))):
-            ys = [v for pts in panels[key].values() for _, v in pts]
-            _panel(draw, i * W, title, panels[key], xs, (min(0.0, min(ys)), max(ys) * 1.1))
+            memory = key == "x_plain"
+            ys = [v for panel in ((panels[key], hollow) if memory else (panels[key],)) for pts in panel.values()
+                  for _, v in pts] or [1.0]
+            refs = ((1.3, "goal 1.3x"), (1.125, "DMD-LoRA limit 1.125x")) if memory else ()
+            _panel(draw, i * W, title, panels[key], xs, (min(0.0, min(ys)), max(max(ys), 1.3) * 1.1), refs,
+                   hollow if memory else None)
     else:
         draw.text((PAD, H // 2), "no measured rows", fill=(0, 0, 0))
     for i, row in enumerate(ROWS):
         x, y = PAD + (i % 2) * W, H + 4 + 22 * (i // 2)
         draw.rectangle([x, y + 3, x + 14, y + 13], fill=COLOURS[row])
         draw.text((x + 20, y + 2), ROWS[row][0], fill=(0, 0, 0))
+    draw.text((PAD, H + 6 + 22 * ((len(ROWS) + 1) // 2)), "hollow circle: did not fit in memory, drawn at its "
+              "arithmetic ratio (bytes per parameter per copy)", fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
