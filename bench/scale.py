@@ -158,9 +158,12 @@ class Bench:
         for i, b in enumerate(base):
             if i < len(results):
                 into.append({**b, **results[i], "status": "ok"})
+                r = into[-1]
+                self.log(f"[scale]   peak {r['peak_mb'] / 1024:.2f} GB over a {r['baseline_mb'] / 1024:.2f} GB baseline, "
+                         f"step {r['step_s']:.2f} s" + (f", {r['overhead']:.2f}x its bare passes" if "overhead" in r else ""))
             else:
-                into.append({**b, "status": ("does not fit: " + error) if error and error.startswith("stopped")
-                             else (error or "not run").splitlines()[0][:300]})
+                low = error is not None and error.startswith("stopped: the machine")
+                into.append({**b, "status": ("does not fit: " + error) if low else (error or "not run")[:300]})
 
     def run_rows(self) -> None:
         from bench.scale_plan import arithmetic_mb

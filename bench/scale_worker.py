@@ -217,7 +217,8 @@ def run_jobs(jobs: list[dict], floor_mb: float, timeout: float, log) -> tuple[li
             error = (f"stopped: the machine had {low / 1024:.1f} GB free" if low < floor_mb
                      else f"stopped after {timeout:.0f} s")
         elif proc.returncode != 0:
-            error = f"worker failed (exit {proc.returncode}): {logfile.read_text()[-2500:]}"
+            lines = [ln for ln in logfile.read_text().splitlines() if ln.strip() and "Warning" not in ln]
+            error = f"worker failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
         rows = []
         for i in range(len(jobs)):
             ranks = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob(f"rank*.job{i}.json"))]
