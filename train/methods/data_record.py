@@ -32,7 +32,13 @@ def _class_networks(module: Any) -> list:
     """Every class-conditional network of a module whose conditioner knows class names (teacher, student, EMA, ...)."""
     from models.conditioning import ClassConditioner
 
-    return [m for m in module.modules() if isinstance(getattr(m, "conditioner", None), ClassConditioner)]
+    def conditioner(m: Any) -> Any:
+        try:
+            return getattr(m, "conditioner", None)
+        except NotImplementedError:  # a method module with no sampling network (its conditioner is its network's)
+            return None
+
+    return [m for m in module.modules() if isinstance(conditioner(m), ClassConditioner)]
 
 
 def _fill_config_names(config: Any, names: list[str]) -> None:
