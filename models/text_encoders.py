@@ -142,6 +142,12 @@ class PromptEncoder(nn.Module):
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> dict[str, Tensor]:
+        """The encoders run in their own dtype, outside any autocast region (a bf16-mixed fit encodes its batches
+        inside one): the embeddings, and so the per-prompt cache shared by the process, are the same whoever asks."""
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self._run_encoders(prompts)
+
+    def _run_encoders(self, prompts: list[str]) -> dict[str, Tensor]:
         if self.kind == "clip":
             hidden, _ = encode_clip(self.tokenizers[0], self.encoders[0], prompts)
             return {"encoder_hidden_states": hidden}

@@ -64,6 +64,20 @@ def test_sdxl_prompt_encoder_matches_sdxl_pipeline(sdxl):
     torch.testing.assert_close(null["text_embeds"], neg_pooled, rtol=0, atol=0)
 
 
+def test_prompts_first_encoded_inside_autocast_cache_the_encoders_own_embeddings(sdxl):
+    """A bf16-mixed fit encodes its batches inside an autocast region; the shared encoder's per-prompt cache must not
+    keep bf16-computed embeddings for every later user of the process (exports compared with diffusers, fp32 runs)."""
+    path, _, _ = sdxl
+    enc, reference = PromptEncoder.from_pretrained(str(path)), PromptEncoder.from_pretrained(str(path), cache=False)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        inside = enc.encode(["an unseen prompt"])
+    want = reference.encode(["an unseen prompt"])
+    for key in ("encoder_hidden_states", "text_embeds"):
+        assert inside[key].dtype == torch.float32
+        torch.testing.assert_close(inside[key], want[key], rtol=0, atol=0)
+        torch.testing.assert_close(enc.encode(["an unseen prompt"])[key], want[key], rtol=0, atol=0)
+
+
 def test_adapter_calls_the_unet_with_the_text_condition(sd15):
     _, enc, net = sd15
     assert not any(k.startswith("null") for k in net.state_dict())  # state dict = the diffusers UNet's
