@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from guidance.conditions import cond_index
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import CFG, Conditional, Guider
@@ -93,41 +94,35 @@ def windowed(target: Tensor, outside: Tensor, t: Tensor, t_window: float | None)
     return torch.where(inside, target, outside)
 
 
-def forget_target(guided: GuidedDenoiser, x_t: Tensor, t: Tensor, cond: Tensor, w: float | Tensor,
-                  concepts: list[int], eta: float = 1.0, targets: list[int] | Tensor | None = None,
-                  space: str = "x0") -> Tensor:
+def forget_target(guided: GuidedDenoiser, x_t: Tensor, t: Tensor, cond: Any, w: float | Tensor, erased: Tensor,
+                  eta: float = 1.0, safe: Any = None, space: str = "x0") -> Tensor:
     """The real-score target of Score Forgetting Distillation (SFD, Chen et al. 2024, arXiv 2409.11219, sec. 3):
     inside a distribution-matching objective, the guided teacher's prediction D_u + w (D_c - D_u) for every
-    sample, except those whose label is an erased concept, which get another target, so the distilled generator
-    learns it for them:
+    sample, except the erased ones (a forgotten concept's request), which get another target, so the distilled
+    generator learns it for them:
 
-    - `targets` given: SFD's score override, the guided teacher's prediction for the SAFE class at the sample's own
+    - `safe` given: SFD's score override, the guided teacher's prediction for the SAFE request at the sample's own
       scale w with the same guider (`toward_target`; the authors' code, tqch/score-forgetting-distillation
       DDPM/functions/losses.py sid_g_loss_conditional, evaluates the teacher at the override label p_c while the
-      fake score keeps the forgotten one). `targets` is one class per concept (list; their label_to_override) or a
-      per-sample class [B] (Tensor; only the erased rows are read: their pseudo_label_type "rand");
-    - `targets` None: ESD's negative-guidance target (`esd_target`: the frozen model guided at w = -eta, CFG).
+      fake score keeps the forgotten one);
+    - `safe` None: ESD's negative-guidance target (`esd_target`: the frozen model guided at w = -eta, CFG).
 
     guided: the guided teacher (its `denoiser` is the frozen model; a guider needing a weak model cannot build the
-    safe target); x_t [B, C, H, W]; t [B]; cond: class labels [B]; w: scalar or [B]. Returns [B, C, H, W] in
-    `space` (x0 for DMD's D_real).
+    safe target); x_t [B, C, H, W]; t [B]; cond: the condition [B] (class ids or text embeddings); w: scalar or [B];
+    erased: bool [B], which samples ask for a forgotten concept (the caller matches requests, class ids or prompts,
+    against the concepts); safe: the condition of each erased sample's safe request (erased.sum() rows, in order).
+    Returns [B, C, H, W] in `space` (x0 for DMD's D_real).
     """
     target = teacher_target(guided, x_t, t, cond, w, space)
-    erased = torch.isin(cond, torch.as_tensor(concepts, device=cond.device))
     if not bool(erased.any()):
         return target
-    x_e, t_e, c_e = x_t[erased], t[erased], cond[erased]
-    if targets is None:
-        target[erased] = esd_target(guided.denoiser, x_e, t_e, c_e, eta, space).to(target.dtype)
+    rows = erased.to(x_t.device).nonzero().squeeze(1)
+    x_e, t_e, c_e = x_t[rows], t[rows], cond_index(cond, rows)
+    if safe is None:
+        target[rows] = esd_target(guided.denoiser, x_e, t_e, c_e, eta, space).to(target.dtype)
         return target
-    if isinstance(targets, Tensor):
-        safe = targets.to(cond.device, cond.dtype)[erased]
-    else:
-        lut = torch.arange(int(max(concepts)) + 1, device=cond.device)
-        lut[torch.as_tensor(concepts, device=cond.device)] = torch.as_tensor(targets, device=cond.device)
-        safe = lut[c_e]
-    w_e = torch.as_tensor(w, dtype=target.dtype, device=cond.device).expand(len(cond))[erased]
-    target[erased] = toward_target(guided.denoiser, x_e, t_e, safe, w_e, space, guider=guided.guider).to(target.dtype)
+    w_e = torch.as_tensor(w, dtype=target.dtype, device=x_t.device).expand(len(x_t))[rows]
+    target[rows] = toward_target(guided.denoiser, x_e, t_e, safe, w_e, space, guider=guided.guider).to(target.dtype)
     return target
 
 

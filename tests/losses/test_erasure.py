@@ -143,14 +143,15 @@ def test_forget_target_is_esd_for_erased_labels_and_the_guided_teacher_for_the_o
     guided = GuidedDenoiser(den, CFG())
     x_t, t, c = inputs(gmm)  # labels 0, 2, 1, 1, 0, 2
     w = torch.tensor([2.0, 3.0, 1.5, 2.0, 4.0, 2.0], dtype=torch.float64)
-    got = forget_target(guided, x_t, t, c, w, concepts=[1], eta=1.5, space=space)
     erased = c == 1
+    got = forget_target(guided, x_t, t, c, w, erased, eta=1.5, space=space)
     close(got[erased], esd_target(den, x_t, t, c, 1.5, space)[erased])  # SFD: the erased score (ESD, w = -eta)
     close(got[~erased], teacher_target(guided, x_t, t, c, w, space)[~erased])
     y_c, y_u = analytic(gmm, x_t, t, c, space), analytic(gmm, x_t, t, NULL(c), space)
     want = torch.where(erased.reshape(-1, 1, 1, 1), y_u - 1.5 * (y_c - y_u), y_u + w.reshape(-1, 1, 1, 1) * (y_c - y_u))
     close(got, want)
-    close(forget_target(guided, x_t, t, c, w, concepts=[], space=space), teacher_target(guided, x_t, t, c, w, space))
+    close(forget_target(guided, x_t, t, c, w, torch.zeros_like(erased), space=space),
+          teacher_target(guided, x_t, t, c, w, space))
 
 
 def test_forget_target_toward_is_the_guided_target_class_at_each_samples_scale(gmm):
@@ -158,8 +159,9 @@ def test_forget_target_toward_is_the_guided_target_class_at_each_samples_scale(g
     guided = GuidedDenoiser(den, CFG())
     x_t, t, c = inputs(gmm)
     w = torch.tensor([2.0, 3.0, 1.5, 2.0, 4.0, 2.0], dtype=torch.float64)
-    got = forget_target(guided, x_t, t, c, w, concepts=[2, 1], targets=[0, 2], space="x0")
     to = torch.tensor([0, 2, 0])[c]  # 1 -> 2, 2 -> 0, 0 stays
+    erased = c != 0
+    got = forget_target(guided, x_t, t, c, w, erased, safe=to[erased], space="x0")
     y_to, y_u = analytic(gmm, x_t, t, to, "x0"), analytic(gmm, x_t, t, NULL(c), "x0")
     close(got, y_u + w.reshape(-1, 1, 1, 1) * (y_to - y_u))
     assert not torch.allclose(got, teacher_target(guided, x_t, t, c, w, "x0"))

@@ -48,8 +48,8 @@ def guided_exact(gmm, x_t, t, labels, w, space):
 def test_safe_target_is_the_teachers_guided_prediction_for_the_safe_class(gmm, space):
     guided = GuidedDenoiser(gmm_denoiser(gmm, SCHEDULE, "v"), CFG())
     x_t, t, labels, w = batch(gmm)
-    got = forget_target(guided, x_t, t, labels, w, concepts=[1], targets=[3], space=space)
     forgotten = labels == 1
+    got = forget_target(guided, x_t, t, labels, w, forgotten, safe=torch.full((int(forgotten.sum()),), 3), space=space)
     safe = torch.where(forgotten, 3, labels)  # SFD: s_teacher(x_t, c_f) <- s_teacher(x_t, c_safe)
     torch.testing.assert_close(got, guided_exact(gmm, x_t, t, safe, w, space), rtol=0, atol=1e-10)
     own = guided_exact(gmm, x_t, t, labels, w, space)
@@ -58,18 +58,14 @@ def test_safe_target_is_the_teachers_guided_prediction_for_the_safe_class(gmm, s
 
 
 def test_a_safe_class_per_sample_reads_only_the_forgotten_rows(gmm):
-    """targets as a tensor [B] (SFD's random pseudo-label per sample): forgotten rows get their own safe class, the
-    values in the other rows are never read."""
+    """A safe class per forgotten sample (SFD's random pseudo-label per sample): forgotten rows get their own safe
+    class, the other rows the plain guided target."""
     guided = GuidedDenoiser(gmm_denoiser(gmm, SCHEDULE, "eps"), CFG())
     x_t, t, labels, w = batch(gmm)  # labels 0, 1, 2, 3, 1, 2, 1, 0; forget 1 and 2
     per_sample = torch.tensor([1, 0, 1, 2, 3, 0, 3, 2])  # junk in unerased rows (even erased classes)
-    got = forget_target(guided, x_t, t, labels, w, concepts=[1, 2], targets=per_sample, space="x0")
     forgotten = torch.isin(labels, torch.tensor([1, 2]))
+    got = forget_target(guided, x_t, t, labels, w, forgotten, safe=per_sample[forgotten], space="x0")
     safe = torch.where(forgotten, per_sample, labels)
     torch.testing.assert_close(got, guided_exact(gmm, x_t, t, safe, w, "x0"), rtol=0, atol=1e-10)
-    same = forget_target(guided, x_t, t, labels, w, concepts=[1, 2], targets=torch.where(forgotten, per_sample, 1),
-                         space="x0")
-    assert torch.equal(got, same)
     plain = teacher_target(guided, x_t, t, labels, w, "x0")
-    assert torch.equal(forget_target(guided, x_t, t, labels, w, concepts=[1, 2], targets=per_sample, space="x0")[~forgotten],
-                       plain[~forgotten])
+    assert torch.equal(got[~forgotten], plain[~forgotten])

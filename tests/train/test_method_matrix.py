@@ -89,6 +89,7 @@ TEXT = {
     "guidance_distillation_data_free": ("gd_prompts", {}, ("sd15",)),
     "progressive": ("pd", {}, ("sd15", "sd3")),
     "dmd": ("dmd", {}, ("sd15", "sd3", "flux")),
+    "sfd": ("dmd", {"forget": {"concepts": ["a cat"], "targets": ["a red car"]}}, ("sd15",)),
     "fdistill_js": ("fdistill", {}, ("sd15", "sd3", "flux")),
     "esd": ("erase", {}, ("sd15", "sd3", "flux")),
     "toward": ("erase", {"concepts": {"concepts": [{"name": "car", "prompts": ["a red car"], "alternative": "a car"}]}},

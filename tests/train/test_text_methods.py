@@ -70,6 +70,39 @@ def test_one_step_distillation_on_prompts(workspace, kind):
     assert lora  # the fake score is a LoRA on the teacher's network
 
 
+SFD = {"concepts": ["a cat"], "targets": ["a red car"]}
+
+
+def test_sfd_forgets_a_prompt_through_the_same_target(workspace):
+    """Score Forgetting Distillation on prompts: a batch's request that is a forgotten prompt gets the guided
+    teacher's target for its safe prompt (losses.erasure.forget_target), every other request its own; wrong settings
+    for a prompt model are refused in one line."""
+    from guidance.guided import teacher_target
+    from train.methods.onestep import OneStepDistillation
+    from train.runtime.checkpoint import load_method
+
+    module = load_method(workspace.fitted("dmd", "sd15", forget=SFD))
+    assert module.forget.concepts == ["a cat"] and module.forget.targets == ["a red car"]
+    g = torch.Generator().manual_seed(0)
+    requests = ["a cat", "the dog", "a cat"]
+    x_t, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0.3, 0.5, 0.8])
+    w = torch.tensor([2.0, 3.0, 4.0])
+    got = module.dm_target(x_t, t, module.encode(requests), w, requests)
+    guided = module._guided["teacher"]
+    want = teacher_target(guided, x_t, t, module.encode(["a red car", "the dog", "a red car"]), w, space="x0")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    own = teacher_target(guided, x_t, t, module.encode(requests), w, space="x0")
+    assert (got[0] - own[0]).abs().max() > 1e-4 and torch.equal(got[1], own[1])  # only forgotten rows change
+    assert module.gan_keep(module.encode(requests), requests).tolist() == [0.0, 1.0, 0.0]
+    teacher = str(workspace.model("sd15"))
+    for forget, message in [({"concepts": ["a cat"]}, "give one safe prompt per concept"),
+                            ({"concepts": [3], "targets": ["a car"]}, "this is a text-to-image model"),
+                            ({"concepts": ["a cat", "a cat"], "targets": ["a", "b"]}, "distinct prompts"),
+                            ({"concepts": ["a cat"], "targets": ["a cat"]}, "none of them erased")]:
+        with pytest.raises(ValueError, match=message):
+            OneStepDistillation(teacher=teacher, forget=forget)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_erasure_trains_cross_attention_only(workspace, kind):
     from train.runtime.checkpoint import load_method

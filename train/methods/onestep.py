@@ -133,7 +133,7 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
                 raise ValueError("pg_sb_range guides the fake score with the teacher's guider, which cannot need a "
                                  "weak model; use a guider such as 'cfg' with PG-SB")
             self._guided["fake"] = GuidedDenoiser(self.fake_score, copy.deepcopy(g))
-        self.forget = None if forget is None else check_forget(forget, g, teacher_den)
+        self.forget = None if forget is None else check_forget(forget, g, teacher_den.net.conditioner)
         self.uses_discriminator = self.gan_weight > 0 or self.divergence != "reverse_kl"
         self.disc_head = None
         self.discriminator_layer = self.disc_args.layer or default_feature_layer(teacher_den.net)
@@ -272,8 +272,9 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
             terms["discriminator"] = discriminator_loss(logits_f, logits_r)
         return terms
 
-    def generator_losses(self, labels: Tensor) -> dict[str, Tensor]:
-        """The generator's distribution-matching term (DMD, f-distill or Decoupled DMD) and GAN term."""
+    def generator_losses(self, labels: Any, requests: Any = None) -> dict[str, Tensor]:
+        """The generator's distribution-matching term (DMD, f-distill or Decoupled DMD) and GAN term for the
+        condition `labels` of `requests` (the batch's class ids or prompts; default `labels`: class ids)."""
         x, step = self._train_sample(labels, grad=True)
         b, dev, sched = x.shape[0], x.device, self.generator.schedule
         w = self._scales(b, dev)
@@ -281,7 +282,7 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
         if self.objective.kind == "dmd":
             t = self._uniform_t(b, self.dmd_t_range, dev)
             x_t = sched.add_noise(x.detach(), self.noise_like(x), t)
-            d_real = self.dm_target(x_t, t, labels, w)
+            d_real = self.dm_target(x_t, t, labels, w, requests)
             d_fake = self._fake_x0(x_t, t, labels, w)
             if self.divergence == "reverse_kl":
                 terms["dmd"] = dmd_loss(x, d_real, d_fake).mean()
@@ -294,7 +295,7 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
         if self.gan_weight > 0:
             t_g = self._uniform_t(b, self.disc_t_range, dev)
             logits = self._disc_logits(sched.add_noise(x, self.noise_like(x), t_g), t_g, labels)
-            terms["generator_gan"] = self.gan_weight * (generator_gan_loss(logits) * self.gan_keep(labels)).mean()
+            terms["generator_gan"] = self.gan_weight * (generator_gan_loss(logits) * self.gan_keep(labels, requests)).mean()
         return terms
 
     def _fdistill_loss(self, x: Tensor, d_real: Tensor, d_fake: Tensor, logits: Tensor, t: Tensor) -> Tensor:
@@ -325,33 +326,49 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
                                   self.objective.dm_weight)
 
     # --- score forgetting distillation (forget) ------------------------------------------------------
-    def dm_target(self, x_t: Tensor, t: Tensor, labels: Tensor, w: Tensor) -> Tensor:
-        """D_real of the DMD term, x0 [B, C, H, W], at (x_t [B, C, H, W], t [B]) for labels [B] and scales w [B]:
-        the guided teacher's prediction (DMD Eq. 7) or, with `forget`, SFD's target, in which erased labels get the
-        guided teacher's target for their safe class (forget.target safe) or ESD's target (esd) of the same frozen
+    def dm_target(self, x_t: Tensor, t: Tensor, labels: Any, w: Tensor, requests: Any = None) -> Tensor:
+        """D_real of the DMD term, x0 [B, C, H, W], at (x_t [B, C, H, W], t [B]) for the condition `labels` [B] of
+        `requests` (the batch's class ids or prompts; default: `labels`, class ids) and scales w [B]: the guided
+        teacher's prediction (DMD Eq. 7) or, with `forget`, SFD's target, in which forgotten requests get the guided
+        teacher's target for their safe request (forget.target safe) or ESD's target (esd) of the same frozen
         teacher (losses.erasure.forget_target)."""
         if self.forget is None:
             return teacher_target(self._guided["teacher"], x_t, t, labels, w, space="x0")
         f = self.forget
-        targets = f.targets
-        if f.target == "safe" and targets is None:
-            targets = self.random_safe_classes(labels.shape[0], labels.device)
-        return forget_target(self._guided["teacher"], x_t, t, labels, w, f.concepts,
-                             1.0 if f.eta is None else f.eta, None if f.target == "esd" else targets, space="x0")
+        concept = self.forgotten_concepts(labels if requests is None else requests)
+        erased = torch.tensor([c is not None for c in concept], device=x_t.device)
+        safe = None
+        if f.target == "safe":
+            if f.targets is None:
+                safe_requests = self.random_safe_classes(len(concept), x_t.device)[erased]  # drawn every step
+            else:
+                safe_requests = [f.targets[c] for c in concept if c is not None]
+            safe = self.encode(safe_requests, x_t.device) if bool(erased.any()) else None
+        return forget_target(self._guided["teacher"], x_t, t, labels, w, erased, 1.0 if f.eta is None else f.eta,
+                             safe, space="x0")
+
+    def forgotten_concepts(self, requests: Any) -> list[int | None]:
+        """For each request (class ids, names or prompts) the index of the forget.concepts entry it is, or None,
+        matched by the conditioner's key (models.conditioning)."""
+        conditioner = self.conditioner
+        index = {conditioner.key(c): i for i, c in enumerate(self.forget.concepts)}
+        return [index.get(conditioner.key(r)) for r in conditioner.parse_all(requests)]
 
     def random_safe_classes(self, b: int, device) -> Tensor:
         """A safe class [b] per sample, uniform over the classes not erased (SFD's pseudo_label_type "rand", the
         authors' default when no override label is set); drawn for every sample through `per_sample`."""
         erased = set(self.forget.concepts)
-        safe = torch.tensor([c for c in range(self.teacher.net.num_classes) if c not in erased], device=device)
+        safe = torch.tensor([c for c in self.conditioner.enumerate() if c not in erased], device=device)
         return safe[(self.uniform(b, device) * len(safe)).long().clamp(max=len(safe) - 1)]
 
-    def gan_keep(self, labels: Tensor) -> Tensor | float:
-        """Per-sample weight [B] of the generator's GAN term: 0 for erased labels (the discriminator's real branch
-        holds real images of the concept, which would pull the generator back to it), else 1."""
+    def gan_keep(self, labels: Any, requests: Any = None) -> Tensor | float:
+        """Per-sample weight [B] of the generator's GAN term: 0 for forgotten requests (default: `labels`, class
+        ids; the discriminator's real branch holds real images of the concept, which would pull the generator back
+        to it), else 1."""
         if self.forget is None:
             return 1.0
-        return (~torch.isin(labels, torch.tensor(self.forget.concepts, device=labels.device))).float()
+        concept = self.forgotten_concepts(labels if requests is None else requests)
+        return torch.tensor([float(c is None) for c in concept], device=cond_device(labels))
 
     # --- optimisation --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -371,7 +388,7 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
                     self._aux_step(opt)
                     sched.step()
         with self._updating([list(self.generator.net.parameters())]):
-            terms = self.generator_losses(labels)
+            terms = self.generator_losses(labels, requests)
             ok = self._backward(terms, [opt_g], [list(self.generator.net.parameters())], "generator")
             if ok:
                 opt_g.step()  # the only LightningOptimizer step: advances trainer.global_step

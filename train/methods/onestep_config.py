@@ -227,28 +227,30 @@ class ForgetArgs:
     term's teacher target is replaced, so the generator comes out erased; their GAN term is off.
 
     Args:
-        concepts: classes the generator must not draw.
-        target: "safe" (SFD's score override: the guided teacher's target for a safe class instead of the forgotten
-            one, losses.erasure.forget_target) or "esd" (ESD's negative-guidance target, the teacher guided at
-            w = -eta). Default: "esd" when eta is given without targets (how earlier runs recorded ESD), else "safe"
-            (an eta recorded beside targets by earlier runs is dropped: it was unused there too).
-        targets: the safe class of each concept (one per concept, like the authors' label_to_override); null with
-            target safe: a safe class drawn uniformly per sample among the classes not erased (the authors'
+        concepts: what the generator must not draw: classes (ids or names) of a class-conditional teacher, prompts
+            of a text-to-image one; a batch's request is forgotten when it is one of them (the conditioner's key).
+        target: "safe" (SFD's score override: the guided teacher's target for a safe request instead of the
+            forgotten one, losses.erasure.forget_target) or "esd" (ESD's negative-guidance target, the teacher guided
+            at w = -eta). Default: "esd" when eta is given without targets (how earlier runs recorded ESD), else
+            "safe" (an eta recorded beside targets by earlier runs is dropped: it was unused there too).
+        targets: the safe request of each concept (one per concept, like the authors' label_to_override: a class,
+            or a prompt such as "a photo of a dog" for "a photo of a cat"); null with target safe (class labels
+            only): a safe class drawn uniformly per sample among the classes not erased (the authors'
             pseudo_label_type "rand").
         eta: ESD's strength (target esd only; default 1.0).
-    SFD is data-free: the generator needs only the requests (labels), e.g. data.digits.DigitsDataModule with
-    images: false, and no discriminator on real images of the concept.
+    SFD is data-free: the generator needs only the requests (labels or prompts), e.g. data.digits.DigitsDataModule
+    with images: false or data.prompts.PromptDataModule, and no discriminator on real images of the concept.
     """
 
-    concepts: list[int] = field(default_factory=list)
+    concepts: list[int | str] = field(default_factory=list)
     eta: float | None = None
-    targets: list[int] | None = None
+    targets: list[int | str] | None = None
     target: str | None = None
 
     def __post_init__(self):
         if not self.concepts:
-            raise ValueError("forget.concepts is empty; list the classes to erase, or set forget: null for plain "
-                             "distillation")
+            raise ValueError("forget.concepts is empty; list the classes or prompts to erase, or set forget: null for "
+                             "plain distillation")
         if self.eta is not None and self.eta < 0:
             raise ValueError(f"forget.eta must be >= 0 (the erased target is the teacher guided at w = -eta), "
                              f"got {self.eta}")
@@ -294,26 +296,41 @@ def check_combinations(objective: ObjectiveArgs, guider: str, forget: ForgetArgs
                          f"CFG split and density ratio come from the unerased teacher and real data)")
 
 
-def check_forget(forget: ForgetArgs, guider, teacher) -> ForgetArgs:
-    """`forget` with its classes checked against the class-conditional `teacher` (a Denoiser) and its safe-class
-    target against the module's guider (guidance.guiders.Guider); classes as ints."""
-    num_classes = getattr(teacher.net, "num_classes", None)
-    if num_classes is None:
-        raise ValueError("forget erases classes of a class-conditional teacher; this teacher takes no labels")
-    concepts = [int(c) for c in forget.concepts]
-    if len(set(concepts)) != len(concepts) or not all(0 <= c < num_classes for c in concepts):
-        raise ValueError(f"forget.concepts must be distinct classes in 0..{num_classes - 1}, got {concepts}")
-    if len(concepts) == num_classes:
-        raise ValueError(f"forget.concepts erases all {num_classes} classes, leaving no safe class; keep at least one")
+def check_forget(forget: ForgetArgs, guider, conditioner) -> ForgetArgs:
+    """`forget` with its concepts and safe targets parsed by the teacher's conditioner (models.conditioning: class ids
+    for class names, prompts as given) and checked: distinct concepts, not the null request, a safe request per
+    concept that is not itself erased, a safe class left to draw from; the safe-request target against the module's
+    guider (guidance.guiders.Guider)."""
+    known = conditioner.enumerate()
+    what, one = ("prompts", "prompt") if known is None else (f"classes in 0..{len(known) - 1}",
+                                                             f"class in 0..{len(known) - 1}")
+    null_key = conditioner.key(conditioner.null_request)
+
+    def parse(requests: list, field_name: str, rule: str) -> list:
+        try:
+            return [conditioner.parse(r) for r in requests]
+        except ValueError as e:
+            raise ValueError(f"forget.{field_name} must {rule}, got {list(requests)} ({e})") from None
+
+    concepts = parse(forget.concepts, "concepts", f"be distinct {what}")
+    keys = [conditioner.key(c) for c in concepts]
+    if len(set(keys)) != len(keys) or null_key in keys:
+        raise ValueError(f"forget.concepts must be distinct {what} (not the null request "
+                         f"{conditioner.null_request!r}), got {concepts}")
+    if known is not None and len(concepts) == len(known):
+        raise ValueError(f"forget.concepts erases all {len(known)} classes, leaving no safe class; keep at least one")
     targets = forget.targets
+    rule = f"give one {one} per erased concept {concepts}, none of them erased (nor the null request)"
     if targets is not None:
-        targets = [int(c) for c in targets]
-        if (len(targets) != len(concepts) or not all(0 <= c < num_classes for c in targets)
-                or set(targets) & set(concepts)):
-            raise ValueError(f"forget.targets must give one class in 0..{num_classes - 1} per erased concept "
-                             f"{concepts}, none of them erased; got {targets}")
+        targets = parse(targets, "targets", rule)
+        if len(targets) != len(concepts) or any(conditioner.key(r) in keys + [null_key] for r in targets):
+            raise ValueError(f"forget.targets must {rule}; got {targets}")
+    elif forget.target == "safe" and known is None:
+        raise ValueError(f"forget.targets: give one safe prompt per concept {concepts} (SFD's override, e.g. "
+                         f"targets: [\"a photo of a dog\"]): a prompt model has no list of requests to draw a safe "
+                         f"one from; or set target: esd")
     if forget.target == "safe" and any(b.model == "weak" for b in guider.branches(None)):
-        raise ValueError("forget target safe guides the frozen teacher toward the safe classes with the module's "
+        raise ValueError("forget target safe guides the frozen teacher toward the safe requests with the module's "
                          "guider, which cannot need a weak model; use a guider such as 'cfg'")
     return ForgetArgs(concepts, None if forget.eta is None else float(forget.eta), targets, forget.target)
 
