@@ -4,6 +4,7 @@ gradients, gradients reach float32 inputs, text condition dicts are cast, bad na
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -121,3 +122,16 @@ def test_float32_is_a_no_op_and_bad_names_say_what_to_use():
     run_frozen_in(net, BF16)
     with pytest.raises(ValueError, match="already"):
         run_frozen_in(net, BF16)
+
+
+def test_a_half_precision_frozen_network_on_a_cpu_says_once_what_it_costs(monkeypatch):
+    import models.frozen_dtype as frozen
+
+    monkeypatch.setattr(frozen, "_WARNED_CPU", set())
+    net = run_frozen_in(tiny_teacher().net, BF16)
+    x, t, c = batch()
+    with pytest.warns(UserWarning, match="on a CPU use frozen_dtype: float32"):
+        net(x, t, c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(x, t, c)  # once per process
