@@ -191,6 +191,20 @@ class PromptEncoder(nn.Module):
         dev = self.device
         return {k: torch.stack([self._cache[p][k] for p in prompts]).to(dev) for k in self._cache[prompts[0]]}
 
+    def last_word_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """encoder_hidden_states [B, D] at each prompt's last word token (before the end-of-text token; the
+        start token for ""): the one embedding per prompt that UCE edits with (arXiv 2308.14761; the authors'
+        trainscripts/uce_sd_erase.py). CLIP-only encoders (kinds clip and sdxl)."""
+        if self.kind not in ("clip", "sdxl"):
+            raise ValueError(f"last-word embeddings are defined for CLIP text encoders (SD 1.x/2.x, SDXL), not {self.kind!r}")
+        prompts = list(prompts)
+        tok = self.tokenizers[0]
+        lengths = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").attention_mask.sum(1)
+        hidden = self.encode(prompts)["encoder_hidden_states"]
+        index = (lengths - 2).clamp(min=0).to(hidden.device)
+        return hidden[torch.arange(len(prompts), device=hidden.device), index]
+
     def null(self, batch_size: int = 1) -> dict[str, Tensor]:
         """The null (unconditional) text condition: the embedding of "" or, with zeros_for_empty, zeros."""
         empty = self.encode([""] * batch_size)

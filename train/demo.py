@@ -47,6 +47,7 @@ class Stage:
     quick_steps: int = 100
     quick_args: dict = field(default_factory=dict)
     cost: float = 1.0  # seconds per training step on a 2-core CPU, roughly (the quick profile's estimate)
+    steps: int | None = None  # a fixed step count whatever the profile or --max-steps (a closed-form edit: 1)
 
 
 STAGES = [
@@ -70,6 +71,8 @@ STAGES = [
           quick_steps=40, cost=1.0),
     Stage("text_erase", "text_digits/erase.yaml", {"model": "text_teacher"}, 50, (2.0,),
           ("a handwritten {word}", "the digit {word}"), quick_steps=60, cost=0.5),
+    Stage("text_uce", "text_digits/uce.yaml", {"model": "text_teacher"}, 50, (2.0,),
+          ("a handwritten {word}", "the digit {word}"), cost=5.0, steps=1),
 ]
 EVALUATION = {"quick": (20, 20), "full": (100, None)}  # profile -> (samples per class, sampler steps; None: the stage's)
 VAE_STEPS = {"quick": 200, "full": 600}
@@ -88,7 +91,7 @@ def _takes(out: Path, stage: Stage) -> list[str]:
         if not src.exists():
             raise FileNotFoundError(f"demo stage {stage.name!r} needs {src}; run stage {source!r} first")
         args += [f"--model.init_args.{arg}", str(src)]
-    if stage.name.startswith("text_") and stage.name not in ("text_pipeline", "text_erase"):
+    if stage.name.startswith("text_") and stage.name not in ("text_pipeline", "text_erase", "text_uce"):
         for arg, folder in TEXT_DATA.items():
             value = out / TEXT / folder
             if stage.name == "text_dmd":  # data-free: the prompt set only
@@ -99,7 +102,9 @@ def _takes(out: Path, stage: Stage) -> list[str]:
 
 
 def _planned_steps(stage: Stage, profile: str, max_steps: int | None) -> int:
-    """Training steps of `stage` in `profile` (--max-steps overrides both profiles)."""
+    """Training steps of `stage` in `profile` (--max-steps overrides both profiles; a stage's fixed `steps` all)."""
+    if stage.steps is not None:
+        return stage.steps
     if max_steps is not None:
         return max_steps
     if profile == "quick" or stage.config is None:

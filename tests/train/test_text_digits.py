@@ -11,7 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TEXT_STAGES = ["text_pipeline", "text_teacher", "text_guidance_distill", "text_dmd", "text_erase"]
+TEXT_STAGES = ["text_pipeline", "text_teacher", "text_guidance_distill", "text_dmd", "text_erase", "text_uce"]
 
 
 def test_captions_and_class_prompts():
@@ -105,7 +105,11 @@ def test_text_demo_stages_run_and_report_the_digits_metrics(text_demo):
         for r in stage["rows"]:
             assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["fd"])
     assert all("erased_rate" in r and "other_accuracy" in r for r in erase)
-    for name in ("teacher", "guidance_distill", "dmd", "erase"):
+    uce = stages["text_uce"]["rows"]  # the closed-form edit: one step whatever --max-steps says
+    assert [r["requests"] for r in uce] == ["a handwritten {word}", "the digit {word}"]
+    assert all("erased_rate" in r and "other_accuracy" in r for r in uce)
+    assert torch.load(stages["text_uce"]["checkpoint"], weights_only=True)["global_step"] == 1
+    for name in ("teacher", "guidance_distill", "dmd", "erase", "uce"):
         assert (out / "text" / name / "grid.png").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(out / "text" / "pipeline", local_files_only=True)
     image = pipe("a handwritten seven", num_inference_steps=2, output_type="np", height=8, width=8).images

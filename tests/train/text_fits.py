@@ -85,6 +85,11 @@ class TextWorkspace:
                        **teacher, "p_uncond": 0.1, "lr": 1e-4, "warmup_steps": 1, "val_samples": 0}},
                    "data": {"class_path": "data.captions.CaptionedImageDataModule", "init_args": {
                        "path": str(self.images), "image_size": 16, "batch_size": 2, "val_size": 2}}}
+        elif method == "uce":  # closed-form erasure: the run's one step is the edit
+            cfg = {"model": {"class_path": "train.methods.uce.ClosedFormErasure", "init_args": {
+                       "model": model, "concepts": CONCEPTS, "val_samples": 0}},
+                   "data": {"class_path": "data.steps.ErasureSteps", "init_args": {"steps_per_epoch": 1}},
+                   "trainer": {"max_steps": 1, "limit_val_batches": 0, "val_check_interval": None}}
         elif method == "fdistill":  # f-distill JS with the GAN term: a discriminator on captioned latents
             cfg = self.config("dmd", kind)
             cfg["model"]["init_args"].update(objective={"divergence": "jensen_shannon"},
@@ -103,8 +108,9 @@ class TextWorkspace:
         if key not in self.runs:
             name = f"{method}-{kind}" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
             run, path = self.root / f"run-{name}", self.root / f"{name}.yaml"
-            path.write_text(yaml.safe_dump({"seed_everything": 0, **self.config(method, kind, **overrides),
-                                            "trainer": {**TRAINER, "default_root_dir": str(run)}}, sort_keys=False))
+            config = self.config(method, kind, **overrides)
+            trainer = {**TRAINER, **config.pop("trainer", {}), "default_root_dir": str(run)}
+            path.write_text(yaml.safe_dump({"seed_everything": 0, **config, "trainer": trainer}, sort_keys=False))
             main(["fit", "--config", str(path)])
             self.runs[key] = run / "checkpoints" / "last.ckpt"
         return self.runs[key]
