@@ -54,7 +54,7 @@ def lightning_cli(argv: list[str] | None):
     import train.runtime.strategy  # noqa: F401  (registers the zero1/zero2/zero3 strategy names)
     from train.methods.base import MethodModule
     from train.runtime.checkpoint import check_resume, read_checkpoint, upgrade_config
-    from train.runtime.interrupt import InterruptCheckpoint
+    from train.runtime.interrupt import FinalCheckpoint, InterruptCheckpoint
     from train.runtime.progress import StepProgressBar
     from train.runtime.run_folder import AtomicCheckpointIO, RunFolder, is_main_process
     from train.runtime.tracking import TrainingDiagnostics
@@ -158,6 +158,8 @@ def lightning_cli(argv: list[str] | None):
             trainer.callbacks = [StepProgressBar() if type(cb) is TQDMProgressBar else cb for cb in trainer.callbacks]
             if not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
                 trainer.callbacks.append(InterruptCheckpoint())  # SIGTERM / Ctrl+C: write last.ckpt, then stop
+            if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
+                trainer.callbacks.append(FinalCheckpoint())  # last.ckpt at the final step, whatever the trigger
             if trainer.loggers and not any(isinstance(cb, TrainingDiagnostics) for cb in trainer.callbacks):
                 trainer.callbacks.append(TrainingDiagnostics())  # learning rates and gradient norms per network
             return trainer

@@ -59,6 +59,15 @@ def test_a_resumed_run_ends_with_last_ckpt_at_its_last_step(tmp_path):
     assert not (run / LOCK).exists()
 
 
+def test_last_ckpt_holds_the_final_step_when_the_checkpoint_interval_does_not_divide_max_steps(tmp_path):
+    """ModelCheckpoint every 6 steps, max_steps 8: last.ckpt is step 8, not the step-6 one (the demo's 600-step
+    teacher checkpointing every 500 ended with a last.ckpt of step 500)."""
+    run = tmp_path / "run"
+    fit(run, "--trainer.max_steps", "8")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
 def test_a_second_run_into_a_run_folder_is_refused_unless_resumed_or_asked(tmp_path, capsys):
     run = tmp_path / "run"
     fit(run)

@@ -77,3 +77,19 @@ class InterruptCheckpoint(L.Callback):
         cb = trainer.checkpoint_callback
         folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
         return folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+
+
+class FinalCheckpoint(L.Callback):
+    """At the normal end of fit, `last.ckpt` at the final step: ModelCheckpoint writes it only when one of its
+    triggers fires (every_n_train_steps, an epoch end), so a run of max_steps 600 checkpointing every 500 steps
+    ended with a last.ckpt of step 500 and lost the last 100. Only for runs that asked for last.ckpt
+    (a ModelCheckpoint with save_last); `python -m train fit` adds one to every run."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cb = trainer.checkpoint_callback
+        if not isinstance(cb, ModelCheckpoint) or not cb.save_last:
+            return
+        if getattr(cb, "_last_global_step_saved", None) == trainer.global_step:
+            return
+        trainer.save_checkpoint(InterruptCheckpoint.checkpoint_path(trainer), weights_only=False)
+        cb._last_global_step_saved = trainer.global_step
