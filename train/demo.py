@@ -53,34 +53,35 @@ class Stage:
 FAST_ERASURE = {"x_t_source": "frozen_bank", "bank_size": 32}  # the quick profile's erasure x_t
 
 STAGES = [
-    # quick_steps and cost: measured on a fresh clone, 2-core CPU (cost: seconds per step, evaluation included);
+    # quick_steps and cost: from `make demo` on a fresh clone, 2-core CPU (11:17 in all; cost: seconds per step, with
+    # 10 s per stage for start-up and evaluation);
     # the quick erasure stages take x_t from the frozen model's cached trajectories (x_t_source: frozen_bank), about
     # 3x cheaper per step than the paper's on-policy draws the configs use
-    Stage("teacher", "digits/teacher.yaml", {}, 50, SCALES, quick_steps=500, cost=0.19),
+    Stage("teacher", "digits/teacher.yaml", {}, 50, SCALES, quick_steps=500, cost=0.15),
     Stage("guidance_distill", "digits/guidance_distill.yaml", {"teacher": "teacher"}, 8, SCALES, quick_steps=300,
-          cost=0.26),
+          cost=0.19),
     Stage("progressive", "digits/progressive.yaml", {"student": "guidance_distill"}, None, SCALES, quick_steps=150,
-          quick_args={"start_steps": 8, "steps_per_round": 50}, cost=0.28),
-    Stage("dmd", "digits/dmd.yaml", {"teacher": "teacher"}, None, quick_steps=45, cost=1.6),
-    Stage("fdistill_js", "digits/fdistill_js.yaml", {"teacher": "teacher"}, None, quick_steps=35, cost=1.8),
-    Stage("erase_one", "digits/erase_one.yaml", {"model": "teacher"}, 50, quick_steps=60, cost=0.8,
+          quick_args={"start_steps": 8, "steps_per_round": 50}, cost=0.17),
+    Stage("dmd", "digits/dmd.yaml", {"teacher": "teacher"}, None, quick_steps=45, cost=1.15),
+    Stage("fdistill_js", "digits/fdistill_js.yaml", {"teacher": "teacher"}, None, quick_steps=35, cost=1.15),
+    Stage("erase_one", "digits/erase_one.yaml", {"model": "teacher"}, 50, quick_steps=60, cost=0.37,
           quick_args=FAST_ERASURE),
-    Stage("erase_two", "digits/erase_two.yaml", {"model": "teacher"}, 50, quick_steps=60, cost=0.8,
+    Stage("erase_two", "digits/erase_two.yaml", {"model": "teacher"}, 50, quick_steps=60, cost=0.37,
           quick_args=FAST_ERASURE),
-    Stage("erase_toward", "digits/erase_toward.yaml", {"model": "teacher"}, 50, quick_steps=60, cost=0.8,
+    Stage("erase_toward", "digits/erase_toward.yaml", {"model": "teacher"}, 50, quick_steps=60, cost=0.37,
           quick_args=FAST_ERASURE),
-    Stage("sfd", "digits/sfd.yaml", {"teacher": "teacher"}, None, quick_steps=40, cost=1.2),
-    Stage("text_pipeline", None, quick_steps=200, cost=0.09),
+    Stage("sfd", "digits/sfd.yaml", {"teacher": "teacher"}, None, quick_steps=40, cost=0.62),
+    Stage("text_pipeline", None, quick_steps=200, cost=0.02),
     Stage("text_teacher", "text_digits/teacher.yaml", {"net.init_args.pretrained": "text_pipeline"}, 50, SCALES,
-          ("a handwritten {word}",), quick_steps=300, cost=0.36),
+          ("a handwritten {word}",), quick_steps=300, cost=0.26),
     Stage("text_guidance_distill", "text_digits/guidance_distill.yaml", {"teacher": "text_teacher"}, 8, SCALES,
-          ("a handwritten {word}",), quick_steps=120, cost=0.47),
+          ("a handwritten {word}",), quick_steps=120, cost=0.32),
     Stage("text_dmd", "text_digits/dmd.yaml", {"teacher": "text_teacher"}, None, (2.0,), ("a handwritten {word}",),
-          quick_steps=40, cost=1.0),
+          quick_steps=40, cost=0.55),
     Stage("text_erase", "text_digits/erase.yaml", {"model": "text_teacher"}, 50, (2.0,),
-          ("a handwritten {word}", "the digit {word}"), quick_steps=60, cost=0.8, quick_args=FAST_ERASURE),
+          ("a handwritten {word}", "the digit {word}"), quick_steps=60, cost=0.78, quick_args=FAST_ERASURE),
     Stage("text_uce", "text_digits/uce.yaml", {"model": "text_teacher"}, 50, (2.0,),
-          ("a handwritten {word}", "the digit {word}"), cost=15.0, steps=1),
+          ("a handwritten {word}", "the digit {word}"), cost=2.0, steps=1),
 ]
 EVALUATION = {"quick": (20, 20), "full": (100, None)}  # profile -> (samples per class, sampler steps; None: the stage's)
 VAE_STEPS = {"quick": 200, "full": 600}
@@ -200,7 +201,7 @@ def run_demo(out: Path, profile: str = "quick", max_steps: int | None = None, st
     per_class = num_per_class or per_class
     todo = [s for s in STAGES if s.name in wanted]
     planned = {s.name: _planned_steps(s, profile, max_steps) for s in todo}
-    estimate = {s.name: planned[s.name] * s.cost + 30 for s in todo}  # + evaluation and start-up
+    estimate = {s.name: planned[s.name] * s.cost + 10 for s in todo}  # + start-up and evaluation
     log(f"{len(todo)} stage(s), {profile} profile, into {out}; about {clock(sum(estimate.values()))} on 2 CPU cores")
     results, tables, t0 = {}, [], time.time()
     for i, stage in enumerate(todo, 1):
