@@ -104,13 +104,16 @@ class ClosedFormErasure(MethodModule):
         preserve = encoder.last_word_embeddings(anchors) if anchors else erase.new_zeros(0, erase.shape[1])
         return erase, guide, preserve
 
+    def frozen_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen model's weight of every edited layer, by the layer's name."""
+        frozen = dict(self.frozen.net.named_modules())
+        return {name: frozen[name].weight for name in self.layers}
+
     @torch.no_grad()
     def apply_edit(self) -> None:
         """Replace every cross-attention to_k / to_v weight of the student by UCE's solution from the frozen model's."""
         erase, guide, preserve = self.embeddings()
-        frozen = dict(self.frozen.net.named_modules())
-        for name, layer in self.layers.items():
-            w_old = frozen[name].weight
+        for layer, w_old in zip(self.layers.values(), self.frozen_weights().values()):
             dev = w_old.device
             layer.weight.copy_(uce_weight(w_old, erase.to(dev, w_old.dtype), guide.to(dev, w_old.dtype),
                                           preserve.to(dev, w_old.dtype), self.erase_scale, self.preserve_scale,
@@ -125,8 +128,8 @@ class ClosedFormErasure(MethodModule):
     def training_step(self, batch, batch_idx):
         if not bool(self.edited):
             self.apply_edit()
-        moved = max((layer.weight - dict(self.frozen.net.named_modules())[n].weight).abs().max().item()
-                    for n, layer in self.layers.items())
+        frozen = self.frozen_weights()
+        moved = max((layer.weight - frozen[n]).abs().max().item() for n, layer in self.layers.items())
         self.log("train/edited_layers", float(len(self.layers)))
         self.log("train/max_weight_change", moved)
         self.optimizers().step()  # no gradients: advances the step counter, so the checkpoint is written
