@@ -11,23 +11,24 @@ from torch import nn
 
 class EMA(nn.Module):
     """Shadow copy of `model` updated as p_ema <- d p_ema + (1 - d) p after each optimizer step, with the
-    warm-up d_n = min(decay, (1 + n) / (10 + n)) (as in Song et al.'s score_sde and diffusers' EMAModel).
+    warm-up d_n = min(decay, (1 + n) / (10 + n)) (as in Song et al.'s score_sde and diffusers' EMAModel), or the
+    constant d = decay with warmup=False (the target network of consistency distillation, Song et al. 2023).
     The shadow is a frozen module (`.module`) that is saved in checkpoints with the rest.
     Buffers are copied, not averaged.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         n = int(self.num_updates)
-        d = min(self.decay, (1 + n) / (10 + n))
+        d = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
         ema_params = dict(self.module.named_parameters())
         with gathered_weights(model):
             for name, p in model.named_parameters():

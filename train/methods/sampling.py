@@ -23,6 +23,7 @@ from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
 from guidance.guiders import Guider, build_guider
 from guidance.samplers import check_sampler, sample
+from losses.consistency import consistency_output, lcm_inference_indices, solver_grid
 
 DEFAULT_STEPS = 50    # sampler steps for models without a step count of their own
 DEFAULT_SCALE = 2.0   # guidance scale w when none is given (D_u + w (D_c - D_u))
@@ -192,3 +193,77 @@ class GeneratorSampling(Recipe):
 
     def describe(self) -> dict:
         return {"recipe": "generator", "steps": self.steps, "evaluations_per_step": 1}
+
+
+class ConsistencySampling(Recipe):
+    """A latent consistency model (train.methods.consistency): multistep consistency sampling (Song et al. 2023,
+    arXiv 2303.01469, Algorithm 1), LCM's sampler and diffusers' LCMScheduler: at each chosen time t_j the model's
+    consistency output f(x, t_j) = c_skip x + c_out x0_hat (losses.consistency) is the sample; before the next time it
+    is re-noised with fresh noise, x = alpha(t_{j+1}) f + sigma(t_{j+1}) z. The times are those LCMScheduler picks on
+    the N-point solver grid (losses.consistency.lcm_inference_indices); one network evaluation per step.
+
+    denoiser:      returns the Denoiser of the consistency model.
+    solver_steps:  N, the solver grid it was distilled on (steps may be 1 .. N).
+    default_steps: steps when none are asked for (LCM: 4).
+    w_input:       the model takes the guidance scale w as an input (then `scale` is honoured, default
+                   default_scale); otherwise the guidance it was distilled with is part of it and --scale is refused.
+    scale_range:   (w_min, w_max) it was distilled over, reported in messages and exports.
+    """
+
+    name = "consistency"
+
+    def __init__(self, denoiser: Callable[[], Denoiser], solver_steps: int, default_steps: int = 4,
+                 w_input: bool = True, default_scale: float = DEFAULT_SCALE,
+                 scale_range: tuple[float, float] | None = None, timestep_scaling: float = 10.0):
+        self.denoiser, self.solver_steps, self.default_steps = denoiser, solver_steps, default_steps
+        self.w_input, self.default_scale, self.scale_range = w_input, default_scale, scale_range
+        self.timestep_scaling = timestep_scaling
+
+    def resolve(self, scale=None, steps=None, sampler=None, guider=None, guider_params=None, eta=0.0,
+                negative: bool = False) -> Settings:
+        name = guider.name if isinstance(guider, Guider) else guider
+        asked = {"--sampler": sampler not in (None, "consistency", "lcm"),
+                 "--guider": name not in (None, "conditional", "cfg") or bool(guider_params), "--eta": bool(eta),
+                 "--negative-prompt": negative, "--scale": scale is not None and not self.w_input}
+        bad = [k for k, v in asked.items() if v]
+        if bad:
+            lo, hi = self.scale_range or (None, None)
+            scale_note = (f"takes w as an input (--scale)" if self.w_input else
+                          f"holds the guidance it was distilled with (w in [{lo:g}, {hi:g}])" if lo is not None else
+                          "holds the guidance it was distilled with")
+            raise ValueError(f"this is a latent consistency model: it samples with its own multistep consistency "
+                             f"sampler (1 to {self.solver_steps} steps, one evaluation each) and {scale_note}, so "
+                             f"{', '.join(bad)} cannot be honoured; leave {'it' if len(bad) == 1 else 'them'} out")
+        steps = self.default_steps if steps is None else steps
+        lcm_inference_indices(self.solver_steps, steps)  # 1 <= steps <= N, else the one-line error
+        w = check_scale(self.default_scale if scale is None else scale) if self.w_input else None
+        return Settings(w, steps, "consistency", "conditional", {}, 0.0)
+
+    def times(self, steps: int, device=None) -> Tensor:
+        """The `steps` times [steps] (float64) the sampler visits, descending (LCMScheduler's timesteps)."""
+        grid, _ = solver_grid(self.denoiser().schedule, self.solver_steps, device)
+        return grid[lcm_inference_indices(self.solver_steps, steps)]
+
+    def run(self, noise, cond, neg, s: Settings, generator, progress=False):
+        den = self.denoiser()
+        sched, b = den.schedule, noise.shape[0]
+        times = self.times(s.steps, noise.device).to(noise.dtype)
+        if self.w_input:
+            cond = {"cond": cond, "w": torch.full((b,), float(s.scale), device=noise.device)}
+        a0, s0 = sched.alpha_sigma(times[:1])
+        x = noise * (a0**2 + s0**2).sqrt()  # the prior at t_max for unit-variance data, as `sample`
+        with torch.no_grad():
+            for j in range(len(times)):
+                t = times[j].expand(b)
+                x0 = consistency_output(x, den(x, t, cond).x0, t, sched, self.timestep_scaling)
+                if j + 1 == len(times):
+                    x = x0
+                else:  # fresh noise from the request's generator (CPU), as LCMScheduler.step draws it
+                    z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                    x = sched.add_noise(x0, z, times[j + 1].expand(b))
+        return x, float(len(times))
+
+    def describe(self) -> dict:
+        return {"recipe": "consistency", "steps": self.default_steps, "solver_steps": self.solver_steps,
+                "timestep_scaling": self.timestep_scaling, "w_input": self.w_input,
+                "scale_range": list(self.scale_range) if self.scale_range else None, "evaluations_per_step": 1}
