@@ -100,6 +100,10 @@ def build(method: str, teacher: str | None, batch: int, nan_at: int = -1, frozen
         return instantiate({"class_path": "train.methods.guidance_distillation.GuidanceDistillation",
                             "init_args": {"teacher": teacher, "w_min": 1.0, "w_max": 5.0, "lr": 1e-3,
                                           "warmup_steps": 1, "ema_decay": 0.5}}), digits
+    if method == "consistency":  # LCM: the guided teacher's solver step, the EMA target network, w as an input
+        return instantiate({"class_path": "train.methods.consistency.ConsistencyDistillation",
+                            "init_args": {"teacher": teacher, "w_min": 1.0, "w_max": 5.0, "solver_steps": 10,
+                                          "lr": 1e-3, "warmup_steps": 1, "target_decay": 0.5}}), digits
     if method == "progressive":  # --teacher: a stage-1 checkpoint; 8 -> 4 -> 2 -> 1 steps, a round boundary per step
         return instantiate({"class_path": "train.methods.progressive.ProgressiveDistillation",
                             "init_args": {"student": teacher, "start_steps": 8, "end_steps": 1, "steps_per_round": 1,
