@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from models.class_export import WHY_W_EMBEDDING_IS_SEPARATE, lora_contents, sampling_code, save_peft_adapter
 from models.conditioning import NULL_LABEL, ClassConditioner, Conditioner
-from models.diffusers_export import W_EMBEDDING_NOTE, diffusers_scheduler, plain_network
+from models.diffusers_export import W_EMBEDDING_NOTE, export_scheduler, plain_network
 from models.pag_attention import perturbed_self_attention
 
 __all__ = ["NULL_LABEL", "ConditionalNetwork", "ClassConditionalUNet"]
@@ -62,16 +62,18 @@ class ConditionalNetwork(nn.Module):
     # whose output it is added to, as the card's code names it)
     W_EMBEDDING_NOTE: str = W_EMBEDDING_NOTE
 
-    def save_diffusers(self, folder: Path, schedule, parameterization: str) -> dict:
+    def save_diffusers(self, folder: Path, schedule, parameterization: str, sampling: dict | None = None) -> dict:
         """Write what diffusers' from_pretrained loads into the existing empty `folder` (LoRA adapters merged, a
-        scheduler whose steps equal the project's DDIM steps); returns what guidedistill.json records about the
-        files: "network" (the card code's expression for the diffusers network), "contents" (a sentence for the card)
-        and what the card's code needs."""
+        scheduler whose steps equal the project's sampler for the recipe `sampling`, a Recipe.describe(): DDIM, or
+        LCMScheduler for a latent consistency model); returns what guidedistill.json records about the files:
+        "network" (the card code's expression for the diffusers network), "contents" (a sentence for the card) and
+        what the card's code needs."""
         raise ValueError(f"{type(self).__name__} has no diffusers export; export --format safetensors instead")
 
-    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None) -> dict:
+    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None,
+                  sampling: dict | None = None) -> dict:
         """Write this network's LoRA adapters for its base network into `folder` (what save_diffusers returns, plus
-        "lora": rank and alpha); base_checkpoint: what the frozen base was loaded from."""
+        "lora": rank and alpha); base_checkpoint: what the frozen base was loaded from; sampling: as save_diffusers."""
         raise ValueError(f"{type(self).__name__} has no LoRA export; export --format diffusers or safetensors instead")
 
     def card_code(self, meta: dict) -> str:
@@ -160,21 +162,29 @@ class ClassConditionalUNet(ConditionalNetwork):
 
     W_EMBEDDING_NOTE = WHY_W_EMBEDDING_IS_SEPARATE
 
-    def save_diffusers(self, folder: Path, schedule, parameterization: str) -> dict:
-        """unet/ (UNet2DModel.from_pretrained; LoRA adapters merged) and scheduler/ (DDIM, "trailing" spacing)."""
-        scheduler = diffusers_scheduler(schedule, parameterization)  # refuses a schedule it cannot reproduce first
+    def save_diffusers(self, folder: Path, schedule, parameterization: str, sampling: dict | None = None) -> dict:
+        """unet/ (UNet2DModel.from_pretrained; LoRA adapters merged) and scheduler/ (DDIM, "trailing" spacing; a
+        latent consistency model's LCMScheduler)."""
+        scheduler = export_scheduler(schedule, parameterization, sampling)  # refuses what it cannot reproduce first
         plain_network(self).unet.save_pretrained(folder / "unet", safe_serialization=True)
         scheduler.save_pretrained(folder / "scheduler")
         return {"network": "unet", "contents": (
             f"`unet/`: a diffusers UNet2DModel (class labels 0..{self.num_classes - 1}, {self.num_classes} the null "
-            f"class), `scheduler/`: the DDIMScheduler whose steps are the project's DDIM steps.")}
+            f"class), `scheduler/`: the {type(scheduler).__name__} whose steps are the project's sampler's steps.")}
 
-    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None) -> dict:
-        """peft's adapter_config.json + adapter_model.safetensors for the base (teacher) UNet2DModel."""
+    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None,
+                  sampling: dict | None = None) -> dict:
+        """peft's adapter_config.json + adapter_model.safetensors for the base (teacher) UNet2DModel; a latent
+        consistency model's LCMScheduler in scheduler/ too (the base's scheduler/ is the teacher's DDIM one)."""
+        lcm = sampling is not None and sampling.get("recipe") == "consistency"
+        scheduler = export_scheduler(schedule, parameterization, sampling) if lcm else None
         config = save_peft_adapter(self, folder)
+        if scheduler is not None:
+            scheduler.save_pretrained(folder / "scheduler")
         meta = {"lora": {"r": config.r, "lora_alpha": config.lora_alpha, "peft_type": "LORA",
                          "base_checkpoint": base_checkpoint}}
-        return {**meta, "network": "unet", "contents": lora_contents(meta)}
+        return {**meta, "network": "unet", "contents": lora_contents(meta) + (
+            " `scheduler/`: the LCMScheduler that samples it." if lcm else "")}
 
     def card_code(self, meta: dict) -> str:
         return sampling_code(meta)

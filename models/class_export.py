@@ -54,16 +54,21 @@ def lora_contents(meta: dict) -> str:
 def sampling_code(meta: dict) -> str:
     """Python that samples the exported model with the ecosystem's libraries only (see module docstring)."""
     recipe, fmt, cfg = meta["sampling"]["recipe"], meta["format"], meta["config"]
-    src = "base" if fmt == "lora" else "path"  # where unet/ and scheduler/ are
-    lines = (["import json"] if recipe != "cfg" else []) + [
-        "import torch", f"from diffusers import {'UNet2DModel' if recipe == 'generator' else 'DDIMScheduler, UNet2DModel'}"]
-    if recipe == "w_input":
+    w_input = recipe == "w_input" or (recipe == "consistency" and meta["sampling"]["w_input"])
+    # where scheduler/ is: a LoRA export's base (the teacher's DDIM one); a consistency model's LoRA export has its own
+    src = "base" if fmt == "lora" and recipe != "consistency" else "path"
+    scheduler = {"generator": None, "consistency": "LCMScheduler"}.get(recipe, "DDIMScheduler")
+    lines = (["import json"] if recipe == "generator" or w_input else []) + [
+        "import torch", f"from diffusers import {f'{scheduler}, ' if scheduler else ''}UNet2DModel"]
+    if w_input:
         lines += ["from diffusers.models.embeddings import TimestepEmbedding, Timesteps",
                   "from safetensors.torch import load_file"]
     if fmt == "lora":
         lines += ["from peft import PeftModel"]
     params = {"generator": "path, seed = \"PATH\", 0"}.get(
-        recipe, f"path, w, steps, seed = \"PATH\", 2.0, {meta['sampling']['steps']}, 0")
+        recipe, f"path, w, steps, seed = \"PATH\", {_card_scale(meta)}, {meta['sampling']['steps']}, 0")
+    if recipe == "consistency" and not w_input:  # the guidance it was distilled with is part of the network
+        params = f"path, steps, seed = \"PATH\", {meta['sampling']['steps']}, 0"
     if fmt == "lora":
         params = params.replace("path,", "path, base,").replace('"PATH",', '"PATH", "BASE",')
         params += "  # BASE: the teacher exported by `python -m train export`"
@@ -78,12 +83,21 @@ def sampling_code(meta: dict) -> str:
               f"z = torch.randn(len(labels), {cfg['in_channels']}, {cfg['sample_size']}, {cfg['sample_size']}, generator=gen)"]
     if recipe == "generator":
         return "\n".join(lines + _generator_loop(meta))
-    lines += [f"sched = DDIMScheduler.from_pretrained(f\"{{{src}}}/scheduler\")",
+    lines += [f"sched = {scheduler}.from_pretrained(f\"{{{src}}}/scheduler\")",
               "sched.set_timesteps(steps)",
               "x = z * sched.init_noise_sigma"]
+    hook = _w_embedding_hook() if w_input else []
+    if recipe == "consistency":
+        return "\n".join(lines + hook + _consistency_loop())
     if recipe == "w_input":
-        return "\n".join(lines + _w_embedding_hook() + _w_input_loop())
+        return "\n".join(lines + hook + _w_input_loop())
     return "\n".join(lines + _cfg_loop(meta))
+
+
+def _card_scale(meta: dict) -> float:
+    """The card's default w: 2, or the nearest end of the range a consistency model was distilled over."""
+    lo, hi = meta["sampling"].get("scale_range") or (2.0, 2.0)
+    return float(min(max(2.0, lo), hi))
 
 
 def _cfg_loop(meta: dict) -> list[str]:
@@ -108,6 +122,13 @@ def _w_input_loop() -> list[str]:
     return ["with torch.no_grad():",
             "    for t in sched.timesteps:  # ONE network evaluation per step: w is an input, not a second branch",
             "        x = sched.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample"]
+
+
+def _consistency_loop() -> list[str]:
+    return ["with torch.no_grad():",
+            "    for t in sched.timesteps:  # multistep consistency sampling: one evaluation per step, then LCMScheduler",
+            "        # keeps c_skip x + c_out x0 and re-noises it to the next time with fresh noise from gen",
+            "        x = sched.step(unet(x, t, class_labels=labels).sample, t, x, generator=gen).prev_sample"]
 
 
 def _generator_loop(meta: dict) -> list[str]:

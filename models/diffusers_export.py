@@ -1,5 +1,6 @@
-"""What every adapter's diffusers export shares: the DDIM scheduler equal to our sampler, the plain (LoRA-merged)
-network, weights on the CPU, and the w-embedding files of guidance-distilled students."""
+"""What every adapter's diffusers export shares: the scheduler equal to our sampler (DDIM, or LCMScheduler for latent
+consistency models), the plain (LoRA-merged) network, weights on the CPU, and the w-embedding files of
+guidance-distilled students."""
 from __future__ import annotations
 
 import json
@@ -20,10 +21,9 @@ W_EMBEDDING_NOTE = (
     "The network alone samples as if that term were zero.")
 
 
-def diffusers_scheduler(schedule, parameterization: str):
-    """The diffusers scheduler whose DDIM steps equal ours (same alphas_cumprod, 'trailing' spacing)."""
-    from diffusers import DDIMScheduler
-
+def _vp_scheduler_args(schedule, parameterization: str) -> dict | None:
+    """The betas and prediction type of a diffusers VP scheduler with our schedule's alphas_cumprod; None when no
+    diffusers beta schedule reproduces it. Raises for a parameterisation diffusers' VP schedulers lack."""
     from guidance.schedules import VPCosine, VPLinear
 
     prediction = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}.get(parameterization)
@@ -31,13 +31,57 @@ def diffusers_scheduler(schedule, parameterization: str):
         raise ValueError(f"export to diffusers supports eps, v and x0 networks on VP schedules; this one predicts "
                          f"{parameterization!r} — export --format safetensors instead")
     common = dict(num_train_timesteps=schedule.num_steps if hasattr(schedule, "num_steps") else 1000,
-                  prediction_type=prediction, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+                  prediction_type=prediction, clip_sample=False, set_alpha_to_one=True)
     if isinstance(schedule, VPCosine) and schedule.s == 0.008 and schedule.max_beta == 0.999:
-        return DDIMScheduler(beta_schedule="squaredcos_cap_v2", **common)
+        return dict(beta_schedule="squaredcos_cap_v2", **common)
     if isinstance(schedule, VPLinear):
-        return DDIMScheduler(beta_schedule="scaled_linear" if schedule.scaled else "linear",
-                             beta_start=schedule.beta_start, beta_end=schedule.beta_end, **common)
-    raise ValueError(f"no diffusers scheduler reproduces {type(schedule).__name__}; export --format safetensors instead")
+        return dict(beta_schedule="scaled_linear" if schedule.scaled else "linear",
+                    beta_start=schedule.beta_start, beta_end=schedule.beta_end, **common)
+    return None
+
+
+def diffusers_scheduler(schedule, parameterization: str):
+    """The diffusers scheduler whose DDIM steps equal ours (same alphas_cumprod, 'trailing' spacing)."""
+    from diffusers import DDIMScheduler
+
+    args = _vp_scheduler_args(schedule, parameterization)
+    if args is None:
+        raise ValueError(f"no diffusers scheduler reproduces {type(schedule).__name__}; export --format safetensors "
+                         f"instead")
+    return DDIMScheduler(timestep_spacing="trailing", **args)
+
+
+def lcm_scheduler(schedule, parameterization: str, sampling: dict):
+    """diffusers' LCMScheduler whose multistep consistency sampling equals train.methods.sampling.ConsistencySampling
+    (`sampling`: its describe()): our alphas_cumprod, original_inference_steps = the solver grid N it was distilled
+    on, its timestep_scaling (c_skip / c_out, LCM Eq. 9), and the check that its grid (timesteps k - 1, 2k - 1, ...,
+    k = T // N) is our solver grid (trailing DDIM over N steps), which needs N to divide T."""
+    import numpy as np
+    from diffusers import LCMScheduler
+
+    n = sampling["solver_steps"]
+    args = None if parameterization == "flow" else _vp_scheduler_args(schedule, parameterization)
+    if args is None:
+        raise ValueError(f"a latent consistency model on the {type(schedule).__name__} schedule ({parameterization} "
+                         f"network) has no diffusers scheduler (LCMScheduler is a VP scheduler); export --format "
+                         f"safetensors instead")
+    scheduler = LCMScheduler(original_inference_steps=n, timestep_scaling=sampling["timestep_scaling"], **args)
+    scheduler.set_timesteps(n)
+    ours = np.round(schedule.net_time(schedule.sampling_times(n)).numpy()).astype(np.int64)
+    if not np.array_equal(scheduler.timesteps.numpy(), ours):
+        t = args["num_train_timesteps"]
+        raise ValueError(f"LCMScheduler's {n}-point grid (timesteps k - 1, 2k - 1, ... with k = {t} // {n}) is not the "
+                         f"solver grid this model was distilled on ({n} does not divide {t}); export --format "
+                         f"safetensors instead")
+    return scheduler
+
+
+def export_scheduler(schedule, parameterization: str, sampling: dict | None = None):
+    """The diffusers scheduler that samples an export as the project's recipe (`sampling`: the recipe's describe())
+    does: LCMScheduler for a latent consistency model (recipe "consistency"), else the DDIM 'trailing' one."""
+    if sampling is not None and sampling.get("recipe") == "consistency":
+        return lcm_scheduler(schedule, parameterization, sampling)
+    return diffusers_scheduler(schedule, parameterization)
 
 
 def plain_network(net: nn.Module) -> nn.Module:

@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from models.diffusers_export import LORA_WEIGHTS, cpu_state, diffusers_scheduler, plain_network
+from models.diffusers_export import LORA_WEIGHTS, cpu_state, export_scheduler, plain_network
 
 NETWORK_FOLDERS = ("unet", "transformer")
 
@@ -25,7 +25,15 @@ def network_folder(root: Path) -> str:
 class PipelineExport:
     """The export methods of a text adapter: one with `pretrained` (its pipeline folder), its diffusers network at
     `.unet` and `describe()`. VP models get a DDIM "trailing" scheduler whose steps equal the project's sampler
-    (ending at clean data); flow models keep the base folder's flow-matching scheduler."""
+    (ending at clean data), latent consistency models an LCMScheduler (models.diffusers_export.export_scheduler);
+    flow models keep the base folder's flow-matching scheduler."""
+
+    @staticmethod
+    def _scheduler(schedule, parameterization: str, sampling: dict | None):
+        """The scheduler the export writes to scheduler/, None for flow models (they keep the base folder's); a
+        consistency model on a flow schedule: export_scheduler's one-line refusal."""
+        lcm = sampling is not None and sampling.get("recipe") == "consistency"
+        return export_scheduler(schedule, parameterization, sampling) if parameterization != "flow" or lcm else None
 
     def _pipeline_root(self) -> Path:
         if self.pretrained is None:
@@ -38,22 +46,26 @@ class PipelineExport:
         return {"pipeline": pipeline_class(root), "network_folder": sub, "network": f"pipe.{sub}",
                 "base_pipeline": str(root)}
 
-    def save_diffusers(self, folder: Path, schedule, parameterization: str) -> dict:
+    def save_diffusers(self, folder: Path, schedule, parameterization: str, sampling: dict | None = None) -> dict:
         """folder <- the base pipeline folder with this network (LoRA merged) in place of unet/ or transformer/."""
         root = self._pipeline_root()
         info = self._pipeline_info(root)
         sub = info["network_folder"]
-        scheduler = diffusers_scheduler(schedule, parameterization) if parameterization != "flow" else None
+        scheduler = self._scheduler(schedule, parameterization, sampling)
         shutil.copytree(root, folder, dirs_exist_ok=True, ignore=lambda d, names: [n for n in names if Path(d) == root
                                                                                     and n == sub])
         plain_network(self).unet.save_pretrained(folder / sub, safe_serialization=True)
-        if scheduler is not None:
+        if scheduler is not None:  # from_pretrained builds the class model_index.json names (SD 1.5's: PNDM)
             shutil.rmtree(folder / "scheduler")
             scheduler.save_pretrained(folder / "scheduler")
+            index = json.loads((folder / "model_index.json").read_text())
+            index["scheduler"] = ["diffusers", type(scheduler).__name__]
+            (folder / "model_index.json").write_text(json.dumps(index, indent=2))
         return {**info, "contents": f"A full pipeline folder: the trained `{sub}/` with the text encoders, tokenizers "
                                     f"and VAE of `{root}`."}
 
-    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None) -> dict:
+    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None,
+                  sampling: dict | None = None) -> dict:
         """folder <- LORA_WEIGHTS with keys `unet.<module>.lora_A.weight` (or `transformer.`), written by the pipeline
         class's own save_lora_weights with the peft LoraConfig (rank, alpha, targets) as its adapter metadata, so
         `load_lora_weights` rebuilds the same scaling; `scheduler/` for VP models. base_checkpoint: unused (the base is
@@ -63,14 +75,15 @@ class PipelineExport:
         from models.param_select import lora_adapter
 
         config, state = lora_adapter(self)
+        scheduler = self._scheduler(schedule, parameterization, sampling)
         root = self._pipeline_root()
         info = self._pipeline_info(root)
         sub, cls = info["network_folder"], info["pipeline"]
         adapter = {**config.to_dict(), "inference_mode": True, "base_model_name_or_path": None}
         getattr(diffusers, cls).save_lora_weights(folder, weight_name=LORA_WEIGHTS, **{
             f"{sub}_lora_layers": cpu_state(state), f"{sub}_lora_adapter_metadata": adapter})
-        if parameterization != "flow":
-            diffusers_scheduler(schedule, parameterization).save_pretrained(folder / "scheduler")
+        if scheduler is not None:
+            scheduler.save_pretrained(folder / "scheduler")
         return {**info, "lora": {"r": config.r, "lora_alpha": config.lora_alpha, "weights": LORA_WEIGHTS,
                                  "format": "diffusers"},
                 "contents": f"LoRA weights (rank {config.r}, alpha {config.lora_alpha}) in diffusers' format for the "
@@ -127,6 +140,7 @@ def _loading_code(meta: dict) -> str:
     if meta["format"] != "lora":
         return f'from diffusers import {cls}\npipe = {cls}.from_pretrained("EXPORT")\n'
     code = f'from diffusers import {cls}\npipe = {cls}.from_pretrained("{meta["base_pipeline"]}")\npipe.load_lora_weights("EXPORT")\n'
-    if meta["parameterization"] != "flow":  # the DDIM "trailing" grid of the project's sampler
-        code += 'from diffusers import DDIMScheduler\npipe.scheduler = DDIMScheduler.from_pretrained("EXPORT/scheduler")\n'
+    if meta["parameterization"] != "flow":  # the DDIM "trailing" grid of the project's sampler, or LCM's sampler
+        sched = "LCMScheduler" if meta["sampling"]["recipe"] == "consistency" else "DDIMScheduler"
+        code += f'from diffusers import {sched}\npipe.scheduler = {sched}.from_pretrained("EXPORT/scheduler")\n'
     return code

@@ -156,13 +156,15 @@ class WConditionedNetwork(ConditionalNetwork):
         return {"cond": self.base.drop_cond(cond["cond"], p, generator, u), "w": cond["w"]}
 
     # --- export: the base's files plus w_embedding/ (models.diffusers_export.save_w_embedding) ---------------------
-    def save_diffusers(self, folder: Path, schedule, parameterization: str) -> dict:
+    def save_diffusers(self, folder: Path, schedule, parameterization: str, sampling: dict | None = None) -> dict:
         """The base network's diffusers export (its weights alone sample as if w's term were zero) + w_embedding/."""
-        return self._with_w_embedding(folder, self.base.save_diffusers(folder, schedule, parameterization))
+        return self._with_w_embedding(folder, self.base.save_diffusers(folder, schedule, parameterization, sampling))
 
-    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None) -> dict:
+    def save_lora(self, folder: Path, schedule, parameterization: str, base_checkpoint: str | None = None,
+                  sampling: dict | None = None) -> dict:
         """The base network's LoRA export + w_embedding/ (no LoRA loader has a place for a new embedding)."""
-        return self._with_w_embedding(folder, self.base.save_lora(folder, schedule, parameterization, base_checkpoint))
+        return self._with_w_embedding(folder, self.base.save_lora(folder, schedule, parameterization, base_checkpoint,
+                                                                  sampling))
 
     def card_code(self, meta: dict) -> str:
         """The base's card code; meta["w_embedding"] makes it add the w-embedding's forward hook."""

@@ -4,10 +4,10 @@ The network adapter writes itself (models: `save_diffusers`, `save_lora`, `card_
 method knows (guidedistill.json: method, parameterisation, schedule, the sampling recipe, the conditioner, a one-step
 generator's times; the model card) and writes the target safely:
 
-- diffusers:   what from_pretrained loads (class models: `unet/` + a DDIM "trailing" `scheduler/`; text models: the
-               base pipeline folder with the trained network), LoRA adapters merged, `w_embedding/` for
-               guidance-distilled students, `guidedistill.json` and a model card `README.md` whose code samples the
-               folder with diffusers alone;
+- diffusers:   what from_pretrained loads (class models: `unet/` + a DDIM "trailing" `scheduler/`, LCMScheduler for
+               latent consistency models; text models: the base pipeline folder with the trained network), LoRA
+               adapters merged, `w_embedding/` for guidance-distilled students, `guidedistill.json` and a model card
+               `README.md` whose code samples the folder with diffusers alone;
 - lora:        the adapters for the frozen base (class models: peft's adapter files for the teacher's UNet; text
                models: diffusers' own LoRA file for `pipe.load_lora_weights`), plus `w_embedding/`, the meta and card;
 - safetensors: the sampling network's state dict (LoRA merged), the metadata under the key "guidedistill".
@@ -93,13 +93,15 @@ def write_folder(den: Denoiser, meta: dict, tmp: Path, files: dict) -> Path:
 
 
 def write_diffusers(den: Denoiser, meta: dict, tmp: Path) -> Path:
-    return write_folder(den, meta, tmp, den.net.save_diffusers(tmp, den.schedule, den.parameterization))
+    return write_folder(den, meta, tmp, den.net.save_diffusers(tmp, den.schedule, den.parameterization,
+                                                               sampling=meta["sampling"]))
 
 
 def write_lora(den: Denoiser, meta: dict, tmp: Path) -> Path:
     hp = meta.get("training_config") or {}
     base = hp.get("teacher") or hp.get("model")  # the checkpoint (or pipeline folder) of the frozen base
-    return write_folder(den, meta, tmp, den.net.save_lora(tmp, den.schedule, den.parameterization, base))
+    return write_folder(den, meta, tmp, den.net.save_lora(tmp, den.schedule, den.parameterization, base,
+                                                          sampling=meta["sampling"]))
 
 
 def write_safetensors(den: Denoiser, meta: dict, tmp: Path) -> Path:

@@ -30,6 +30,18 @@ def recipe_text(meta: dict) -> str:
                 f"the network's x0 prediction; each further step re-noises that x0 to the next time. The network times "
                 f"and their alpha, sigma are `guidedistill.json[\"generator\"]` (the values used in training): "
                 f"{g['steps']} network evaluation(s) per sample.")
+    if s["recipe"] == "consistency":
+        lo, hi = s["scale_range"] or (None, None)
+        w = ("the guidance scale w is an INPUT (the w-embedding)" if s["w_input"] else
+             f"the guidance it was distilled with (w in [{lo:g}, {hi:g}]) is part of the network, so no guidance scale"
+             if lo is not None else "the guidance it was distilled with is part of the network")
+        text = (f"A latent consistency model (Luo et al. 2023, arXiv 2310.04378) distilled on a {s['solver_steps']}-"
+                f"point solver grid: {w}; one network evaluation per step. Sample with diffusers' LCMScheduler "
+                f"(`scheduler/`: original_inference_steps {s['solver_steps']}, timestep_scaling "
+                f"{s['timestep_scaling']:g}) for 1 to {s['solver_steps']} steps ({s['steps']} below): each step keeps "
+                f"c_skip x + c_out x0 and re-noises it to the next time, as `python -m train sample` does.")
+        e = meta.get("w_embedding", {})
+        return text + (f"\n\n**The w-embedding is not in the network's folder.** {e['why']}" if "why" in e else "")
     if s["recipe"] == "w_input":
         text = (f"A guidance-distilled student (Meng et al. 2023, arXiv 2210.03142): the guidance scale w is an INPUT, "
                 f"so each step is one network evaluation. Sample with {_scheduler(meta)}, for {s['steps']} steps"
