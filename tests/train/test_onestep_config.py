@@ -110,7 +110,7 @@ def test_groups_are_recorded_as_plain_dicts():
     assert plain["objective"] == {"kind": "dmd", "divergence": "pearson", "ratio_normalization": None,
                                   "ratio_time_bins": None, "ratio_ema_rate": None, "t_range": [0.02, 0.98],
                                   "ca_t_range": None, "dm_t_range": None, "ca_weight": 1.0, "dm_weight": 1.0,
-                                  "renoise": None}
+                                  "renoise": None, "alpha": 1.2, "lsg_fake_scale": None, "lsg_train_scale": None}
     assert ObjectiveArgs(divergence="pearson").ratio_scheme() == ("two_stage", 10, 0.0)
     # the forgetting target is resolved when the group is built, so the record names it
     assert plain["forget"] == {"concepts": [3], "eta": None, "targets": [8], "target": "safe"}

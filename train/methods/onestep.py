@@ -1,4 +1,4 @@
-"""One-step (and few-step) distillation by distribution matching: DMD/DMD2, f-distill, PG-SB, Decoupled DMD."""
+"""One-step (and few-step) distillation by distribution matching: DMD/DMD2, f-distill, PG-SB, Decoupled DMD, SiD."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +15,7 @@ from losses.dmd import decoupled_dmd_loss, dmd_loss, fake_score_loss
 from losses.erasure import forget_target
 from losses.fdiv import fdistill_loss, two_stage_weights
 from losses.gan import discriminator_loss, generator_gan_loss
+from losses.sid import guided_denoising_loss
 from models.discriminator import (DiscriminatorHead, default_feature_layer, discriminator_logits, feature_channels,
                                   probe_condition)
 from models.ema import EMA
@@ -24,13 +25,14 @@ from train.methods.base import MethodModule
 from train.methods.onestep_config import (DiscriminatorArgs, FakeScoreArgs, ForgetArgs, GeneratorArgs, ObjectiveArgs,
                                           OptimizerArgs, as_group, check_combinations, check_forget, check_pg_sb_range,
                                           check_real_data, check_renoise_times)
+from train.methods.onestep_sid import SiDObjective, check_sid, sid_p_uncond
 from train.methods.onestep_updates import OneStepUpdates
 from train.methods.sampling import GeneratorSampling
 from train.runtime.checkpoint import CHECKPOINT_KEY, load_teacher
 from train.runtime.nonfinite import NonFiniteLoss  # noqa: F401 (re-export)
 
 
-class OneStepDistillation(OneStepUpdates, MethodModule):
+class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
     """A one-step (or k-step) generator trained by distribution matching against a guided teacher.
 
     Networks: the generator G (a trainable copy of the teacher: x = G(z, c) is the teacher-architecture
@@ -66,9 +68,10 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
     guidance_scale:   the teacher's scale w (D_u + w (D_c - D_u)); the fake score is unguided.
     pg_sb_range:      [lo, hi]: per-sample w ~ U[lo, hi] for BOTH the teacher and the fake score (PG-SB,
                       SNOOPI, arXiv 2412.02687); the fake score then trains with label dropout.
-    objective:        ObjectiveArgs: kind (dmd / decoupled), divergence, f-distill's ratio_normalization,
+    objective:        ObjectiveArgs: kind (dmd / decoupled / sid), divergence, f-distill's ratio_normalization,
                       ratio_time_bins, ratio_ema_rate (default: the authors' two-stage scheme), t_range and Decoupled
-                      DMD's ca_t_range, dm_t_range, ca_weight, dm_weight, renoise (default: Decoupled-Hybrid).
+                      DMD's ca_t_range, dm_t_range, ca_weight, dm_weight, renoise (default: Decoupled-Hybrid); SiD's
+                      alpha and SiD-LSG's lsg_fake_scale, lsg_train_scale (train.methods.onestep_sid).
     fake_score:       FakeScoreArgs: mode (lora / copy), rank, alpha, targets, updates, p_uncond, lr.
     discriminator:    DiscriminatorArgs: gan_weight, features (fake / teacher), layer, hidden, t_range, lr.
     generator:        GeneratorArgs: steps, times, lr.
@@ -101,13 +104,15 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
         gen_args = as_group(GeneratorArgs, generator)
         forget = None if forget is None else as_group(ForgetArgs, forget)
         check_combinations(self.objective, guider, forget)
+        if self.objective.kind == "sid":
+            check_sid(self.objective, guider, pg_sb_range, self.fake_args.p_uncond)
         self.pg_sb_range = check_pg_sb_range(pg_sb_range)
         self.dmd_t_range, self.ca_t_range, self.dm_t_range = (self.objective.times(n) for n in ("t", "ca_t", "dm_t"))
         self.disc_t_range = tuple(self.disc_args.t_range or self.objective.t_range)
         dtype = frozen_dtype_of(frozen_dtype)
         self.guidance_scale = guidance_scale
         p_uncond = self.fake_args.p_uncond
-        self.fake_p_uncond = (0.1 if self.pg_sb_range else 0.0) if p_uncond is None else p_uncond
+        self.fake_p_uncond = (0.1 if self.pg_sb_range else sid_p_uncond(self.objective)) if p_uncond is None else p_uncond
         # learning rates: the fake score's defaults to the generator's, the discriminator's to the fake score's
         fake_lr = self.fake_args.lr or gen_args.lr
         self.lrs = (gen_args.lr, fake_lr, self.disc_args.lr or fake_lr)
@@ -133,6 +138,7 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
                 raise ValueError("pg_sb_range guides the fake score with the teacher's guider, which cannot need a "
                                  "weak model; use a guider such as 'cfg' with PG-SB")
             self._guided["fake"] = GuidedDenoiser(self.fake_score, copy.deepcopy(g))
+        self._init_sid()
         self.forget = None if forget is None else check_forget(forget, g, teacher_den.net.conditioner)
         self.uses_discriminator = self.gan_weight > 0 or self.divergence != "reverse_kl"
         self.disc_head = None
@@ -263,7 +269,10 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
         cond = self.fake_score.net.drop_cond(labels, self.fake_p_uncond, u=self.uniform(b, cond_device(labels)))
         t = self.per_sample(lambda n: sched.sample_t(n, device=x_fake.device), b)
         eps = self.noise_like(x_fake)
-        terms = {"fake_score": fake_score_loss(self.fake_score, x_fake, cond, t, eps).mean()}
+        scale = self.fake_train_scale  # SiD-LSG's kappa_1 (1: the plain denoising loss, DMD Eq. 6)
+        loss = (fake_score_loss(self.fake_score, x_fake, cond, t, eps) if scale == 1.0 else
+                guided_denoising_loss(self.fake_score, x_fake, cond, t, eps, scale))
+        terms = {"fake_score": loss.mean()}
         if self.disc_head is not None:
             t_f = self._uniform_t(b, self.disc_t_range, x_fake.device)
             t_r = self._uniform_t(x_real.shape[0], self.disc_t_range, x_real.device)
@@ -273,7 +282,7 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
         return terms
 
     def generator_losses(self, labels: Any, requests: Any = None) -> dict[str, Tensor]:
-        """The generator's distribution-matching term (DMD, f-distill or Decoupled DMD) and GAN term for the
+        """The generator's distribution-matching term (DMD, f-distill, Decoupled DMD or SiD) and GAN term for the
         condition `labels` of `requests` (the batch's class ids or prompts; default `labels`: class ids)."""
         x, step = self._train_sample(labels, grad=True)
         b, dev, sched = x.shape[0], x.device, self.generator.schedule
@@ -290,6 +299,8 @@ class OneStepDistillation(OneStepUpdates, MethodModule):
                 with torch.no_grad():
                     logits = self._disc_logits(x_t, t, labels)
                 terms["dmd"] = self._fdistill_loss(x, d_real, d_fake, logits, t).mean()
+        elif self.objective.kind == "sid":
+            terms["sid"] = self._sid_loss(x, labels, w).mean()
         else:
             terms["dmd"] = self._decoupled_loss(x, labels, w, float(self.generator_times[step])).mean()
         if self.gan_weight > 0:

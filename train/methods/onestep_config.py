@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from losses.fdiv import DIVERGENCES
 
-OBJECTIVES = ("dmd", "decoupled")
+OBJECTIVES = ("dmd", "decoupled", "sid")
 RATIO_NORMALIZATIONS = ("two_stage", "weight_bins")
 RENOISE_SCHEDULES = ("hybrid", "constrained", "full")  # Decoupled DMD sec. 4.3: Decoupled-Hybrid / -Constrained / -Full
 FORGET_TARGETS = ("safe", "esd")
@@ -21,7 +21,9 @@ class ObjectiveArgs:
     """The generator's distribution-matching term.
 
     Args:
-        kind: "dmd" (DMD/DMD2 and f-distill) or "decoupled" (Decoupled DMD, arXiv 2511.22677: CFG only).
+        kind: "dmd" (DMD/DMD2 and f-distill), "decoupled" (Decoupled DMD, arXiv 2511.22677: CFG only) or "sid"
+            (Score identity Distillation, arXiv 2404.04057, with SiD-LSG's guidance scales, arXiv 2406.01561;
+            losses.sid).
         divergence: losses.fdiv name; anything but reverse_kl (= DMD) is f-distill and needs the discriminator's
             density ratio.
         ratio_normalization: f-distill's normalisation of the weights h(r) (default "two_stage"):
@@ -41,6 +43,13 @@ class ObjectiveArgs:
             Decoupled-Hybrid: CA times drawn only cleaner than the generator step's time t_j, within ca_t_range, DM
             times over dm_t_range), "constrained" (both cleaner than t_j) or "full" (both over their fixed ranges,
             the earlier behaviour). For a one-step generator started at t >= the ranges' hi all three agree.
+        alpha: SiD's alpha in (f_phi - f_psi) . ((f_phi - x) - alpha (f_phi - f_psi)) (default 1.2, the authors'
+            default; SiD-LSG uses 1 on Stable Diffusion).
+        lsg_fake_scale: SiD-LSG's kappa_2 = kappa_3: the CFG scale of the fake score f_psi in the generator loss
+            (default 1: the conditional fake score, plain SiD). The teacher's kappa_4 is the module's guidance_scale.
+        lsg_train_scale: SiD-LSG's kappa_1: the CFG scale of the fake score's own output in its denoising loss
+            (default 1). A scale other than 1 needs guider cfg and a fake score that keeps learning the null
+            condition (fake_score.p_uncond, default then 0.1 as the authors').
     None fields take their default for the objective; f-distill's and Decoupled DMD's fields are refused elsewhere.
     """
 
@@ -55,6 +64,9 @@ class ObjectiveArgs:
     ca_weight: float = 1.0
     dm_weight: float = 1.0
     renoise: str | None = None
+    alpha: float = 1.2
+    lsg_fake_scale: float | None = None
+    lsg_train_scale: float | None = None
 
     def __post_init__(self):
         check_choice("objective.kind", self.kind, OBJECTIVES)
@@ -68,7 +80,14 @@ class ObjectiveArgs:
         if self.kind == "decoupled" and self.divergence != "reverse_kl":
             raise ValueError(f"objective.kind 'decoupled' has no density-ratio weighting; set divergence: reverse_kl "
                              f"or kind: dmd (got divergence {self.divergence!r})")
-        if self.kind == "dmd" and (self.ca_t_range is not None or self.dm_t_range is not None or self.renoise is not None
+        if self.kind == "sid" and self.divergence != "reverse_kl":
+            raise ValueError(f"objective.kind 'sid' has no density-ratio weighting; set divergence: reverse_kl or "
+                             f"kind: dmd (got divergence {self.divergence!r})")
+        if self.kind != "sid" and (self.alpha != 1.2 or self.lsg_fake_scale is not None
+                                   or self.lsg_train_scale is not None):
+            raise ValueError("objective.alpha, lsg_fake_scale and lsg_train_scale are SiD's; set kind: sid or "
+                             "remove them")
+        if self.kind != "decoupled" and (self.ca_t_range is not None or self.dm_t_range is not None or self.renoise is not None
                                    or (self.ca_weight, self.dm_weight) != (1.0, 1.0)):
             raise ValueError("objective.ca_t_range, dm_t_range, ca_weight, dm_weight and renoise are Decoupled DMD's; "
                              "set kind: decoupled or remove them")
@@ -98,6 +117,13 @@ class ObjectiveArgs:
         """f-distill's (ratio_normalization, ratio_time_bins, ratio_ema_rate) with their defaults filled in."""
         return (self.ratio_normalization or "two_stage", 10 if self.ratio_time_bins is None else int(self.ratio_time_bins),
                 0.0 if self.ratio_ema_rate is None else float(self.ratio_ema_rate))
+
+    @property
+    def sid_scales(self) -> tuple[float, float]:
+        """SiD-LSG's (kappa_2 = kappa_3, kappa_1): the fake score's CFG scales in the generator loss and in its own
+        loss, 1.0 when unset."""
+        return (1.0 if self.lsg_fake_scale is None else float(self.lsg_fake_scale),
+                1.0 if self.lsg_train_scale is None else float(self.lsg_train_scale))
 
     def times(self, name: str) -> tuple[float, float]:
         """The [lo, hi] of `name` ("t", "ca_t" or "dm_t"), the CA / DM ranges defaulting to t_range."""
