@@ -206,3 +206,17 @@ def test_shipped_lcm_lora_config_exports_onto_the_original_pipeline(t2i_workspac
     assert adapted(pipe.unet) == adapted(module.student.net.unet)  # every target layer, time_emb_proj to downsamplers
     assert {"time_emb_proj", "downsamplers"} <= {part for n in adapted(pipe.unet) for part in n.split(".")}
     torch.testing.assert_close(pipeline_latents(pipe, kind, noise, args), ours, **TOL_TEXT)
+
+
+def test_a_flow_consistency_model_is_refused_with_one_line(t2i_workspace, tmp_path, capsys):
+    """LCM on the tiny SD3 folder (rectified flow): LCMScheduler cannot sample it, so both diffusers formats refuse
+    with one line naming --format safetensors, and leave nothing behind; safetensors still exports."""
+    ckpt = fit_text_lcm(t2i_workspace, "sd3")
+    capsys.readouterr()  # the fit's output
+    for fmt in ("diffusers", "lora"):
+        with pytest.raises(SystemExit):
+            main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / fmt), "--format", fmt])
+        err = capsys.readouterr().err
+        assert "LCMScheduler is a VP scheduler" in err and "--format safetensors" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "lcm.safetensors"), "--format", "safetensors"])
