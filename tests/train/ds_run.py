@@ -115,6 +115,12 @@ def build(method: str, teacher: str | None, batch: int, nan_at: int = -1, frozen
                                           "discriminator": {"gan_weight": 0.1, "hidden": 16},
                                           "fake_score": {"updates": 2, "rank": 4},
                                           "ema_decay": 0.9, "frozen_dtype": frozen_dtype}}), digits
+    if method == "sid":  # SiD-LSG: both scores differentiated through x_t, the LoRA fake score guided (kappa_1, kappa_2)
+        return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
+                            "init_args": {"teacher": teacher, "guidance_scale": 2.0,
+                                          "objective": {"kind": "sid", "lsg_fake_scale": 2.0, "lsg_train_scale": 1.5},
+                                          "fake_score": {"updates": 2, "rank": 4},
+                                          "ema_decay": 0.9, "frozen_dtype": frozen_dtype}}), digits
     if method == "erasure":  # ESD's on-policy x_t: the student's own partial trajectories, drawn through per_sample
         return instantiate({"class_path": "train.methods.erasure.ConceptErasure",
                             "init_args": {"model": teacher, "concepts": [3], "params": "esd-u", "lr": 1e-3,

@@ -79,6 +79,7 @@ class SiDObjective:
         with kind sid (SiD-LSG sid_training_loop.py lines 418-443; losses.sid.guided_denoising_loss), else 1."""
         return self.objective.sid_scales[1] if self.objective.kind == "sid" else 1.0
 
+
 def sid_p_uncond(objective: ObjectiveArgs) -> float:
     """The fake score's default label dropout under SiD: 0.1 when SiD-LSG guides it (the authors'
     use_context_dropout_train_fake, SiD-LSG sid_training_loop.py lines 208-211 and 393-397), else 0."""
