@@ -23,6 +23,7 @@ TRAINER = {"max_steps": 2, "accelerator": "cpu", "logger": False, "limit_val_bat
 DIGITS = {
     "guidance_distillation": ("guidance_distill.yaml", {}),
     "progressive": ("progressive.yaml", {"start_steps": 4, "end_steps": 1, "steps_per_round": 1}),
+    "consistency": ("lcm.yaml", {"solver_steps": 8}),
     "dmd": ("dmd.yaml", {}),
     "fdistill_js": ("fdistill_js.yaml", {}),
     "sfd": ("sfd.yaml", {}),
