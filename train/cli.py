@@ -146,6 +146,9 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
     _sampling_args(s, guiders)
     s.add_argument("--scale", type=float, default=None,
                    help="guidance scale w (D_u + w (D_c - D_u)); default 2, or what a generator was distilled at")
+    s.add_argument("--nasa-scale", type=float, default=None, metavar="ALPHA",
+                   help="honour --negative-prompt without CFG (a w-input student or a one-/few-step generator of a "
+                        "text UNet): its cross-attention returns Attn(Q, K+, V+) - ALPHA Attn(Q, K-, V-) (NASA, SNOOPI)")
     s.add_argument("--num-per-class", type=int, default=8, help="samples per class (or per class prompt)")
     s.add_argument("--num-per-prompt", type=int, default=4, help="samples per prompt")
     s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
@@ -209,8 +212,9 @@ def _load(args):
     from train.runtime.checkpoint import load_method
 
     module = load_method(args.ckpt)
-    module.recipe().resolve(getattr(args, "scale", None), args.steps, args.sampler, args.guider,
-                            _parse_params(args.param), args.eta, args.negative is not None)
+    module.sampling_recipe(getattr(args, "nasa_scale", None)).resolve(
+        getattr(args, "scale", None), args.steps, args.sampler, args.guider, _parse_params(args.param), args.eta,
+        args.negative is not None)
     sets = request_sets(module, args.classes, prompt_list(args.prompt, args.prompts), args.class_prompts,
                         args.num_per_class, args.num_per_prompt)
     if args.negative is not None:
@@ -231,7 +235,7 @@ def cmd_sample(args) -> None:
     rows = [r for rs in sets for r in rs.requests]
     nrow = args.num_per_class if all(rs.labels is not None for rs in sets) else args.num_per_prompt
     images, nfe = generate_images(module, rows, args.scale, args.steps, args.sampler, args.guider, args.seed,
-                                  args.negative, args.eta, _parse_params(args.param))
+                                  args.negative, args.eta, _parse_params(args.param), nasa_scale=args.nasa_scale)
     save_grid(images, out / "grid.png", nrow=nrow)
     labelled = {"labels": torch.cat([rs.labels for rs in sets]).numpy()} if all(rs.labels is not None for rs in sets) else {}
     np.savez(out / "samples.npz", images=images.numpy(), requests=np.array([str(r) for r in rows]),

@@ -205,6 +205,15 @@ class MethodModule(L.LightningModule):
         """How this method's model samples (train.methods.sampling); a guided sampler by default."""
         return GuidedSampling(self.sampling_denoiser)
 
+    def sampling_recipe(self, nasa_scale: float | None = None) -> Recipe:
+        """`recipe()`, run with NASA's negative cross-attention at scale nasa_scale when one is given
+        (train.methods.negative_attention: w-input students and generators of text models; else a ValueError)."""
+        if nasa_scale is None:
+            return self.recipe()
+        from train.methods.negative_attention import nasa_recipe
+
+        return nasa_recipe(self.recipe(), self.sampling_denoiser().net, nasa_scale)
+
     def val_sampling(self) -> dict:
         """generate() settings of validation samples (the module's val_scale and val_steps)."""
         return {"scale": self.val_scale, "steps": self.val_steps}
@@ -218,15 +227,16 @@ class MethodModule(L.LightningModule):
     def generate(self, requests: Sequence | Tensor, scale: float | None = None, steps: int | None = None,
                  sampler: str | None = None, guider: Guider | str | None = None, seed: int = 0, batch_size: int = 500,
                  progress: bool = False, negative: Any = None, eta: float = 0.0,
-                 guider_params: dict | None = None) -> tuple[Tensor, float]:
+                 guider_params: dict | None = None, nasa_scale: float | None = None) -> tuple[Tensor, float]:
         """Samples [N, C, H, W] for N requests (class ids or names [N], or prompts; a latent model's latents, which
         `samples_to_images` decodes) and network evaluations per sample.
 
         scale, steps, sampler, guider, guider_params ({name: value}), eta (DDIM's): as the method's recipe takes them
         (None: its defaults); one it cannot honour is a ValueError. negative: the negative condition of CFG-like guiders (a request, or
-        one per sample: a negative prompt, or a class) instead of the null condition.
+        one per sample: a negative prompt, or a class) instead of the null condition. nasa_scale: honour `negative` in
+        the cross-attention layers instead (NASA, `sampling_recipe`), for models with no unconditional branch.
         Noise comes from a CPU generator seeded with `seed`, so samples are identical across devices."""
-        recipe = self.recipe()
+        recipe = self.sampling_recipe(nasa_scale)
         negs = None
         if negative is not None:
             negs = [negative] * len(requests) if isinstance(negative, (str, int)) else list(negative)

@@ -138,7 +138,8 @@ class WInputSampling(GuidedSampling):
                              f"--guider {self.distilled_guider} (or conditional) and no --param")
         if negative:
             raise ValueError("a guidance-distilled student has no unconditional branch for a negative condition to "
-                             "replace; sample its teacher with the negative prompt instead")
+                             "replace; sample its teacher with the negative prompt instead, or add --nasa-scale "
+                             "ALPHA (NASA: the negative prompt in the cross-attention layers of a text UNet)")
         if self.fixed_steps is not None:
             if steps not in (None, self.fixed_steps):
                 raise ValueError(f"this progressive student was distilled to {self.fixed_steps} DDIM steps; sample it "
@@ -185,7 +186,9 @@ class GeneratorSampling(Recipe):
             scale_note = f" at w = {self.scale:g}" if self.scale is not None else " over a range of w (PG-SB)"
             raise ValueError(f"this is a {self.steps}-step generator distilled{scale_note}: it samples with its own "
                              f"times and guidance, so {', '.join(bad)} cannot be honoured; leave "
-                             f"{'it' if len(bad) == 1 else 'them'} out")
+                             f"{'it' if len(bad) == 1 else 'them'} out"
+                             + (" (a negative prompt works with --nasa-scale ALPHA on text UNets: NASA)" if negative
+                                else ""))
         return Settings(self.scale, self.steps, "generator", "conditional", {}, 0.0)
 
     def run(self, noise, cond, neg, s: Settings, generator, progress=False):

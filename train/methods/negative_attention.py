@@ -1,0 +1,62 @@
+"""Negative prompts for models sampled without an unconditional branch (guidance-distilled w-input students, one- or
+few-step generators): their recipe run with NASA's cross-attention processors (models.nasa_attention)."""
+from __future__ import annotations
+
+from torch import nn
+
+from models.nasa_attention import check_alpha, cross_attention_modules, negative_away_attention
+from train.methods.sampling import Recipe, Settings
+
+NASA_RECIPES = ("w_input", "generator")  # one network evaluation per step, no unconditional branch
+
+
+class NASASampling(Recipe):
+    """`inner` (a WInputSampling or GeneratorSampling recipe) with its network's cross-attention layers running
+    Negative-Away Steer Attention (Nguyen et al. 2024, SNOOPI, arXiv 2412.02687) against the negative condition:
+    each step is still ONE network evaluation, called with the positive condition while the swapped processors hold
+    the negative prompt's text tokens, so that every cross-attention layer returns Attn(Q, K+, V+) - alpha Attn(Q, K-, V-).
+
+    network: the module whose cross-attention layers are swapped (the recipe's sampling network).
+    alpha:   NASA's scale (>= 0; 0: the negative prompt has no effect).
+    """
+
+    def __init__(self, inner: Recipe, network: nn.Module, alpha: float):
+        self.inner, self.network, self.alpha = inner, network, check_alpha(alpha)
+        self.name = inner.name
+
+    def resolve(self, scale=None, steps=None, sampler=None, guider=None, guider_params=None, eta=0.0,
+                negative: bool = False) -> Settings:
+        if not negative:
+            raise ValueError("--nasa-scale steers away from a negative prompt: give one with --negative-prompt")
+        return self.inner.resolve(scale, steps, sampler, guider, guider_params, eta, negative=False)
+
+    def run(self, noise, cond, neg, s: Settings, generator, progress=False):
+        """Samples [B, C, H, W] and network evaluations per sample; cond, neg: text conditions of B prompts each."""
+        with negative_away_attention(self.network, neg["encoder_hidden_states"], self.alpha):
+            return self.inner.run(noise, cond, None, s, generator, progress)
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "nasa_scale": self.alpha}
+
+
+def nasa_recipe(recipe: Recipe, network: nn.Module, alpha: float) -> NASASampling:
+    """`recipe` with NASA at scale alpha, or a ValueError saying why it cannot apply: a recipe with an unconditional
+    branch (its negative prompt goes to CFG), a network without cross-attention (class labels, SD3/Flux joint
+    attention), a UNet that projects its text tokens before cross-attention."""
+    check_alpha(alpha)
+    if recipe.name not in NASA_RECIPES:
+        raise ValueError(f"--nasa-scale is for models sampled with one evaluation per step and no unconditional branch "
+                         f"(a w-input student or a one-/few-step generator), not recipe {recipe.name!r}; give its "
+                         f"negative prompt with --negative-prompt alone" + (" (CFG's negative branch)" if
+                                                                            recipe.name == "cfg" else ""))
+    conditioner = getattr(network, "conditioner", None)
+    if type(conditioner).__name__ == "ClassConditioner":
+        raise ValueError("--nasa-scale needs cross-attention to a text prompt; this class-label model has none (its "
+                         "class enters through a class embedding)")
+    if not cross_attention_modules(network):
+        raise ValueError(f"--nasa-scale needs cross-attention layers; {type(network).__name__} has none (SD3/Flux "
+                         f"attend to text through joint attention, which NASA does not define)")
+    if any(getattr(m, "encoder_hid_proj", None) is not None for m in network.modules()):
+        raise ValueError("--nasa-scale: this UNet projects its text tokens (encoder_hid_proj) before cross-attention, "
+                         "which NASA's negative tokens would bypass")
+    return NASASampling(recipe, network, alpha)
