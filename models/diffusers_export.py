@@ -1,6 +1,6 @@
 """What every adapter's diffusers export shares: the scheduler equal to our sampler (DDIM, or LCMScheduler for latent
-consistency models), the plain (LoRA-merged) network, weights on the CPU, and the w-embedding files of
-guidance-distilled students."""
+consistency models and k-step generators), the plain (LoRA-merged) network, weights on the CPU, and the w-embedding
+files of guidance-distilled students."""
 from __future__ import annotations
 
 import json
@@ -76,11 +76,48 @@ def lcm_scheduler(schedule, parameterization: str, sampling: dict):
     return scheduler
 
 
+def generator_timesteps(sampling: dict) -> list[int] | None:
+    """A k-step generator's network timesteps (`sampling["timesteps"]`, as train.export records them) as the integers
+    LCMScheduler takes, or None when one is not an integer (to float32 rounding of t (T - 1): 1e-3)."""
+    ts = [float(t) for t in sampling.get("timesteps") or []]
+    ints = [int(round(t)) for t in ts]
+    return ints if ts and all(abs(t - i) <= 1e-3 for t, i in zip(ts, ints)) and min(ints) >= 1 else None
+
+
+def generator_scheduler(schedule, parameterization: str, sampling: dict):
+    """diffusers' LCMScheduler that, set to `timesteps=` the generator's network timesteps, samples a k-step generator
+    (train.methods.onestep.OneStepDistillation.run_generator) exactly: its step keeps denoised = c_out x0 + c_skip x
+    and re-noises it to the next timestep, alpha' denoised + sigma' z with fresh noise drawn from the call's
+    generator; the last step returns denoised. c_skip = 0.25 / ((s t)^2 + 0.25) (LCM Eq. 9 with its
+    timestep_scaling s) is not exactly 0: s is the diffusers default 10 (c_skip 2.5e-9 at timestep 999) raised where
+    needed so that c_skip <= 1e-6 at the smallest timestep. original_inference_steps = T (every integer timestep is on
+    its grid, so no warning). The first input is the pipeline's latents as given (LCMScheduler's init_noise_sigma is
+    1): pass sigma(t_0) z, as run_generator's step 0 denoises (the card does)."""
+    from diffusers import LCMScheduler
+
+    args = None if parameterization == "flow" else _vp_scheduler_args(schedule, parameterization)
+    if args is None:
+        raise ValueError(f"a generator on the {type(schedule).__name__} schedule ({parameterization} network) has no "
+                         f"diffusers LCMScheduler (a VP scheduler); export --format safetensors instead")
+    ts = generator_timesteps(sampling)
+    if ts is None:
+        raise ValueError(f"the generator's network timesteps {sampling.get('timesteps')} are not integers, and "
+                         f"LCMScheduler takes integer timesteps; train with generator.times t = i / (T - 1) (the "
+                         f"default grid is), or export --format safetensors")
+    scaling = max(10.0, 500.0 / min(ts))  # c_skip = 0.25 / ((scaling t)^2 + 0.25) <= 1e-6 for every t >= min(ts)
+    return LCMScheduler(original_inference_steps=args["num_train_timesteps"], timestep_scaling=scaling, **args)
+
+
 def export_scheduler(schedule, parameterization: str, sampling: dict | None = None):
     """The diffusers scheduler that samples an export as the project's recipe (`sampling`: the recipe's describe())
-    does: LCMScheduler for a latent consistency model (recipe "consistency"), else the DDIM 'trailing' one."""
-    if sampling is not None and sampling.get("recipe") == "consistency":
+    does: LCMScheduler for a latent consistency model (recipe "consistency") and for a k-step generator (recipe
+    "generator") whose network timesteps are integers, else the DDIM 'trailing' one (a class model's card samples a
+    generator at other times with its own loop, which needs no scheduler)."""
+    recipe = None if sampling is None else sampling.get("recipe")
+    if recipe == "consistency":
         return lcm_scheduler(schedule, parameterization, sampling)
+    if recipe == "generator" and parameterization != "flow" and generator_timesteps(sampling) is not None:
+        return generator_scheduler(schedule, parameterization, sampling)
     return diffusers_scheduler(schedule, parameterization)
 
 

@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from models.diffusers_export import LORA_WEIGHTS, cpu_state, export_scheduler, plain_network
+from models.diffusers_export import LORA_WEIGHTS, cpu_state, export_scheduler, generator_scheduler, plain_network
 
 NETWORK_FOLDERS = ("unet", "transformer")
 
@@ -25,14 +25,19 @@ def network_folder(root: Path) -> str:
 class PipelineExport:
     """The export methods of a text adapter: one with `pretrained` (its pipeline folder), its diffusers network at
     `.unet` and `describe()`. VP models get a DDIM "trailing" scheduler whose steps equal the project's sampler
-    (ending at clean data), latent consistency models an LCMScheduler (models.diffusers_export.export_scheduler);
+    (ending at clean data), latent consistency models and k-step generators an LCMScheduler
+    (models.diffusers_export.export_scheduler; a generator's at its own timesteps, from latents sigma(t_0) z);
     flow models keep the base folder's flow-matching scheduler."""
 
     @staticmethod
     def _scheduler(schedule, parameterization: str, sampling: dict | None):
         """The scheduler the export writes to scheduler/, None for flow models (they keep the base folder's); a
-        consistency model on a flow schedule: export_scheduler's one-line refusal."""
-        lcm = sampling is not None and sampling.get("recipe") == "consistency"
+        consistency model on a flow schedule: export_scheduler's one-line refusal; a VP k-step generator: the
+        LCMScheduler for its timesteps, or generator_scheduler's one-line refusal of non-integer ones."""
+        recipe = None if sampling is None else sampling.get("recipe")
+        if recipe == "generator" and parameterization != "flow":
+            return generator_scheduler(schedule, parameterization, sampling)
+        lcm = recipe == "consistency"
         return export_scheduler(schedule, parameterization, sampling) if parameterization != "flow" or lcm else None
 
     def _pipeline_root(self) -> Path:
@@ -90,8 +95,30 @@ class PipelineExport:
                             f"`{sub}/` of `{root}`: load that folder, then `pipe.load_lora_weights(EXPORT)`."}
 
     def card_code(self, meta: dict) -> str:
-        """The card's code: build the pipeline, hook a student's w-embedding, then one pipeline call."""
-        return f"{_loading_code(meta)}{_w_hook_code(meta)}image = {_sampling_call(meta)}"
+        """The card's code: build the pipeline, hook a student's w-embedding, a generator's initial latents, then one
+        pipeline call."""
+        return f"{_loading_code(meta)}{_w_hook_code(meta)}{_generator_latents_code(meta)}image = {_sampling_call(meta)}"
+
+
+def _lcm_generator(meta: dict) -> bool:
+    """A VP k-step generator: sampled by the export's LCMScheduler at its own timesteps."""
+    return meta["sampling"]["recipe"] == "generator" and meta["parameterization"] != "flow"
+
+
+def _generator_latents_code(meta: dict) -> str:
+    """A VP generator's first input: sigma(t_0) z (OneStepDistillation.run_generator's step 0), which the pipeline
+    takes as latents= (LCMScheduler's init_noise_sigma is 1), with the re-noise drawn from the same generator."""
+    if not _lcm_generator(meta):
+        return ""
+    g = meta["generator"]
+    return f'''
+# step 0 of the generator denoises sigma(t_0) z at timestep {g["timesteps"][0]:g}, not z; LCMScheduler then
+# re-noises each x0 to the next timestep with fresh noise from `gen`
+import torch
+gen = torch.Generator().manual_seed(0)
+size = pipe.{meta["network_folder"]}.config.sample_size
+latents = {g["sigma"][0]!r} * torch.randn(1, pipe.{meta["network_folder"]}.config.in_channels, size, size, generator=gen)
+'''
 
 
 def _sampling_call(meta: dict) -> str:
@@ -107,7 +134,9 @@ def _sampling_call(meta: dict) -> str:
         args += [] if embedded is None else [f"guidance_scale={embedded}"]
     elif s["recipe"] != "cfg":  # one evaluation per step: the pipeline's own guidance off
         args += ["guidance_scale=1.0"]
-    if cls == "StableDiffusion3Pipeline":  # its default grid ends at sigma 1/1000, ours at 1/N
+    if _lcm_generator(meta):  # LCMScheduler at the generator's own timesteps, from sigma(t_0) z
+        args += [f"timesteps={[int(round(t)) for t in s['timesteps']]}", "latents=latents", "generator=gen"]
+    elif cls == "StableDiffusion3Pipeline":  # its default grid ends at sigma 1/1000, ours at 1/N
         args += [f'sigmas=[1 - i / {s["steps"]} for i in range({s["steps"]})]']
     else:
         args += [f'num_inference_steps={s["steps"]}']
@@ -141,6 +170,6 @@ def _loading_code(meta: dict) -> str:
         return f'from diffusers import {cls}\npipe = {cls}.from_pretrained("EXPORT")\n'
     code = f'from diffusers import {cls}\npipe = {cls}.from_pretrained("{meta["base_pipeline"]}")\npipe.load_lora_weights("EXPORT")\n'
     if meta["parameterization"] != "flow":  # the DDIM "trailing" grid of the project's sampler, or LCM's sampler
-        sched = "LCMScheduler" if meta["sampling"]["recipe"] == "consistency" else "DDIMScheduler"
+        sched = "LCMScheduler" if meta["sampling"]["recipe"] in ("consistency", "generator") else "DDIMScheduler"
         code += f'from diffusers import {sched}\npipe.scheduler = {sched}.from_pretrained("EXPORT/scheduler")\n'
     return code

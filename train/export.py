@@ -63,6 +63,8 @@ def export_meta(module, den: Denoiser, fmt: str, metrics: dict | None) -> dict:
             **den.net.describe(), "conditioning": den.net.conditioner.describe(), "sampling": recipe.describe()}
     if meta["sampling"]["recipe"] == "generator":
         meta["generator"] = generator_table(module)
+        # the network timesteps the export's LCMScheduler is set to (models.diffusers_export.generator_scheduler)
+        meta["sampling"]["timesteps"] = meta["generator"]["timesteps"]
         # the scale it was distilled at; PG-SB distils a range of w
         meta["distilled_guidance_scale"] = recipe.scale if recipe.scale is not None else hp.get("pg_sb_range")
     meta["metrics"], meta["training_config"] = metrics, hp or None
@@ -71,15 +73,22 @@ def export_meta(module, den: Denoiser, fmt: str, metrics: dict | None) -> dict:
 
 def check_lora_base(module, net: torch.nn.Module) -> None:
     """LoRA weights are only useful on the network they were trained on: check that the adapted network's base
-    weights still equal the frozen teacher's (erasure: `frozen`, guidance distillation and one-step: `teacher`)."""
+    weights still equal the frozen teacher's (erasure: `frozen`, guidance distillation and one-step: `teacher`; a
+    LoRA fake score's adapters in the one-step teacher's network are left out, and a teacher held in a lower
+    frozen_dtype is compared with the base rounded to it)."""
     lora_adapter(net)  # no adapters: the one-line error saying so
     frozen = next((d for d in (getattr(module, "frozen", None), getattr(module, "teacher", None))
                    if isinstance(d, Denoiser)), None)
-    base = {k.replace(".base_layer.", "."): v for k, v in net.unet.state_dict().items() if ".lora_" not in k}
-    ref = frozen.net.unet.state_dict() if frozen is not None else {}
-    if base.keys() != ref.keys() or any(not torch.equal(v, ref[k]) for k, v in base.items()):
+    base = _base_weights(net)
+    ref = _base_weights(frozen.net) if frozen is not None else {}
+    if base.keys() != ref.keys() or any(not torch.equal(v.to(ref[k].dtype), ref[k]) for k, v in base.items()):
         raise ValueError(f"the {module.method_name!r} network's base weights are not its frozen teacher's (they were "
                          f"trained too), so its LoRA weights alone do not reproduce it; export --format diffusers")
+
+
+def _base_weights(net: torch.nn.Module) -> dict:
+    """The diffusers network's weights without LoRA adapters, under their original names."""
+    return {k.replace(".base_layer.", "."): v for k, v in net.unet.state_dict().items() if ".lora_" not in k}
 
 
 # ------------------------------------------------------------------------------------------------ writers

@@ -25,6 +25,7 @@ from train.methods.base import MethodModule
 from train.methods.onestep_config import (DiscriminatorArgs, FakeScoreArgs, ForgetArgs, GeneratorArgs, ObjectiveArgs,
                                           OptimizerArgs, as_group, check_combinations, check_forget, check_pg_sb_range,
                                           check_real_data, check_renoise_times)
+from train.methods.onestep_generator import generator_network, trainable_weights
 from train.methods.onestep_sid import SiDObjective, check_sid, sid_p_uncond
 from train.methods.onestep_updates import OneStepUpdates
 from train.methods.sampling import GeneratorSampling
@@ -74,7 +75,9 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
                       alpha and SiD-LSG's lsg_fake_scale, lsg_train_scale (train.methods.onestep_sid).
     fake_score:       FakeScoreArgs: mode (lora / copy), rank, alpha, targets, updates, p_uncond, lr.
     discriminator:    DiscriminatorArgs: gan_weight, features (fake / teacher), layer, hidden, t_range, lr.
-    generator:        GeneratorArgs: steps, times, lr.
+    generator:        GeneratorArgs: steps, times, lr; lora_rank > 0 (lora_alpha, lora_targets): a LoRA generator, the
+                      teacher's weights frozen in its copy (DMD2's SDXL LoRA), exported as a LoRA for the original
+                      pipeline; its EMA (ema_decay) is over the LoRA'd copy.
     optimizer:        OptimizerArgs: betas, weight_decay, warmup_steps, grad_clip (AdamW of every network).
     forget:           ForgetArgs (Score Forgetting Distillation): concepts, target (safe / esd), targets (safe
                       classes), eta; null: plain distillation.
@@ -121,9 +124,11 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
         teacher_den, stored = load_teacher(teacher, teacher_config)
         if teacher_config is None and stored is not None:
             self.hparams["teacher_config"] = stored  # lets load_method rebuild without the teacher file
-        # the generator is a copy taken BEFORE LoRA goes into the teacher's network
-        self.generator = Denoiser(copy.deepcopy(teacher_den.net).requires_grad_(True), teacher_den.schedule,
-                                  teacher_den.parameterization, teacher_den.sigma_data)
+        # the generator is a copy (full, or frozen with LoRA) taken BEFORE the fake score's LoRA goes into the teacher
+        self.generator = Denoiser(generator_network(teacher_den.net, gen_args.lora_rank, gen_args.lora_alpha,
+                                                    gen_args.lora_targets),
+                                  teacher_den.schedule, teacher_den.parameterization, teacher_den.sigma_data)
+        self._generator_weights = trainable_weights(self.generator.net)
         self.ema = EMA(self.generator.net, ema_decay) if ema_decay > 0 else None
         fs = self.fake_args
         self.fake_score = FakeScore(teacher_den, fs.mode, fs.rank, fs.alpha, fs.targets, dtype)
@@ -159,7 +164,7 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
             self.register_load_state_dict_pre_hook(_keep_missing_ratio_ema)
         self.val_steps = self.generator_steps
         self.train()  # trainable networks in train mode, frozen ones in eval mode (see `train`)
-        self._all_trainable = (list(self.generator.net.parameters()) + self.fake_score.trainable_parameters()
+        self._all_trainable = (self._generator_weights + self.fake_score.trainable_parameters()
                                + (list(self.disc_head.parameters()) if self.disc_head is not None else []))
         self.automatic_optimization = False
 
@@ -398,9 +403,9 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
                 for opt, sched in aux:
                     self._aux_step(opt)
                     sched.step()
-        with self._updating([list(self.generator.net.parameters())]):
+        with self._updating([self._generator_weights]):
             terms = self.generator_losses(labels, requests)
-            ok = self._backward(terms, [opt_g], [list(self.generator.net.parameters())], "generator")
+            ok = self._backward(terms, [opt_g], [self._generator_weights], "generator")
             if ok:
                 opt_g.step()  # the only LightningOptimizer step: advances trainer.global_step
                 scheds[0].step()

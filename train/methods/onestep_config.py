@@ -207,15 +207,33 @@ class GeneratorArgs:
         times: the k descending times in (0, 1] (default the schedule's k-step grid from t_max; [t] for a one-step
             generator at another initial time).
         lr: AdamW learning rate.
+        lora_rank: 0 (default): the generator is a full trainable copy of the teacher; > 0: a copy whose weights stay
+            the teacher's, with peft LoRA adapters of this rank trained on `lora_targets` (DMD2's SDXL LoRA
+            generator; `export --format lora` then writes diffusers' LoRA file for the original pipeline).
+        lora_alpha: LoRA scale numerator (scale lora_alpha / lora_rank; default lora_rank).
+        lora_targets: module-name suffixes to adapt (default train.methods.guidance_distillation.LORA_TARGETS).
     """
 
     steps: int = 1
     times: list[float] | None = None
     lr: float = 1e-4
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"generator.steps must be >= 1, got {self.steps}")
+        if self.lora_rank < 0:
+            raise ValueError(f"generator.lora_rank must be >= 0 (0: a full trainable copy), got {self.lora_rank}")
+        if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets is not None):
+            raise ValueError("generator.lora_alpha and lora_targets configure a LoRA generator; set generator.lora_rank "
+                             "> 0 or remove them")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"generator.lora_alpha must be positive, got {self.lora_alpha}")
+        if self.lora_targets is not None and (isinstance(self.lora_targets, str) or not self.lora_targets):
+            raise ValueError(f"generator.lora_targets must be a non-empty list of module names, got "
+                             f"{self.lora_targets!r}")
         if self.times is not None:
             if len(self.times) != self.steps:
                 raise ValueError(f"generator.times has {len(self.times)} entries but generator.steps is {self.steps}; "

@@ -16,7 +16,7 @@ from train.runtime.optim import adamw_with_warmup
 
 class OneStepUpdates:
     """Mixin of train.methods.onestep.OneStepDistillation (it provides generator, fake_score, disc_head, optim_args,
-    lrs, _all_trainable and MethodModule's NaN/inf guard)."""
+    lrs, _all_trainable, _generator_weights and MethodModule's NaN/inf guard)."""
 
     def _backward(self, terms: dict[str, Tensor], opts: list, param_groups: list[list], phase: str) -> bool:
         """Check every term, backprop their sum, clip each network's gradient; on NaN/inf apply the module's
@@ -75,7 +75,7 @@ class OneStepUpdates:
             return adamw_with_warmup(params, lr, o.weight_decay, o.warmup_steps, tuple(o.betas))
 
         lr_gen, lr_fake, lr_disc = self.lrs
-        out = [adamw(self.generator.net.parameters(), lr_gen), adamw(self.fake_score.trainable_parameters(), lr_fake)]
+        out = [adamw(self._generator_weights, lr_gen), adamw(self.fake_score.trainable_parameters(), lr_fake)]
         if self.disc_head is not None:
             out.append(adamw(self.disc_head.parameters(), lr_disc))
         return out
