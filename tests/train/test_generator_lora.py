@@ -28,12 +28,13 @@ TOL_TEXT = dict(rtol=1e-4, atol=1e-4)  # as tests/train/test_text_lora_export.py
 
 
 def only_lora_moved(module) -> None:
-    """The generator's (and its EMA's) base weights are still the frozen teacher's; its LoRA B weights moved off 0."""
+    """The generator's (and its EMA's) base weights are still the frozen teacher's (rounded to its frozen_dtype); its
+    LoRA B weights moved off 0."""
     teacher = _base_weights(module.teacher.net)
     for net in [module.generator.net] + ([module.ema.module] if module.ema is not None else []):
         base = _base_weights(net)
         assert base.keys() == teacher.keys()
-        assert all(torch.equal(v, teacher[k]) for k, v in base.items())
+        assert all(torch.equal(v.to(teacher[k].dtype), teacher[k]) for k, v in base.items())
         lora_b = [p for n, p in net.named_parameters() if "lora_B" in n]
         assert lora_b and any(p.abs().max() > 0 for p in lora_b)
     trainable = {n for n, p in module.generator.net.named_parameters() if p.requires_grad}
@@ -195,3 +196,34 @@ def test_text_lora_generator_samples_on_the_original_pipeline(t2i_workspace, kin
     assert not [k for k in merged.unet.state_dict() if "lora" in k]
     torch.testing.assert_close(pipeline_generate(merged, kind, module, PROMPTS, 5, meta), ours, **TOL_TEXT)
     torch.testing.assert_close(card_latents(full), module.generate([prompt], seed=0)[0], **TOL_TEXT)
+
+
+def test_shipped_sdxl_lora_generator_config_exports_onto_the_original_pipeline(t2i_workspace, tmp_path):
+    """configs/sdxl/dmd_lora.yaml (DMD2's 4-step SDXL LoRA: rank 64, alpha 8, timesteps 999, 749, 499, 249) fitted one
+    step on the tiny SDXL folder (tests/train/test_text_configs.py's shrinking), exported as LoRA: the original
+    pipeline as the card builds it samples like generate at those four timesteps."""
+    import yaml
+
+    from tests.train.test_text_configs import ROOT, shrunk
+    from train.runtime.config import read_yaml
+
+    shipped = read_yaml(ROOT / "configs" / "sdxl" / "dmd_lora.yaml")
+    gen = shipped["model"]["init_args"]["generator"]
+    assert (gen["steps"], gen["lora_rank"], gen["lora_alpha"]) == (4, 64, 8.0)
+    base = t2i_workspace.model("sdxl")
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(shrunk(shipped, base, t2i_workspace, tmp_path / "run"),
+                                                    sort_keys=False))
+    main(["fit", "--config", str(tmp_path / "g.yaml")])
+    ckpt = randomised(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "g.ckpt", "lora_B", std=0.02)
+    module = load_method(ckpt)
+    only_lora_moved(module)
+    out = tmp_path / "lora"
+    main(["export", "--ckpt", str(ckpt), "--out", str(out), "--format", "lora"])
+    meta = json.loads((out / "guidedistill.json").read_text())
+    assert [round(t) for t in meta["generator"]["timesteps"]] == [999, 749, 499, 249]
+    ours, nfe = module.generate(PROMPTS, seed=1)
+    assert nfe == 4
+    pipe = card_pipeline(out)
+    adapted = lambda unet: {n for n, m in unet.named_modules() if hasattr(m, "lora_A")}  # noqa: E731
+    assert adapted(pipe.unet) == adapted(module.generator.net.unet)
+    torch.testing.assert_close(pipeline_generate(pipe, "sdxl", module, PROMPTS, 1, meta), ours, **TOL_TEXT)
