@@ -149,6 +149,9 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--nasa-scale", type=float, default=None, metavar="ALPHA",
                    help="honour --negative-prompt without CFG (a w-input student or a one-/few-step generator of a "
                         "text UNet): its cross-attention returns Attn(Q, K+, V+) - ALPHA Attn(Q, K-, V-) (NASA, SNOOPI)")
+    s.add_argument("--negtome-scale", type=float, default=None, metavar="ALPHA",
+                   help="a w-input student or one-/few-step generator of a UNet: push each batch's samples away from its "
+                        "first one in self-attention, x + ALPHA (x - best-matching reference token) (NegToMe; 0.9)")
     s.add_argument("--num-per-class", type=int, default=8, help="samples per class (or per class prompt)")
     s.add_argument("--num-per-prompt", type=int, default=4, help="samples per prompt")
     s.add_argument("--out", required=True, help="output folder (grid.png, samples.npz)")
@@ -212,7 +215,7 @@ def _load(args):
     from train.runtime.checkpoint import load_method
 
     module = load_method(args.ckpt)
-    module.sampling_recipe(getattr(args, "nasa_scale", None)).resolve(
+    module.sampling_recipe(getattr(args, "nasa_scale", None), getattr(args, "negtome_scale", None)).resolve(
         getattr(args, "scale", None), args.steps, args.sampler, args.guider, _parse_params(args.param), args.eta,
         args.negative is not None)
     sets = request_sets(module, args.classes, prompt_list(args.prompt, args.prompts), args.class_prompts,
@@ -235,7 +238,8 @@ def cmd_sample(args) -> None:
     rows = [r for rs in sets for r in rs.requests]
     nrow = args.num_per_class if all(rs.labels is not None for rs in sets) else args.num_per_prompt
     images, nfe = generate_images(module, rows, args.scale, args.steps, args.sampler, args.guider, args.seed,
-                                  args.negative, args.eta, _parse_params(args.param), nasa_scale=args.nasa_scale)
+                                  args.negative, args.eta, _parse_params(args.param), nasa_scale=args.nasa_scale,
+                                  negtome_scale=args.negtome_scale)
     save_grid(images, out / "grid.png", nrow=nrow)
     labelled = {"labels": torch.cat([rs.labels for rs in sets]).numpy()} if all(rs.labels is not None for rs in sets) else {}
     np.savez(out / "samples.npz", images=images.numpy(), requests=np.array([str(r) for r in rows]),

@@ -74,12 +74,15 @@ def request_sets(module, classes: Sequence = (), prompts: Sequence[str] = (), cl
 def generate_images(module, requests: Sequence, scale: float | None = None, steps: int | None = None,
                     sampler: str | None = None, guider=None, seed: int = 0, negative: Any = None, eta: float = 0.0,
                     guider_params: dict | None = None, batch_size: int = 64,
-                    progress: bool = True, nasa_scale: float | None = None) -> tuple[Tensor, float]:
+                    progress: bool = True, nasa_scale: float | None = None,
+                    negtome_scale: float | None = None) -> tuple[Tensor, float]:
     """Images [N, C, H, W] in about [-1, 1] for N requests (a latent model's samples decoded by its VAE), and network
-    evaluations per sample (nasa_scale: the negative through NASA's cross-attention, MethodModule.generate)."""
+    evaluations per sample (nasa_scale, negtome_scale: NASA's negative cross-attention, NegToMe; as
+    MethodModule.generate takes them)."""
     samples, nfe = module.generate(list(requests) if not isinstance(requests, Tensor) else requests, scale, steps,
                                    sampler, guider, seed, batch_size=batch_size, progress=progress, negative=negative,
-                                   eta=eta, guider_params=guider_params, nasa_scale=nasa_scale)
+                                   eta=eta, guider_params=guider_params, nasa_scale=nasa_scale,
+                                   negtome_scale=negtome_scale)
     return module.samples_to_images(samples), nfe
 
 

@@ -205,14 +205,19 @@ class MethodModule(L.LightningModule):
         """How this method's model samples (train.methods.sampling); a guided sampler by default."""
         return GuidedSampling(self.sampling_denoiser)
 
-    def sampling_recipe(self, nasa_scale: float | None = None) -> Recipe:
-        """`recipe()`, run with NASA's negative cross-attention at scale nasa_scale when one is given
-        (train.methods.negative_attention: w-input students and generators of text models; else a ValueError)."""
-        if nasa_scale is None:
-            return self.recipe()
-        from train.methods.negative_attention import nasa_recipe
+    def sampling_recipe(self, nasa_scale: float | None = None, negtome_scale: float | None = None) -> Recipe:
+        """`recipe()`, run with NASA's negative cross-attention at scale nasa_scale and/or NegToMe's self-attention at
+        negtome_scale when given (train.methods.negative_attention: w-input students and generators; else a
+        ValueError)."""
+        recipe = self.recipe()
+        if nasa_scale is None and negtome_scale is None:
+            return recipe
+        from train.methods.negative_attention import nasa_recipe, negtome_recipe
 
-        return nasa_recipe(self.recipe(), self.sampling_denoiser().net, nasa_scale)
+        net = self.sampling_denoiser().net
+        if negtome_scale is not None:
+            recipe = negtome_recipe(recipe, net, negtome_scale)
+        return recipe if nasa_scale is None else nasa_recipe(recipe, net, nasa_scale)
 
     def val_sampling(self) -> dict:
         """generate() settings of validation samples (the module's val_scale and val_steps)."""
@@ -227,7 +232,8 @@ class MethodModule(L.LightningModule):
     def generate(self, requests: Sequence | Tensor, scale: float | None = None, steps: int | None = None,
                  sampler: str | None = None, guider: Guider | str | None = None, seed: int = 0, batch_size: int = 500,
                  progress: bool = False, negative: Any = None, eta: float = 0.0,
-                 guider_params: dict | None = None, nasa_scale: float | None = None) -> tuple[Tensor, float]:
+                 guider_params: dict | None = None, nasa_scale: float | None = None,
+                 negtome_scale: float | None = None) -> tuple[Tensor, float]:
         """Samples [N, C, H, W] for N requests (class ids or names [N], or prompts; a latent model's latents, which
         `samples_to_images` decodes) and network evaluations per sample.
 
@@ -235,8 +241,9 @@ class MethodModule(L.LightningModule):
         (None: its defaults); one it cannot honour is a ValueError. negative: the negative condition of CFG-like guiders (a request, or
         one per sample: a negative prompt, or a class) instead of the null condition. nasa_scale: honour `negative` in
         the cross-attention layers instead (NASA, `sampling_recipe`), for models with no unconditional branch.
+        negtome_scale: push each batch's samples away from its first one (NegToMe, `sampling_recipe`).
         Noise comes from a CPU generator seeded with `seed`, so samples are identical across devices."""
-        recipe = self.sampling_recipe(nasa_scale)
+        recipe = self.sampling_recipe(nasa_scale, negtome_scale)
         negs = None
         if negative is not None:
             negs = [negative] * len(requests) if isinstance(negative, (str, int)) else list(negative)

@@ -1,7 +1,8 @@
-"""Negative prompts without CFG (NASA, SNOOPI arXiv 2412.02687) through the sampling recipes and the CLI, on the tiny
-SD 1.5 folder: a one-step DMD generator and a w-input student sample with a negative prompt at one network evaluation
-per step, the samples differ from those without and equal a manual processor swap; alpha 0 is the model unchanged;
-recipes and networks NASA cannot apply to are refused in one line."""
+"""Negative guidance without CFG through the sampling recipes and the CLI, on the tiny SD 1.5 folder: with NASA (SNOOPI,
+arXiv 2412.02687) a one-step DMD generator and a w-input student sample with a negative prompt at one network
+evaluation per step, the samples differ from those without and equal a manual processor swap, alpha 0 is the model
+unchanged; with NegToMe (arXiv 2412.01339) each batch's first sample is unchanged and the others move; recipes and
+networks they cannot apply to are refused in one line."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from models.nasa_attention import negative_away_attention
 from tests.train.text_fits import PROMPTS
 from train.cli import main
-from train.methods.negative_attention import NASASampling, nasa_recipe
+from train.methods.negative_attention import NASASampling, NegToMeSampling, nasa_recipe, negtome_recipe
 from train.methods.sampling import GeneratorSampling, GuidedSampling, WInputSampling
 
 NEG = "a red car"
@@ -79,3 +80,48 @@ def test_recipes_and_networks_nasa_cannot_apply_to_are_refused(t2i_workspace):
     sd3 = load_method(t2i_workspace.fitted("dmd", "sd3")).sampling_denoiser().net
     with pytest.raises(ValueError, match="SD3/Flux attend to text through joint attention"):
         nasa_recipe(generator, sd3, 1.0)
+
+
+@pytest.mark.parametrize("method, steps", [("dmd", None), ("gd", 2)], ids=["generator", "w_input"])
+def test_negtome_keeps_the_first_sample_and_moves_the_others(t2i_workspace, method, steps):
+    from train.runtime.checkpoint import load_method
+
+    module = load_method(t2i_workspace.fitted(method, "sd15"))
+    net, calls = _counted(module)
+    prompts = ["a cat", "the dog", "a cat"]
+    plain, _ = module.generate(prompts, steps=steps, seed=3)
+    calls.clear()
+    merged, nfe = module.generate(prompts, steps=steps, seed=3, negtome_scale=0.9)
+    assert nfe == (steps or 1) and len(calls) == (steps or 1)
+    assert torch.equal(merged[0], plain[0]) and (merged[1:] - plain[1:]).abs().amax((1, 2, 3)).min() > 1e-3
+    both, nfe = module.generate(prompts, steps=steps, seed=3, negative=NEG, nasa_scale=2.0, negtome_scale=0.9)
+    nasa, _ = module.generate(prompts, steps=steps, seed=3, negative=NEG, nasa_scale=2.0)
+    assert nfe == (steps or 1) and torch.equal(both[0], nasa[0]) and (both[1:] - nasa[1:]).abs().max() > 1e-3
+    assert not net._forward_pre_hooks and all(type(m.processor).__name__ not in ("NegToMeSelfAttention",
+                                                  "NegativeAwaySteerAttention") for m in net.modules()
+                                              if hasattr(m, "processor"))  # restored after sampling
+
+
+def test_the_cli_samples_a_generator_with_negtome(t2i_workspace, tmp_path, capsys):
+    ckpt = str(t2i_workspace.fitted("dmd", "sd15"))
+    base = ["sample", "--ckpt", ckpt, "--prompt", "a cat", "--num-per-prompt", "3"]
+    main(base + ["--out", str(tmp_path / "plain")])
+    main(base + ["--negtome-scale", "0.9", "--out", str(tmp_path / "negtome")])
+    plain, merged = (np.load(tmp_path / k / "samples.npz")["images"] for k in ("plain", "negtome"))
+    assert np.array_equal(merged[0], plain[0]) and np.abs(merged[1:] - plain[1:]).max() > 1e-3
+    with pytest.raises(SystemExit):
+        main(base + ["--negtome-scale", "-1", "--out", str(tmp_path / "refused")])
+    assert "alpha must be a finite value >= 0" in capsys.readouterr().err
+
+
+def test_negtome_is_refused_where_it_cannot_apply(t2i_workspace):
+    from train.runtime.checkpoint import load_method
+
+    text_net = load_method(t2i_workspace.fitted("dmd", "sd15")).sampling_denoiser().net
+    generator = GeneratorSampling(lambda z, c, gen: z, steps=1, scale=2.0)
+    assert isinstance(negtome_recipe(generator, text_net, 0.9), NegToMeSampling)
+    with pytest.raises(ValueError, match="--negtome-scale is for models sampled with one evaluation per step"):
+        negtome_recipe(GuidedSampling(lambda: None), text_net, 0.9)
+    sd3 = load_method(t2i_workspace.fitted("dmd", "sd3")).sampling_denoiser().net
+    with pytest.raises(ValueError, match="needs UNet self-attention layers; SD3Transformer has none"):
+        negtome_recipe(generator, sd3, 0.9)
