@@ -59,16 +59,17 @@ def test_alpha_zero_is_diffusers_attention_bit_for_bit():
         assert torch.equal(attn(x, encoder_hidden_states=pos), plain)
 
 
-def _unet_and_condition(tiny_sd_folder):
+def _unet_and_condition(tiny_sd_folder, kind: str = "sd15"):
     from models.text_to_image import TextToImage
 
-    t2i = TextToImage.from_pretrained(str(tiny_sd_folder("sd15")), with_vae=False)
+    t2i = TextToImage.from_pretrained(str(tiny_sd_folder(kind)), with_vae=False)
     enc = t2i.net.conditioner.encode
     return t2i.net, enc(["a cat", "the dog"]), enc(["a red car", "a red car"])
 
 
-def test_only_the_cross_attention_layers_of_a_unet_are_swapped_and_restored(tiny_sd_folder):
-    net, cond, neg = _unet_and_condition(tiny_sd_folder)
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_only_the_cross_attention_layers_of_a_unet_are_swapped_and_restored(tiny_sd_folder, kind):
+    net, cond, neg = _unet_and_condition(tiny_sd_folder, kind)
     cross = cross_attention_modules(net)
     assert cross and all(name.endswith("attn2") for name, _ in cross)
     before = {n: m.processor for n, m in net.named_modules() if hasattr(m, "processor")}
