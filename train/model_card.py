@@ -20,6 +20,16 @@ def _grid_note(meta: dict) -> str:
             f"exactly the one `python -m train sample` uses.")
 
 
+def _lcm_generator_note(meta: dict) -> str:
+    """How diffusers' LCMScheduler reproduces a VP generator at integer timesteps (models.diffusers_export)."""
+    ts = meta["sampling"].get("timesteps")
+    if meta["parameterization"] == "flow" or not ts or any(abs(t - round(t)) > 1e-3 for t in ts):
+        return ""
+    return (f" With diffusers: LCMScheduler with `timesteps={[round(t) for t in ts]}` and initial latents sigma * z "
+            f"(sigma = {meta['generator']['sigma'][0]:.6g}; re-noise drawn from the call's generator) is the same "
+            f"sampler (its c_skip is at most 1e-6).")
+
+
 def recipe_text(meta: dict) -> str:
     """How the exported model samples (guidedistill.json's "sampling" recipe), whatever network it is."""
     s = meta["sampling"]
@@ -29,7 +39,7 @@ def recipe_text(meta: dict) -> str:
                 f"w = {w} is built in): step 0 denoises sigma * z (unit noise z) at the first recorded time and keeps "
                 f"the network's x0 prediction; each further step re-noises that x0 to the next time. The network times "
                 f"and their alpha, sigma are `guidedistill.json[\"generator\"]` (the values used in training): "
-                f"{g['steps']} network evaluation(s) per sample.")
+                f"{g['steps']} network evaluation(s) per sample.{_lcm_generator_note(meta)}")
     if s["recipe"] == "consistency":
         lo, hi = s["scale_range"] or (None, None)
         w = ("the guidance scale w is an INPUT (the w-embedding)" if s["w_input"] else

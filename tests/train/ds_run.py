@@ -115,6 +115,11 @@ def build(method: str, teacher: str | None, batch: int, nan_at: int = -1, frozen
                                           "discriminator": {"gan_weight": 0.1, "hidden": 16},
                                           "fake_score": {"updates": 2, "rank": 4},
                                           "ema_decay": 0.9, "frozen_dtype": frozen_dtype}}), digits
+    if method == "onestep_lora_generator":  # a LoRA generator (only its adapters in the generator engine), LoRA fake score
+        return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
+                            "init_args": {"teacher": teacher, "generator": {"lora_rank": 2, "lora_alpha": 4.0},
+                                          "fake_score": {"updates": 2, "rank": 4},
+                                          "ema_decay": 0.9, "frozen_dtype": frozen_dtype}}), digits
     if method == "sid":  # SiD-LSG: both scores differentiated through x_t, the LoRA fake score guided (kappa_1, kappa_2)
         return instantiate({"class_path": "train.methods.onestep.OneStepDistillation",
                             "init_args": {"teacher": teacher, "guidance_scale": 2.0,

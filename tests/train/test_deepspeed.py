@@ -116,7 +116,8 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(stage, single_
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("method", ["teacher", "guidance_distillation", "consistency", "onestep", "sid", "erasure"])
+@pytest.mark.parametrize("method", ["teacher", "guidance_distillation", "consistency", "onestep", "sid", "erasure",
+                                    "onestep_lora_generator"])
 def test_every_method_under_zero_equals_one_process_and_converts_exactly(method, stage, runs):
     """Two processes x 8 samples under ZeRO compute what one process computes on the 16-sample global batch
     (every random draw is made for the global batch and sliced per process: MethodModule.per_sample), so

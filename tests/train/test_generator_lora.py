@@ -227,3 +227,19 @@ def test_shipped_sdxl_lora_generator_config_exports_onto_the_original_pipeline(t
     adapted = lambda unet: {n for n, m in unet.named_modules() if hasattr(m, "lora_A")}  # noqa: E731
     assert adapted(pipe.unet) == adapted(module.generator.net.unet)
     torch.testing.assert_close(pipeline_generate(pipe, "sdxl", module, PROMPTS, 1, meta), ours, **TOL_TEXT)
+
+
+def test_the_generator_optimizer_holds_only_the_lora_weights(tiny_teacher_ckpt):
+    """The generator's optimizer (and so its DeepSpeed engine's model_parameters and ZeRO partitions of optimizer
+    state) holds its LoRA weights only; the fake score's holds its own."""
+    from train.runtime.config import instantiate
+
+    module = instantiate({"class_path": ONESTEP, "init_args": {
+        "teacher": str(tiny_teacher_ckpt), "fake_score": {"rank": 4}, "generator": {"lora_rank": 2}}})
+    opts = module.configure_optimizers()
+    opt_g = (opts[0] if isinstance(opts, list) else opts[0][0])
+    opt_g = opt_g["optimizer"] if isinstance(opt_g, dict) else opt_g
+    held = {id(p) for g in opt_g.param_groups for p in g["params"]}
+    lora = {id(p) for n, p in module.generator.net.named_parameters() if "lora_" in n}
+    assert held == lora and lora
+    assert set(module.trainable_networks()) == {"generator.net", "fake_score.net"}
