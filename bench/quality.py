@@ -26,11 +26,14 @@ ROWS: dict[str, tuple[str, str, int | None]] = {
     "progressive_4": ("guidance-distilled", "progressive/checkpoints/round_*_4steps.ckpt", 4),
     "progressive_2": ("guidance-distilled", "progressive/checkpoints/round_*_2steps.ckpt", 2),
     "progressive_1": ("guidance-distilled", "progressive/checkpoints/round_*_1steps.ckpt", 1),
+    "lcm_4": ("consistency", "lcm/checkpoints/last.ckpt", 4),
+    "lcm_1": ("consistency", "lcm/checkpoints/last.ckpt", 1),
     "dmd": ("one-step", "dmd/checkpoints/last.ckpt", None),
     "dmd_pgsb": ("one-step", "dmd_pgsb/checkpoints/last.ckpt", None),
     "fdistill_js": ("one-step", "fdistill_js/checkpoints/last.ckpt", None),
     "fdistill_js_pgsb": ("one-step", "fdistill_js_pgsb/checkpoints/last.ckpt", None),
     "fdistill_fkl": ("one-step", "fdistill_fkl/checkpoints/last.ckpt", None),
+    "sid": ("one-step", "sid/checkpoints/last.ckpt", None),
     "erase_one": ("erased", "erase_one/checkpoints/last.ckpt", 50),
     "erase_two": ("erased", "erase_two/checkpoints/last.ckpt", 50),
     "erase_toward": ("erased", "erase_toward/checkpoints/last.ckpt", 50),
@@ -73,8 +76,13 @@ def describe(module) -> str:
     if name == "progressive_distillation":
         n = module.recipe().default_steps
         return f"progressive w-student, {n} step{'s' if n != 1 else ''}"
+    if name == "consistency_distillation":
+        return f"LCM, w {'input' if module.w_input else 'baked in'}, {module.solver_steps}-point solver grid"
     if name == "onestep":
-        bits = ["DMD" if module.divergence == "reverse_kl" else f"f-distill {module.divergence}",
+        kind = module.objective.kind
+        first = (f"SiD alpha {module.objective.alpha:g}" if kind == "sid" else
+                 "DMD" if module.divergence == "reverse_kl" else f"f-distill {module.divergence}")
+        bits = [first,
                 f"{module.fake_score.mode} fake score"]
         bits += [f"GAN {module.gan_weight:g}"] if module.gan_weight else []
         bits += [f"PG-SB w~U[{module.pg_sb_range[0]:g}, {module.pg_sb_range[1]:g}]"] if module.pg_sb_range else []
