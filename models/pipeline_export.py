@@ -116,8 +116,8 @@ def _generator_latents_code(meta: dict) -> str:
 # re-noises each x0 to the next timestep with fresh noise from `gen`
 import torch
 gen = torch.Generator().manual_seed(0)
-size = pipe.{meta["network_folder"]}.config.sample_size
-latents = {g["sigma"][0]!r} * torch.randn(1, pipe.{meta["network_folder"]}.config.in_channels, size, size, generator=gen)
+config = pipe.{meta["network_folder"]}.config
+latents = {g["sigma"][0]!r} * torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=gen)
 '''
 
 

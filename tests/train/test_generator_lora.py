@@ -110,7 +110,8 @@ def test_class_lora_generator_exports_adapters_and_samples_like_generate(tiny_te
     meta = json.loads((merged / "guidedistill.json").read_text())
     sched = LCMScheduler.from_pretrained(merged / "scheduler")
     sched.set_timesteps(timesteps=[int(t) for t in meta["sampling"]["timesteps"]])
-    assert sched.timesteps.tolist() == [round(t) for t in meta["generator"]["timesteps"]] and len(sched.timesteps) == steps
+    assert sched.timesteps.tolist() == [round(t) for t in meta["generator"]["timesteps"]]
+    assert len(sched.timesteps) == steps
     gen = torch.Generator().manual_seed(3)
     x = meta["generator"]["sigma"][0] * torch.randn(ours.shape, generator=gen)
     with torch.no_grad():

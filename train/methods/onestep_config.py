@@ -227,8 +227,8 @@ class GeneratorArgs:
         if self.lora_rank < 0:
             raise ValueError(f"generator.lora_rank must be >= 0 (0: a full trainable copy), got {self.lora_rank}")
         if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets is not None):
-            raise ValueError("generator.lora_alpha and lora_targets configure a LoRA generator; set generator.lora_rank "
-                             "> 0 or remove them")
+            raise ValueError("generator.lora_alpha and lora_targets configure a LoRA generator; set "
+                             "generator.lora_rank > 0 or remove them")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"generator.lora_alpha must be positive, got {self.lora_alpha}")
         if self.lora_targets is not None and (isinstance(self.lora_targets, str) or not self.lora_targets):
