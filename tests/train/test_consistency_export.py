@@ -110,17 +110,8 @@ def test_class_lcm_lora_loads_onto_the_exported_teacher_with_peft(tiny_teacher_c
 
 def fit_text_lcm(ws, kind: str):
     """last.ckpt of LCM-LoRA (w baked in, rank 2, the student as target) fitted 2 steps through the CLI on the tiny
-    `kind` folder with captioned images (as the other text fits: data.captions.CaptionedImageDataModule)."""
-    root = ws.root / f"run-lcm-{kind}"
-    cfg = ws.config("gd", kind)
-    cfg["model"] = {"class_path": LCM, "init_args": {
-        "teacher": str(ws.model(kind)), "w_min": 3.0, "w_max": 15.0, "w_input": False, "solver_steps": 50,
-        "target_decay": 0.0, "lora_rank": 2, "lr": 1e-4, "warmup_steps": 1, "val_samples": 0}}
-    path = ws.root / f"lcm-{kind}.yaml"
-    path.write_text(yaml.safe_dump({"seed_everything": 0, **cfg, "trainer": {**TRAINER, "default_root_dir": str(root)}},
-                                   sort_keys=False))
-    main(["fit", "--config", str(path)])
-    return root / "checkpoints" / "last.ckpt"
+    `kind` folder with captioned images (tests.train.text_fits: method "lcm")."""
+    return ws.fitted("lcm", kind)
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])

@@ -90,6 +90,7 @@ TEXT = {
     "guidance_distillation": ("gd", {}, ("sd15", "sd3", "flux")),
     "guidance_distillation_data_free": ("gd_prompts", {}, ("sd15",)),
     "progressive": ("pd", {}, ("sd15", "sd3")),
+    "consistency": ("lcm", {}, ("sd15",)),
     "dmd": ("dmd", {}, ("sd15", "sd3", "flux")),
     "sfd": ("dmd", {"forget": {"concepts": ["a cat"], "targets": ["a red car"]}}, ("sd15",)),
     "sid": ("dmd", {"objective": {"kind": "sid", "alpha": 1.0, "lsg_fake_scale": 2.0, "lsg_train_scale": 2.0}},

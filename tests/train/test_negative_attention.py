@@ -25,7 +25,8 @@ def _counted(module):
     return net, calls
 
 
-@pytest.mark.parametrize("method, steps", [("dmd", None), ("gd", 2)], ids=["generator", "w_input"])
+@pytest.mark.parametrize("method, steps", [("dmd", None), ("gd", 2), ("lcm", 2)],
+                         ids=["generator", "w_input", "consistency"])
 def test_nasa_samples_with_one_evaluation_per_step_and_equals_a_manual_swap(t2i_workspace, method, steps):
     from train.runtime.checkpoint import load_method
 

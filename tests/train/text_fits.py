@@ -90,6 +90,11 @@ class TextWorkspace:
                        "model": model, "concepts": CONCEPTS, "val_samples": 0}},
                    "data": {"class_path": "data.steps.ErasureSteps", "init_args": {"steps_per_epoch": 1}},
                    "trainer": {"max_steps": 1, "limit_val_batches": 0, "val_check_interval": None}}
+        elif method == "lcm":  # LCM-LoRA: w baked in, rank 2, the student itself as the target, 50-point solver grid
+            cfg = {"model": {"class_path": "train.methods.consistency.ConsistencyDistillation", "init_args": {
+                       "teacher": model, "w_min": 3.0, "w_max": 15.0, "w_input": False, "solver_steps": 50,
+                       "target_decay": 0.0, "lora_rank": 2, "lr": 1e-4, "warmup_steps": 1, "val_samples": 0}},
+                   "data": self.config("gd", kind)["data"]}
         elif method == "fdistill":  # f-distill JS with the GAN term: a discriminator on captioned latents
             cfg = self.config("dmd", kind)
             cfg["model"]["init_args"].update(objective={"divergence": "jensen_shannon"},

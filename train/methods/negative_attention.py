@@ -9,7 +9,7 @@ from models.nasa_attention import check_alpha, cross_attention_modules, negative
 from models.negtome_attention import THRESHOLD, WINDOW, check_negtome, negative_token_merging, self_attention_modules
 from train.methods.sampling import Recipe, Settings
 
-NASA_RECIPES = ("w_input", "generator")  # one network evaluation per step, no unconditional branch
+NASA_RECIPES = ("w_input", "generator", "consistency")  # one evaluation per step, no unconditional branch
 
 
 class NASASampling(Recipe):
@@ -48,9 +48,9 @@ def nasa_recipe(recipe: Recipe, network: nn.Module, alpha: float) -> NASASamplin
     check_alpha(alpha)
     if recipe.name not in NASA_RECIPES:
         raise ValueError(f"--nasa-scale is for models sampled with one evaluation per step and no unconditional branch "
-                         f"(a w-input student or a one-/few-step generator), not recipe {recipe.name!r}; give its "
-                         f"negative prompt with --negative-prompt alone" + (" (CFG's negative branch)" if
-                                                                            recipe.name == "cfg" else ""))
+                         f"(a w-input student, a consistency model or a one-/few-step generator), not recipe "
+                         f"{recipe.name!r}; give its negative prompt with --negative-prompt alone"
+                         + (" (CFG's negative branch)" if recipe.name == "cfg" else ""))
     conditioner = getattr(network, "conditioner", None)
     if type(conditioner).__name__ == "ClassConditioner":
         raise ValueError("--nasa-scale needs cross-attention to a text prompt; this class-label model has none (its "
@@ -98,7 +98,8 @@ def negtome_recipe(recipe: Recipe, network: nn.Module, alpha: float) -> NegToMeS
     cannot apply: a recipe whose batches mix CFG branches, a network without UNet self-attention (SD3/Flux)."""
     if recipe.name not in NASA_RECIPES:
         raise ValueError(f"--negtome-scale is for models sampled with one evaluation per step and no unconditional "
-                         f"branch (a w-input student or a one-/few-step generator), not recipe {recipe.name!r}")
+                         f"branch (a w-input student, a consistency model or a one-/few-step generator), not recipe "
+                         f"{recipe.name!r}")
     if not self_attention_modules(network):
         raise ValueError(f"--negtome-scale needs UNet self-attention layers; {type(network).__name__} has none "
                          f"(SD3/Flux joint attention is not implemented here)")

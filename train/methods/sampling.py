@@ -236,7 +236,9 @@ class ConsistencySampling(Recipe):
                           "holds the guidance it was distilled with")
             raise ValueError(f"this is a latent consistency model: it samples with its own multistep consistency "
                              f"sampler (1 to {self.solver_steps} steps, one evaluation each) and {scale_note}, so "
-                             f"{', '.join(bad)} cannot be honoured; leave {'it' if len(bad) == 1 else 'them'} out")
+                             f"{', '.join(bad)} cannot be honoured; leave {'it' if len(bad) == 1 else 'them'} out"
+                             + (" (a negative prompt works with --nasa-scale ALPHA on text UNets: NASA)" if negative
+                                else ""))
         steps = self.default_steps if steps is None else steps
         lcm_inference_indices(self.solver_steps, steps)  # 1 <= steps <= N, else the one-line error
         w = check_scale(self.default_scale if scale is None else scale) if self.w_input else None
