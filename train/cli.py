@@ -171,6 +171,17 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
                    help="local folder of reference images for FID (default for a class model: its data's held-out images)")
     e.add_argument("--clip-model", default=None, metavar="DIR", help="local CLIP model folder (transformers) for CLIP score")
     e.add_argument("--out", required=True, help="metrics JSON path")
+    a = e.add_argument_group("adversarial prompts (erased text-to-image models; train/evaluation/attack.py)")
+    a.add_argument("--attack", default=None, choices=("unlearndiffatk",),
+                   help="UnlearnDiffAtk: learn soft tokens prepended to each attacked prompt against the erased model's "
+                        "denoising loss on the original model's images of it; report the erased rate before and after")
+    a.add_argument("--attack-steps", type=int, default=None, help="Adam steps per prompt (default 100; 0: no attack)")
+    a.add_argument("--attack-tokens", type=int, default=None, help="soft tokens prepended (default 3, the authors')")
+    a.add_argument("--attack-lr", type=float, default=None, help="Adam learning rate (default 0.01, the authors')")
+    a.add_argument("--attack-images", type=int, default=None,
+                   help="the original model's images of each attacked prompt (default 4)")
+    a.add_argument("--attack-concept", action="append", default=[], metavar="DIGIT",
+                   help="with --class-prompts: the digit whose prompts are attacked (default: the erased digits)")
     e.set_defaults(func=cmd_evaluate)
 
     x = command("export", "export a checkpoint as a diffusers folder, LoRA weights or one safetensors file",
@@ -257,23 +268,32 @@ def cmd_evaluate(args) -> None:
     from train.evaluation.evaluate import feature_network_report
     from train.evaluation.requests import check_set, evaluate_set
 
+    attack = _attack_settings(args)
     module, sets = _load(args)
+    if attack is not None:
+        from train.evaluation.attack import attacked_prompts, check_attack
+
+        check_attack(module, attack)
+        for rs in sets:
+            attacked_prompts(module, rs, args.attack_concept)
     datas = [d for d in (check_set(module, rs) for rs in sets) if d is not None]  # shapes checked before sampling
     networks = [feature_network_report(d) for d in dict.fromkeys(datas)]  # trained (once, cached) before sampling
-    rows, missing = [], []
+    rows, missing, reports = [], [], []
     for rs in sets:
         more, missing = evaluate_set(module, rs, args.scales or [None], args.steps, args.sampler, args.guider,
                                      _parse_params(args.param), args.seed, args.negative, args.eta, args.fid_weights,
                                      args.fid_reference, args.clip_model)
         rows += more
+        if attack is not None:
+            reports.append(_attack_set(module, rs, attack, args, more, len(reports)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps({"checkpoint": str(args.ckpt), "rows": rows, "not_computed": missing,
-                               "feature_network": networks}, indent=2))
+                               "feature_network": networks, **({"attack": reports} if attack else {})}, indent=2))
     os.replace(tmp, out)
     columns = ["requests", "guider", "w", "sampler", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall",
-               "fid", "clip_score"]
+               "fid", "clip_score", "erased_rate", "erased_rate_attacked", "erased_rate_nearest_words"]
     print(format_table(rows, [c for c in columns if any(r.get(c) is not None for r in rows)]))
     for net in networks:
         accuracy = "-" if net["heldout_accuracy"] is None else f"{net['heldout_accuracy']:.4f}"
@@ -282,6 +302,44 @@ def cmd_evaluate(args) -> None:
     for line in missing:
         print(f"not computed: {line}")
     print(f"wrote {out}")
+
+
+def _attack_settings(args):
+    """--attack and its flags as train.evaluation.attack.AttackSettings (None without --attack); an --attack-* flag
+    without --attack is an error."""
+    flags = {"steps": args.attack_steps, "tokens": args.attack_tokens, "lr": args.attack_lr, "images": args.attack_images}
+    if args.attack is None:
+        given = [f"--attack-{k}" for k, v in flags.items() if v is not None] + (["--attack-concept"] if args.attack_concept
+                                                                                 else [])
+        if given:
+            raise ValueError(f"{', '.join(given)} configure an attack: add --attack unlearndiffatk")
+        return None
+    from train.evaluation.attack import AttackSettings
+
+    return AttackSettings(args.attack, seed=args.seed, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _attack_set(module, rs, settings, args, plain_rows: list[dict], index: int) -> dict:
+    """Attack the prompts of the index-th RequestSet, add the erased rates before and after to its rows (`plain_rows`,
+    one per scale, updated in place), write the attacked samples' grid beside --out (<stem>_attack.png, then
+    <stem>_attack_1.png, ...); returns the attack's report."""
+    from train.evaluation.attack import evaluate_attack
+    from train.evaluation.digits_text import erasure_columns
+    from train.evaluation.images import save_grid
+
+    rows, report, images = evaluate_attack(module, rs, settings, args.attack_concept, args.scales or [None], args.steps,
+                                           args.sampler, args.guider, _parse_params(args.param), args.seed,
+                                           args.negative, args.eta)
+    for plain, attacked in zip(plain_rows, rows):
+        before = erasure_columns(plain, report["classes"]).get("erased_rate") if report["classes"] else None
+        plain.update({"erased_rate": before, **{k: v for k, v in attacked.items() if k.startswith("erased_rate_")},
+                      "attack": attacked["attack"]})
+    out = Path(args.out)
+    grid = out.with_name(f"{out.stem}_attack{f'_{index}' if index else ''}.png")
+    nrow = args.num_per_class if rs.labels is not None else args.num_per_prompt
+    report["grid"] = str(save_grid(images, grid, nrow=nrow)) if len(images) else None
+    report["requests"] = rs.name
+    return report
 
 
 def cmd_export(args) -> None:

@@ -75,14 +75,14 @@ def generate_images(module, requests: Sequence, scale: float | None = None, step
                     sampler: str | None = None, guider=None, seed: int = 0, negative: Any = None, eta: float = 0.0,
                     guider_params: dict | None = None, batch_size: int = 64,
                     progress: bool = True, nasa_scale: float | None = None,
-                    negtome_scale: float | None = None) -> tuple[Tensor, float]:
+                    negtome_scale: float | None = None, encode=None) -> tuple[Tensor, float]:
     """Images [N, C, H, W] in about [-1, 1] for N requests (a latent model's samples decoded by its VAE), and network
-    evaluations per sample (nasa_scale, negtome_scale: NASA's negative cross-attention, NegToMe; as
-    MethodModule.generate takes them)."""
+    evaluations per sample (nasa_scale, negtome_scale: NASA's negative cross-attention, NegToMe; encode: the requests'
+    condition instead of the model's encoding, an attack's; as MethodModule.generate takes them)."""
     samples, nfe = module.generate(list(requests) if not isinstance(requests, Tensor) else requests, scale, steps,
                                    sampler, guider, seed, batch_size=batch_size, progress=progress, negative=negative,
                                    eta=eta, guider_params=guider_params, nasa_scale=nasa_scale,
-                                   negtome_scale=negtome_scale)
+                                   negtome_scale=negtome_scale, encode=encode)
     return module.samples_to_images(samples), nfe
 
 

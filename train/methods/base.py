@@ -233,7 +233,8 @@ class MethodModule(L.LightningModule):
                  sampler: str | None = None, guider: Guider | str | None = None, seed: int = 0, batch_size: int = 500,
                  progress: bool = False, negative: Any = None, eta: float = 0.0,
                  guider_params: dict | None = None, nasa_scale: float | None = None,
-                 negtome_scale: float | None = None) -> tuple[Tensor, float]:
+                 negtome_scale: float | None = None, encode: Callable[[Sequence], Any] | None = None
+                 ) -> tuple[Tensor, float]:
         """Samples [N, C, H, W] for N requests (class ids or names [N], or prompts; a latent model's latents, which
         `samples_to_images` decodes) and network evaluations per sample.
 
@@ -242,6 +243,8 @@ class MethodModule(L.LightningModule):
         one per sample: a negative prompt, or a class) instead of the null condition. nasa_scale: honour `negative` in
         the cross-attention layers instead (NASA, `sampling_recipe`), for models with no unconditional branch.
         negtome_scale: push each batch's samples away from its first one (NegToMe, `sampling_recipe`).
+        encode: requests -> condition used instead of `self.encode` for the requests (not the negatives): an attack's
+        prompt embeddings (train.evaluation.attack); the noise and batches are the same.
         Noise comes from a CPU generator seeded with `seed`, so samples are identical across devices."""
         recipe = self.sampling_recipe(nasa_scale, negtome_scale)
         negs = None
@@ -255,7 +258,7 @@ class MethodModule(L.LightningModule):
         out, evaluations = [], 0.0
         for i in range(0, len(requests), batch_size):
             part = slice(i, i + batch_size)
-            cond = self.encode(requests[part])
+            cond = self.encode(requests[part]) if encode is None else encode(requests[part])
             neg = None if negs is None else self.encode(negs[part])
             x, nfe = recipe.run(noise[part].to(self.device), cond, neg, settings, gen, progress)
             out.append(x.cpu())

@@ -1,0 +1,296 @@
+"""Adversarial prompts against erased text-to-image models: UnlearnDiffAtk's soft-token attack (learnable token
+embeddings prepended to a prompt, optimised with Adam against the erased network's denoising loss on images of the
+concept) and the erased-class rate of the attacked prompts, before and after, judged by the evaluation classifier.
+
+Reference: Zhang et al. 2024, "To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy To Generate
+Unsafe Images ... For Now" (arXiv 2310.11868), and the authors' code OPTML-Group/Diffusion-MU-Attack
+(src/attackers/text_grad_.py, src/tasks/classifier_.py). The authors optimise k = 3 prefix tokens (insertion
+`prefix_k`, after the start token) as distributions over the vocabulary, sampled one-hot with a straight-through
+estimator and projected to the simplex, Adam lr 0.01; their target images are the original model's generations of the
+prompt; t runs over 50 timesteps 10, 30, ..., 990 of 1000. Here the k tokens are continuous vectors in the text
+encoder's input embedding space (the relaxation without the one-hot projection: a stronger attacker), initialised at
+random vocabulary tokens, with t ~ U[0.01, 0.99] and fresh noise each step; their nearest vocabulary words are reported
+and evaluated too (the hard prompt a discrete attack would read off). The text encoder and the erased network are
+frozen: gradients reach the k vectors only, and shared encoders are never modified (an explicit inputs_embeds path).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from losses.prompt_attack import nearest_tokens, unlearndiffatk_loss
+
+ATTACKS = ("unlearndiffatk",)
+T_RANGE = (0.01, 0.99)  # the authors' timesteps 10 .. 990 of 1000
+
+
+@dataclass
+class AttackSettings:
+    """UnlearnDiffAtk's settings. steps: Adam steps (0: no attack, the plain prompt); tokens: k soft tokens prepended
+    (the authors' k = 3); lr: Adam's (the authors' 0.01); images: concept images per prompt, each step's batch;
+    probe: fixed (t, eps) draws per image on which the loss is reported before and after; seed: every draw."""
+
+    method: str = "unlearndiffatk"
+    steps: int = 100
+    tokens: int = 3
+    lr: float = 0.01
+    images: int = 4
+    probe: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ATTACKS:
+            raise ValueError(f"unknown attack {self.method!r}; choose {', '.join(ATTACKS)}")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"--attack-steps must be an integer >= 0 (0: no attack), got {self.steps!r}")
+        if not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"--attack-tokens must be a positive integer (UnlearnDiffAtk prepends 3), got {self.tokens!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--attack-lr must be a positive number (UnlearnDiffAtk: 0.01), got {self.lr}")
+        if self.images < 1 or self.probe < 1:
+            raise ValueError(f"--attack-images must be positive, got {self.images}")
+
+
+@dataclass
+class PromptAttack:
+    """One attacked prompt: its learned soft tokens [k, D], the attacked text-encoder output [L, D], the loss of each
+    step, the loss on the fixed probe draws with the plain prompt, the initial and the learned tokens, and the learned
+    tokens' nearest vocabulary words."""
+
+    prompt: str
+    soft: Tensor
+    states: Tensor
+    loss_curve: list[float] = field(default_factory=list)
+    loss_plain: float | None = None
+    loss_initial: float | None = None
+    loss_attacked: float | None = None
+    nearest_words: list[str] = field(default_factory=list)
+    nearest_prompt: str | None = None
+
+    def report(self) -> dict:
+        return {"prompt": self.prompt, "loss_curve": self.loss_curve, "loss_plain": self.loss_plain,
+                "loss_initial": self.loss_initial, "loss_attacked": self.loss_attacked,
+                "nearest_words": self.nearest_words, "nearest_prompt": self.nearest_prompt}
+
+
+def clip_text_encoder(module) -> tuple[Any, Any]:
+    """(tokenizer, CLIP text model) of a text module whose prompts go through one CLIP encoder (SD 1.x/2.x), or a
+    ValueError saying what the attack takes."""
+    conditioner = module.conditioner
+    if conditioner.enumerate() is not None:
+        raise ValueError("--attack unlearndiffatk optimises prompt tokens of a text-to-image model; this model takes class "
+                         "labels (its condition is a class embedding, not a prompt): evaluate it without --attack")
+    encoder = conditioner.encoder
+    if encoder.kind != "clip":
+        raise ValueError(f"--attack unlearndiffatk supports one-CLIP-encoder models (SD 1.x/2.x, the text digits "
+                         f"pipeline); this model's prompt encoder is {encoder.kind!r}")
+    return encoder.tokenizers[0], encoder.encoders[0]
+
+
+def token_states(tokenizer, text_encoder, prompts: Sequence[str], soft: Tensor | None = None) -> Tensor:
+    """The CLIP text encoder's last hidden states [B, L, D] of prompts with the soft token embeddings soft [k, D]
+    inserted after the start token (UnlearnDiffAtk's `prefix_k`); the sequence keeps its length L (k padding positions
+    drop off the end). soft None (or k = 0): exactly what the encoder gives the prompts (encode_clip), through an
+    explicit inputs_embeds path that never modifies the (shared) encoder."""
+    from transformers.masking_utils import create_causal_mask
+
+    L = tokenizer.model_max_length
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=L, truncation=True, return_tensors="pt")
+    tm = getattr(text_encoder, "text_model", text_encoder)
+    dev = tm.embeddings.token_embedding.weight.device
+    emb = tm.embeddings.token_embedding(tokens.input_ids.to(dev))
+    mask = tokens.attention_mask.to(dev) if getattr(tm.config, "use_attention_mask", False) else None
+    k = 0 if soft is None else soft.shape[0]
+    if k:
+        longest = int(tokens.attention_mask.sum(1).max())
+        if longest + k > L:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room for {k} attack tokens in {L}; shorten it or "
+                             f"lower --attack-tokens")
+        b = emb.shape[0]
+        emb = torch.cat([emb[:, :1], soft.to(emb.dtype).expand(b, k, -1), emb[:, 1:L - k]], 1)
+        if mask is not None:
+            mask = torch.cat([mask[:, :1], mask.new_ones(b, k), mask[:, 1:L - k]], 1)
+    with torch.autocast(device_type=dev.type, enabled=False):
+        hidden = tm.embeddings(inputs_embeds=emb)  # + position embeddings, as CLIPTextModel.forward
+        causal = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=mask, cache=None)
+        out = tm.encoder(inputs_embeds=hidden, attention_mask=causal, is_causal=True)
+        return tm.final_layer_norm(out.last_hidden_state)
+
+
+def original_denoiser(module):
+    """The model before erasure (an erasure module's `frozen`; any other module's own sampling network)."""
+    frozen = getattr(module, "frozen", None)
+    return frozen if frozen is not None else module.sampling_denoiser()
+
+
+@torch.no_grad()
+def concept_samples(module, prompt: str, n: int, scale: float | None, steps: int | None, seed: int) -> Tensor:
+    """n samples [n, C, h, w] (a latent model's latents: the space the loss is computed in) of `prompt` from the
+    ORIGINAL model (CFG at `scale`, DDIM with `steps`): UnlearnDiffAtk's target images."""
+    from train.methods.sampling import GuidedSampling
+
+    recipe = GuidedSampling(lambda: original_denoiser(module))
+    settings = recipe.resolve(scale, steps)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, *module.sample_shape(), generator=gen).to(module.device)
+    return recipe.run(noise, module.encode([prompt] * n), None, settings, gen)[0]
+
+
+def _condition(module, prompt: str, states: Tensor, n: int) -> Any:
+    cond = module.encode([prompt] * n)
+    h = cond["encoder_hidden_states"]
+    return {**cond, "encoder_hidden_states": states.to(h.dtype).expand(n, *states.shape[-2:])}
+
+
+def unlearndiffatk(module, prompt: str, settings: AttackSettings, x0: Tensor | None = None, scale: float | None = None,
+                   steps: int | None = None) -> PromptAttack:
+    """Attack one prompt of a text module: the erased model is `module.sampling_denoiser()`, the target images x0
+    [n, C, h, w] (default: settings.images samples of the prompt from the original model, `concept_samples`). With
+    settings.steps == 0 nothing is learned and the prompt is the plain one (its states are encode_clip's)."""
+    tokenizer, text_encoder = clip_text_encoder(module)
+    erased = module.sampling_denoiser()
+    with torch.no_grad():
+        plain = token_states(tokenizer, text_encoder, [prompt])[0]
+    if settings.steps == 0:  # the plain prompt's own condition, bit for bit
+        states = module.encode([prompt])["encoder_hidden_states"][0]
+        return PromptAttack(prompt, plain.new_zeros(0, plain.shape[-1]), states)
+    if x0 is None:
+        x0 = concept_samples(module, prompt, settings.images, scale, steps, settings.seed)
+    x0 = x0.to(module.device)
+    n = len(x0)
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    vocab = getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding.weight
+    special = set(tokenizer.all_special_ids)
+    allowed = torch.tensor([i for i in range(vocab.shape[0]) if i not in special])
+    init = allowed[torch.randint(len(allowed), (settings.tokens,), generator=gen)]
+    soft = vocab[init.to(vocab.device)].detach().float().clone().requires_grad_(True)
+    probe_t = torch.rand(settings.probe * n, generator=gen) * (T_RANGE[1] - T_RANGE[0]) + T_RANGE[0]
+    probe_eps = torch.randn(settings.probe * n, *x0.shape[1:], generator=gen)
+
+    def probe(states: Tensor) -> float:
+        with torch.no_grad():
+            xs = x0.repeat(settings.probe, 1, 1, 1)
+            cond = _condition(module, prompt, states, len(xs))
+            return unlearndiffatk_loss(erased, xs, cond, probe_t.to(xs.device), probe_eps.to(xs)).item()
+
+    result = PromptAttack(prompt, soft, plain, loss_plain=probe(plain))
+    result.loss_initial = probe(token_states(tokenizer, text_encoder, [prompt], soft.detach())[0])
+    opt = torch.optim.Adam([soft], lr=settings.lr)
+    with torch.enable_grad():
+        for _ in range(settings.steps):
+            t = torch.rand(n, generator=gen) * (T_RANGE[1] - T_RANGE[0]) + T_RANGE[0]
+            eps = torch.randn(x0.shape, generator=gen)
+            states = token_states(tokenizer, text_encoder, [prompt], soft)[0]
+            loss = unlearndiffatk_loss(erased, x0, _condition(module, prompt, states, n), t.to(x0.device), eps.to(x0))
+            (grad,) = torch.autograd.grad(loss, [soft])  # gradients reach the soft tokens only
+            soft.grad = grad
+            opt.step()
+            result.loss_curve.append(loss.item())
+    result.soft = soft.detach()
+    with torch.no_grad():
+        result.states = token_states(tokenizer, text_encoder, [prompt], result.soft)[0]
+    result.loss_attacked = probe(result.states)
+    ids = nearest_tokens(result.soft, vocab).tolist()
+    result.nearest_words = tokenizer.convert_ids_to_tokens(ids)
+    result.nearest_prompt = f"{tokenizer.decode(ids).strip()} {prompt}"
+    return result
+
+
+def attacked_encode(module, attacks: dict[str, PromptAttack]):
+    """requests -> their condition, the attacked prompts' rows replaced by their attacked text-encoder states (the
+    encode hook of MethodModule.generate)."""
+
+    def encode(requests):
+        cond = module.encode(requests)
+        rows = [i for i, r in enumerate(requests) if r in attacks]
+        if not rows:
+            return cond
+        h = cond["encoder_hidden_states"].clone()
+        for i in rows:
+            h[i] = attacks[requests[i]].states.to(h)
+        return {**cond, "encoder_hidden_states": h}
+
+    return encode
+
+
+def attacked_prompts(module, rs, concepts: Sequence = ()) -> tuple[list[str], list[int]]:
+    """(prompts to attack, their digit classes) of a RequestSet: for the text digits' class prompts, the prompts of the
+    concept digits (ids or words; default the module's erased digits, train.evaluation.digits_text.erased_digits); for
+    a prompt set, every prompt (classes [])."""
+    from train.evaluation.digits_text import DIGIT_WORDS, erased_digits
+
+    if rs.prompts is None:
+        raise ValueError("--attack optimises prompts: give --class-prompts TEMPLATE (the text digits) or --prompt TEXT")
+    if rs.labels is None:
+        if concepts:
+            raise ValueError("--attack-concept names the digits attacked among --class-prompts; with --prompt every "
+                             "prompt is attacked, so leave --attack-concept out")
+        return list(dict.fromkeys(rs.prompts)), []
+    classes = []
+    for c in concepts or erased_digits(module):
+        c = str(c).strip().lower()
+        if c not in DIGIT_WORDS and not (c.isdigit() and int(c) < 10):
+            raise ValueError(f"--attack-concept {c!r} is not a digit: give 0..9 or its word (seven)")
+        classes.append(DIGIT_WORDS.index(c) if c in DIGIT_WORDS else int(c))
+    if not classes:
+        raise ValueError("this model erases no digit: name the attacked digit with --attack-concept (e.g. 7 or seven)")
+    classes = list(dict.fromkeys(classes))
+    labels = rs.labels.tolist()
+    return list(dict.fromkeys(p for p, c in zip(rs.prompts, labels) if c in classes)), classes
+
+
+def check_attack(module, settings: AttackSettings) -> None:
+    """Refuse, before anything is sampled, what the attack cannot run on (class models, non-CLIP encoders, models that
+    do not sample through a guided sampler over one denoiser)."""
+    clip_text_encoder(module)
+    if module.recipe().name != "cfg":
+        raise ValueError(f"--attack unlearndiffatk needs a guided (CFG-sampled) model whose network takes the prompt "
+                         f"alone; this one samples with the {module.recipe().name!r} recipe")
+
+
+def evaluate_attack(module, rs, settings: AttackSettings, concepts: Sequence = (), scales: Sequence = (None,),
+                    steps: int | None = None, sampler: str | None = None, guider: str | None = None,
+                    guider_params: dict | None = None, seed: int = 0, negative: Any = None,
+                    eta: float = 0.0) -> tuple[list[dict], dict, Tensor]:
+    """(rows, report, images): per scale, the erased rate of the attacked prompts' samples after the attack
+    (`erased_rate_attacked`; the plain evaluation's row has the rate before) and with the learned tokens' nearest words written into the prompt
+    (`erased_rate_nearest_words`), for labelled class prompts (None for prompt sets); the attack's report (settings,
+    per prompt: loss curve, probe losses, nearest words); the attacked rows' images at the first scale. Every row is
+    sampled with the plain evaluation's noise and batches, so with 0 steps the attacked samples are the plain ones."""
+    from train.evaluation.digits_text import erasure_columns
+    from train.evaluation.evaluate import evaluate_samples
+    from train.evaluation.requests import generate_images, set_data
+
+    prompts, classes = attacked_prompts(module, rs, concepts)
+    module.eval()
+    w0 = scales[0] if scales else None
+    attacks = {p: unlearndiffatk(module, p, settings, scale=w0, steps=steps) for p in prompts}
+    data = set_data(module, rs)
+    hard = {p: a.nearest_prompt for p, a in attacks.items() if a.nearest_prompt is not None}
+    rows, grid = [], None
+    attacked_rows = torch.tensor([r in attacks for r in rs.requests])
+    for w in scales:
+        row = {"requests": rs.name, "w": w, "attack": settings.method}
+        images = {}
+        images["attacked"], _ = generate_images(module, rs.requests, w, steps, sampler, guider, seed, negative, eta,
+                                                guider_params, progress=False, encode=attacked_encode(module, attacks))
+        if hard:
+            requests = [hard.get(r, r) for r in rs.requests]
+            images["nearest_words"], _ = generate_images(module, requests, w, steps, sampler, guider, seed, negative,
+                                                         eta, guider_params, progress=False)
+        if grid is None:
+            grid = images["attacked"][attacked_rows]
+        for name, x in images.items():
+            rate = None
+            if rs.labels is not None:
+                rate = erasure_columns(evaluate_samples(x, rs.labels, data=data), classes).get("erased_rate")
+            row[f"erased_rate_{name}"] = rate
+        rows.append(row)
+    report = {"method": settings.method, "steps": settings.steps, "tokens": settings.tokens, "lr": settings.lr,
+              "images": settings.images, "seed": settings.seed, "classes": classes,
+              "prompts": [a.report() for a in attacks.values()]}
+    return rows, report, grid
