@@ -1,4 +1,4 @@
-"""UnlearnDiffAtk-style adversarial prompts against erased text models (train/evaluation/attack.py, losses/prompt_attack):
+"""UnlearnDiffAtk-style adversarial prompts against erased text models (train/evaluation/attack.py, prompt_attack.py):
 the loss against a hand computation, the explicit inputs_embeds path against the encoder, the optimisation lowering
 the erased model's denoising loss with every weight untouched, and `evaluate --attack` on tiny folders."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ class _Scaled(nn.Module):
 def test_unlearndiffatk_loss_equals_a_hand_computation():
     from guidance.denoiser import Denoiser
     from guidance.schedules import VPCosineContinuous
-    from losses.prompt_attack import unlearndiffatk_loss
+    from train.evaluation.prompt_attack import unlearndiffatk_loss
 
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, 2, 2, generator=g,
@@ -40,7 +40,7 @@ def test_unlearndiffatk_loss_equals_a_hand_computation():
 
 
 def test_ring_a_bell_vector_and_nearest_tokens():
-    from losses.prompt_attack import concept_vector, nearest_tokens, ring_a_bell_embedding
+    from train.evaluation.prompt_attack import concept_vector, nearest_tokens, ring_a_bell_embedding
 
     plus, minus = torch.arange(12.0).reshape(2, 3, 2), torch.ones(2, 3, 2)
     c = concept_vector(plus, minus)

@@ -22,7 +22,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from losses.prompt_attack import nearest_tokens, unlearndiffatk_loss
+from guidance.guided import GuidedDenoiser
+from guidance.guiders import build_guider
+from guidance.samplers import sample
+from train.evaluation.prompt_attack import nearest_tokens, unlearndiffatk_loss
+
+DEFAULT_SCALE, DEFAULT_STEPS = 2.0, 50  # the guided recipes' defaults (train.methods.sampling), for the target images
 
 ATTACKS = ("unlearndiffatk",)
 T_RANGE = (0.01, 0.99)  # the authors' timesteps 10 .. 990 of 1000
@@ -131,13 +136,11 @@ def original_denoiser(module):
 def concept_samples(module, prompt: str, n: int, scale: float | None, steps: int | None, seed: int) -> Tensor:
     """n samples [n, C, h, w] (a latent model's latents: the space the loss is computed in) of `prompt` from the
     ORIGINAL model (CFG at `scale`, DDIM with `steps`): UnlearnDiffAtk's target images."""
-    from train.methods.sampling import GuidedSampling
-
-    recipe = GuidedSampling(lambda: original_denoiser(module))
-    settings = recipe.resolve(scale, steps)
+    guided = GuidedDenoiser(original_denoiser(module), build_guider("cfg"))
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, *module.sample_shape(), generator=gen).to(module.device)
-    return recipe.run(noise, module.encode([prompt] * n), None, settings, gen)[0]
+    return sample(guided, noise, module.encode([prompt] * n), DEFAULT_SCALE if scale is None else scale,
+                  DEFAULT_STEPS if steps is None else steps, generator=gen)
 
 
 def _condition(module, prompt: str, states: Tensor, n: int) -> Any:
