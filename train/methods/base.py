@@ -2,6 +2,8 @@
 policy and the per-batch random state that makes resumed runs exact."""
 from __future__ import annotations
 
+import os
+
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -276,4 +278,5 @@ class MethodModule(L.LightningModule):
             "method": self.method_name,
             "config": plain_config(hp) if rebuildable else None,
             "data": self.data_reference,  # the labelled data it was trained on (train.methods.data_record)
+            "cwd": os.getcwd(),  # where the config's relative paths were read from (load_method resolves them there)
         }

@@ -199,6 +199,29 @@ def pipeline_teacher_config(path: str | os.PathLike) -> dict:
             "schedule": schedule, "parameterization": param, "ema_decay": 0.0}
 
 
+PATH_KEYS = ("pretrained", "teacher", "model", "student", "weak_teacher", "images")  # config keys that name files
+
+
+def resolve_relative_paths(cfg: Any, bases: list[Path]) -> Any:
+    """`cfg` with each relative path under PATH_KEYS that does not exist from the current directory but does from one
+    of `bases` (the directory the run was trained in, then the checkpoint's ancestors) made absolute there, so a
+    checkpoint whose config says `pretrained: runs/demo/text/pipeline` loads from any directory. Other values (and
+    paths that exist here or nowhere) are left as they are."""
+    if isinstance(cfg, dict):
+        out = {}
+        for key, value in cfg.items():
+            if key in PATH_KEYS and isinstance(value, str) and value and not os.path.isabs(value) \
+                    and not os.path.exists(value):
+                found = next((base / value for base in bases if (base / value).exists()), None)
+                out[key] = str(found) if found is not None else value
+            else:
+                out[key] = resolve_relative_paths(value, bases)
+        return out
+    if isinstance(cfg, list):
+        return [resolve_relative_paths(v, bases) for v in cfg]
+    return cfg
+
+
 def load_method(path: str | os.PathLike, expect: str | None = None) -> Any:
     """Rebuild the method module stored in a checkpoint and load its weights (eval mode, CPU).
 
@@ -214,10 +237,17 @@ def load_method(path: str | os.PathLike, expect: str | None = None) -> Any:
                               f"rebuilt; build methods with train.runtime.config.instantiate or the CLI")
     cfg = {k: v for k, v in cfg.items() if k != "_instantiator"}
     class_path = cfg.pop("_class_path")
+    bases = [Path(meta["cwd"])] if meta.get("cwd") else []
+    bases += list(Path(os.path.abspath(path)).parents)  # older checkpoints: the run folder's ancestors
+    cfg = resolve_relative_paths(cfg, bases)
     try:
         module = instantiate({"class_path": class_path, "init_args": cfg})
-    except ConfigError as e:
-        raise CheckpointError(f"{str(path)!r}: its stored config no longer builds ({e})") from None
+    except (ConfigError, ValueError) as e:
+        reason = str(e).strip().splitlines()
+        hint = next((line.strip(" -") for line in reason if "does not exist" in line), reason[-1] if reason else "")
+        raise CheckpointError(f"{str(path)!r}: its stored config no longer builds: {hint}"
+                              + (f" (its relative paths are read from {meta['cwd']}, where it was trained)"
+                                 if meta.get("cwd") else "")) from None
     module.data_reference = meta.get("data")  # the labelled data it was trained on (train.methods.data_record)
     if ckpt["state_dict"] is None:  # a pipeline folder: the network loaded its own weights
         return module.eval()
