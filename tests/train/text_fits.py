@@ -149,9 +149,12 @@ def pipeline_latents(pipe, kind: str, noise: torch.Tensor, args: dict) -> torch.
 
 
 def card_call(folder: Path) -> dict:
-    """The keyword arguments of the pipeline call (`image = pipe(...).images[0]`) in an export's model card."""
+    """The keyword arguments of the pipeline call (`image = pipe(...).images[0]`) in an export's model card that are
+    values; those naming the card's own variables (a generator's `latents=latents, generator=gen`) are left to the
+    caller, which supplies its own noise."""
     import ast
 
     code = (folder / "README.md").read_text().split("```python\n", 1)[1].split("\n```", 1)[0]
     call = ast.parse(code.rsplit("image = ", 1)[1]).body[0].value.value.value  # pipe(...) in pipe(...).images[0]
-    return {k.arg: eval(compile(ast.Expression(k.value), "card", "eval"), {}) for k in call.keywords}
+    return {k.arg: eval(compile(ast.Expression(k.value), "card", "eval"), {}) for k in call.keywords
+            if not isinstance(k.value, ast.Name)}
