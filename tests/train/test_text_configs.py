@@ -3,6 +3,7 @@ CLI with its model path pointed at the tiny folder of its family and only sizes 
 trajectories); everything else (schedule, guider, precision, LoRA, frozen_dtype, embedded guidance) as shipped."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,12 @@ def shrunk(cfg: dict, model: Path, ws, root: Path) -> dict:
         args.update(trajectory_steps=3, bank_size=2, batch_size=1)
     if "fake_score" in args:  # OneStepDistillation
         args["fake_score"]["updates"] = 1
+    if args.get("images"):  # text-encoder unlearning: a few uncaptioned images of its one concept
+        folder = root.parent / "concept_images"
+        folder.mkdir(parents=True, exist_ok=True)
+        for image in sorted(ws.images.glob("*.png"))[:4]:
+            shutil.copy(image, folder / image.name)
+        args["images"] = str(folder)
     data = cfg["data"]["init_args"]
     if cfg["data"]["class_path"].endswith("CaptionedImageDataModule"):
         data.update(path=str(ws.images), cache_dir=str(root / "latents"), val_size=2)
