@@ -30,6 +30,16 @@ def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_w_range(w_min: float, w_max: float, distribution: str) -> str:
+    """Refuse, saying what to change, a training range of w that sample_guidance_scale cannot draw from; returns the
+    distribution."""
+    if not w_min <= w_max:
+        raise ValueError(f"w_min ({w_min}) must not exceed w_max ({w_max})")
+    if check_choice("w distribution", distribution, W_DISTRIBUTIONS) == "log_uniform" and w_min <= 0:
+        raise ValueError(f"w_distribution 'log_uniform' needs w_min > 0, got {w_min}; use 'uniform' or raise w_min")
+    return distribution
+
+
 def sample_guidance_scale(n: int, w_min: float, w_max: float, distribution: str = "uniform",
                           generator: torch.Generator | None = None, device=None) -> Tensor:
     """Per-sample guidance scales w [n] on [w_min, w_max] (Meng et al. 2023, sec. 4.1: w ~ U[w_min, w_max]).

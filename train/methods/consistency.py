@@ -10,14 +10,13 @@ from torch import Tensor
 
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
-from guidance.guiders import build_guider
 from guidance.samplers import ddim_step
 from losses.consistency import LOSSES, consistency_distance, consistency_output, solver_grid
-from losses.distillation import W_DISTRIBUTIONS, check_choice, sample_guidance_scale
+from losses.distillation import check_choice, check_w_range, sample_guidance_scale
 from models.ema import EMA
 from models.w_embedding import WConditionedNetwork
 from train.methods.base import MethodModule
-from train.methods.guidance_distillation import LORA_TARGETS, freeze, inject_lora, load_frozen
+from train.methods.guidance_distillation import LORA_TARGETS, distillable_guider, freeze, inject_lora, load_frozen
 from train.methods.sampling import ConsistencySampling
 from train.runtime.optim import LR_DECAYS, adamw_with_warmup
 
@@ -66,10 +65,7 @@ class ConsistencyDistillation(MethodModule):
                  teacher_config: dict | None = None, nonfinite: str = "skip", max_skips: int = 10):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
-        if not w_min <= w_max:
-            raise ValueError(f"w_min ({w_min}) must not exceed w_max ({w_max})")
-        if check_choice("w distribution", w_distribution, W_DISTRIBUTIONS) == "log_uniform" and w_min <= 0:
-            raise ValueError(f"w_distribution 'log_uniform' needs w_min > 0, got {w_min}; use 'uniform' or raise w_min")
+        check_w_range(w_min, w_max, w_distribution)
         self.loss_name = check_choice("consistency loss", loss, LOSSES)
         if not huber_c > 0:
             raise ValueError(f"huber_c must be positive (LCM: 0.001), got {huber_c}")
@@ -77,9 +73,7 @@ class ConsistencyDistillation(MethodModule):
             raise ValueError(f"target_decay must be in [0, 1) (LCM: 0.95; 0: the student without gradient), got {target_decay}")
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
-        self.guider = build_guider(guider, **(guider_params or {}))
-        if any(b.model != "main" for b in self.guider.branches(None)):
-            raise ValueError(f"guider {guider!r} needs a second model (autoguidance); distil a rule that uses the teacher alone")
+        self.guider = distillable_guider(guider, guider_params)
         self.negative, self.huber_c, self.w_input = negative, huber_c, w_input
         self.w_min, self.w_max, self.w_distribution = w_min, w_max, w_distribution
 

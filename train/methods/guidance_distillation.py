@@ -13,7 +13,7 @@ from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import build_guider
 from guidance.samplers import sample_until
-from losses.distillation import (LOSS_SPACES, W_DISTRIBUTIONS, WEIGHTINGS, check_choice, guidance_distillation_loss,
+from losses.distillation import (LOSS_SPACES, WEIGHTINGS, check_choice, check_w_range, guidance_distillation_loss,
                                  sample_guidance_scale)
 from models.ema import EMA
 from models.w_embedding import WConditionedNetwork
@@ -46,6 +46,15 @@ def load_frozen(path: str, expect: str, config: dict | None, arg: str = "teacher
                                 f"--config {train}` and pass its last.ckpt as --model.init_args.{arg}")
     meta = read_checkpoint(path)[CHECKPOINT_KEY]
     return load_method(path, expect=expect), meta["config"]
+
+
+def distillable_guider(name: str, params: dict | None):
+    """The guider `name` built with `params`, refused with one line when it needs a second model (autoguidance's
+    weak network): a student distils rules that use the teacher alone."""
+    guider = build_guider(name, **(params or {}))
+    if any(b.model != "main" for b in guider.branches(None)):
+        raise ValueError(f"guider {name!r} needs a second model (autoguidance); distil a rule that uses the teacher alone")
+    return guider
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -109,15 +118,10 @@ class GuidanceDistillation(MethodModule):
                  lr_decay: str = "constant", trajectory_steps: int = 8, trajectory_scale: float | None = None):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
-        if not w_min <= w_max:
-            raise ValueError(f"w_min ({w_min}) must not exceed w_max ({w_max})")
-        if check_choice("w distribution", w_distribution, W_DISTRIBUTIONS) == "log_uniform" and w_min <= 0:
-            raise ValueError(f"w_distribution 'log_uniform' needs w_min > 0, got {w_min}; use 'uniform' or raise w_min")
+        check_w_range(w_min, w_max, w_distribution)
         self.loss_space = check_choice("loss space", loss_space, LOSS_SPACES)
         self.weighting = check_choice("loss weighting", weighting, WEIGHTINGS)
-        self.guider = build_guider(guider, **(guider_params or {}))
-        if any(b.model != "main" for b in self.guider.branches(None)):
-            raise ValueError(f"guider {guider!r} needs a second model (autoguidance); distil a rule that uses the teacher alone")
+        self.guider = distillable_guider(guider, guider_params)
         if not isinstance(trajectory_steps, int) or trajectory_steps < 1:
             raise ValueError(f"trajectory_steps must be a positive integer (the DDIM grid of data-free trajectories), "
                              f"got {trajectory_steps!r}")
