@@ -10,6 +10,8 @@ from typing import Iterator
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.attention_io import attention_output, attention_tokens
+
 
 def cross_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every cross-attention layer of `model` (a UNet's `attn2`: queries from the image tokens, keys
@@ -65,13 +67,7 @@ class NegativeAwaySteerAttention:
             raise ValueError(f"NASA holds {self.negative.shape[0]} negative conditions but the network was called on a "
                              f"batch of {encoder_hidden_states.shape[0]}: give one negative per sample, and sample with "
                              f"one evaluation per step (no CFG branches)")
-        residual, shape = hidden_states, hidden_states.shape
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:  # [B, C, H, W] -> tokens [B, HW, C]
-            hidden_states = hidden_states.view(shape[0], shape[1], -1).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, residual, shape = attention_tokens(attn, hidden_states, temb)
         query = attn.to_q(hidden_states)
         b, heads = query.shape[0], attn.heads
         query = query.view(b, -1, heads, query.shape[-1] // heads).transpose(1, 2)
@@ -80,12 +76,7 @@ class NegativeAwaySteerAttention:
         z = self._attend(attn, query, encoder_hidden_states)
         # SNOOPI (arXiv 2412.02687), NASA: Z_NASA = Z+ - alpha Z-, then the layer's output projection
         z = z - self.alpha * self._attend(attn, query, self.negative.to(encoder_hidden_states))
-        out = attn.to_out[1](attn.to_out[0](z))
-        if len(shape) == 4:
-            out = out.transpose(-1, -2).reshape(shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_output(attn, z, residual, shape)
 
 
 @contextmanager

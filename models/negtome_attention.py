@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.attention_io import attention_output, attention_tokens
+
 # The authors' defaults (1jsingh/negtome, src/negtome/pipeline_negtome_flux.py, NegtomeArgs): merging_alpha 0.9,
 # merging_threshold 0.65, applied while the network time is in [merging_t_end, merging_t_start] = [900, 1000]
 THRESHOLD = 0.65
@@ -49,13 +51,7 @@ class NegToMeSelfAttention:
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("NegToMe acts on self-attention without an attention mask")
-        residual, shape = hidden_states, hidden_states.shape
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:  # [B, C, H, W] -> tokens [B, HW, C]
-            hidden_states = hidden_states.view(shape[0], shape[1], -1).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, residual, shape = attention_tokens(attn, hidden_states, temb)
         b, heads = hidden_states.shape[0], attn.heads
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         d = k.shape[-1] // heads
@@ -69,12 +65,7 @@ class NegToMeSelfAttention:
         t = self.clock.t
         if self.alpha and b > 1 and t is not None and self.window[0] <= t <= self.window[1]:
             z = negative_token_merge(z, self.alpha, self.threshold)  # arXiv 2412.01339, NegToMe
-        out = attn.to_out[1](attn.to_out[0](z))
-        if len(shape) == 4:
-            out = out.transpose(-1, -2).reshape(shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_output(attn, z, residual, shape)
 
 
 def self_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.attention_io import attention_output, attention_tokens
+
 
 def _is_self_attention(module: nn.Module) -> bool:
     from diffusers.models.attention import AttentionModuleMixin
@@ -62,19 +64,8 @@ class IdentitySelfAttention:
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
-        residual, shape = hidden_states, hidden_states.shape
-        if getattr(attn, "spatial_norm", None) is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:  # [B, C, H, W] -> tokens [B, HW, C]
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
-        if getattr(attn, "group_norm", None) is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        out = attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
-        if len(shape) == 4:
-            out = out.transpose(1, 2).reshape(shape)
-        if getattr(attn, "residual_connection", False):
-            out = out + residual
-        return out / getattr(attn, "rescale_output_factor", 1.0)
+        hidden_states, residual, shape = attention_tokens(attn, hidden_states, temb)
+        return attention_output(attn, attn.to_v(hidden_states), residual, shape)
 
 
 class IdentityJointAttention:
