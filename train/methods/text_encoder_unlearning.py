@@ -15,8 +15,7 @@ from guidance.schedules import _bcast
 from losses.text_encoder_unlearning import ascent_loss, embedding_preservation, toward_loss
 from models.edited_text_encoder import EditedTextNetwork, select_text_encoder_parameters
 from train.methods.base import MethodModule
-from train.methods.erasure_concepts import ErasureConcepts, resolve_concepts
-from train.runtime.checkpoint import load_teacher
+from train.methods.erasure_concepts import ErasureConcepts, load_prompt_model, resolve_concepts
 
 OBJECTIVES = ("ascent", "toward")
 
@@ -62,17 +61,11 @@ class TextEncoderUnlearning(MethodModule):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         _check(objective, shots, batch_size, lr, anchor_weight, images, image_size)
-        try:
-            frozen, config = load_teacher(model, model_config)
-        except FileNotFoundError:
-            raise ValueError(f"model={model!r} does not exist; pass the model to edit as --model.init_args.model: a "
-                             f"diffusers pipeline folder (SD 1.x/2.x) or a text teacher checkpoint") from None
+        frozen, config = load_prompt_model(model, model_config, "SD 1.x/2.x",
+                                           "text-encoder unlearning edits how prompts are encoded")
         self.hparams["model_config"] = config
-        self.frozen = frozen.requires_grad_(False).eval()
+        self.frozen = frozen
         conditioner = frozen.net.conditioner
-        if conditioner.enumerate() is not None:
-            raise ValueError("text-encoder unlearning edits how prompts are encoded; this model takes class labels: use "
-                             "train.methods.erasure.ConceptErasure")
         self.spec: ErasureConcepts = resolve_concepts(concepts, targets, anchors, conditioner)
         if anchor_weight > 0 and not self.spec.anchors:
             raise ValueError("anchor_weight > 0 preserves the anchors' embeddings: give anchors (prompts), or set "

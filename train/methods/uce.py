@@ -11,8 +11,7 @@ from torch import nn
 from guidance.denoiser import Denoiser
 from losses.uce import uce_weight
 from train.methods.base import MethodModule
-from train.methods.erasure_concepts import ErasureConcepts, resolve_concepts
-from train.runtime.checkpoint import load_teacher
+from train.methods.erasure_concepts import ErasureConcepts, load_prompt_model, resolve_concepts
 
 
 def cross_attention_projections(net: nn.Module) -> dict[str, nn.Linear]:
@@ -54,17 +53,11 @@ class ClosedFormErasure(MethodModule):
         if erase_scale < 0 or preserve_scale < 0 or lamb <= 0:
             raise ValueError(f"erase_scale and preserve_scale must be >= 0 and lamb > 0, got {erase_scale}, "
                              f"{preserve_scale}, {lamb}")
-        try:
-            frozen, config = load_teacher(model, model_config)
-        except FileNotFoundError:
-            raise ValueError(f"model={model!r} does not exist; pass the model to edit as --model.init_args.model: a "
-                             f"diffusers pipeline folder (SD 1.x/2.x, SDXL) or a text teacher checkpoint") from None
+        frozen, config = load_prompt_model(model, model_config, "SD 1.x/2.x, SDXL",
+                                           "UCE edits how prompts enter cross-attention")
         self.hparams["model_config"] = config
-        self.frozen = frozen.requires_grad_(False).eval()
+        self.frozen = frozen
         conditioner = frozen.net.conditioner
-        if conditioner.enumerate() is not None:
-            raise ValueError("UCE edits how prompts enter cross-attention; this model takes class labels: use "
-                             "train.methods.erasure.ConceptErasure")
         self.spec: ErasureConcepts = resolve_concepts(concepts, targets, anchors, conditioner)
         self.student = Denoiser(copy.deepcopy(frozen.net), frozen.schedule, frozen.parameterization, frozen.sigma_data)
         self.student.requires_grad_(False)
