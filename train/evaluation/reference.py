@@ -91,7 +91,14 @@ def load_clip(folder: str | os.PathLike):
     return model.eval().requires_grad_(False), processor
 
 
-def _embedding(out) -> Tensor:
+def pil_images(images: Tensor) -> list:
+    """float [N, 3, H, W] in [-1, 1] -> N PIL RGB images of their 8-bit pixels (to_uint8), what CLIPProcessor takes."""
+    from PIL import Image
+
+    return [Image.fromarray(p) for p in to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def clip_embedding(out) -> Tensor:
     """get_image_features / get_text_features output as [B, D]: a tensor in transformers 4, the projected
     embedding in `pooler_output` in transformers 5."""
     return out if isinstance(out, Tensor) else out.pooler_output
@@ -111,8 +118,6 @@ def clip_score(images: Tensor, prompts: Sequence[str], model: str | os.PathLike,
     clamps the MEAN cosine at 0 rather than each pair's; for real CLIP models every cosine is positive and the
     two agree.
     """
-    from PIL import Image
-
     check_images(images)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(images):
@@ -123,12 +128,12 @@ def clip_score(images: Tensor, prompts: Sequence[str], model: str | os.PathLike,
     scores = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            pixels = to_uint8(images[start:start + batch_size]).permute(0, 2, 3, 1).cpu().numpy()
-            inputs = processor(text=prompts[start:start + batch_size], images=[Image.fromarray(p) for p in pixels],
-                               return_tensors="pt", padding=True, truncation=True)
-            e_i = _embedding(clip.get_image_features(pixel_values=inputs["pixel_values"].to(device)))
-            e_c = _embedding(clip.get_text_features(input_ids=inputs["input_ids"].to(device),
-                                                    attention_mask=inputs["attention_mask"].to(device)))
+            part = slice(start, start + batch_size)
+            inputs = processor(text=prompts[part], images=pil_images(images[part]), return_tensors="pt", padding=True,
+                               truncation=True)
+            e_i = clip_embedding(clip.get_image_features(pixel_values=inputs["pixel_values"].to(device)))
+            e_c = clip_embedding(clip.get_text_features(input_ids=inputs["input_ids"].to(device),
+                                                        attention_mask=inputs["attention_mask"].to(device)))
             scores.append(100 * F.cosine_similarity(e_i, e_c, dim=-1).clamp(min=0))  # Hessel et al. Eq. 1
     return float(torch.cat(scores).float().mean())
 
