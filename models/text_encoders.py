@@ -191,19 +191,30 @@ class PromptEncoder(nn.Module):
         dev = self.device
         return {k: torch.stack([self._cache[p][k] for p in prompts]).to(dev) for k in self._cache[prompts[0]]}
 
-    def last_word_embeddings(self, prompts: Sequence[str]) -> Tensor:
-        """encoder_hidden_states [B, D] at each prompt's last word token (before the end-of-text token; the
-        start token for ""): the one embedding per prompt that UCE edits with (arXiv 2308.14761; the authors'
-        trainscripts/uce_sd_erase.py). CLIP-only encoders (kinds clip and sdxl)."""
-        if self.kind not in ("clip", "sdxl"):
-            raise ValueError(f"last-word embeddings are defined for CLIP text encoders (SD 1.x/2.x, SDXL), not {self.kind!r}")
+    def last_word_positions(self, prompts: Sequence[str]) -> Tensor:
+        """[B, K] long: where each prompt's last word token (before the end-of-text token; the first token for "")
+        sits on encoder_hidden_states' token axis, in each of its K token streams: CLIP's for clip and sdxl (whose
+        two tokenizers split a prompt alike), CLIP's then T5's for sd3 (T5's only when it is loaded), T5's for flux.
+        CLIP starts with a start token and T5 does not, but both end with an end token, so the last word is at
+        length - 2 in either (length: the prompt's tokens, as the encoder pads and truncates them)."""
         prompts = list(prompts)
-        tok = self.tokenizers[0]
-        lengths = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").attention_mask.sum(1)
+        clip = self.tokenizers[0]
+        streams = [(clip, clip.model_max_length, 0)] if self.kind != "flux" else []
+        if self.has_t5:
+            streams.append((self.tokenizers[-1], self.max_sequence_length, clip.model_max_length if streams else 0))
+        positions = []
+        for tok, length, offset in streams:
+            lengths = tok(prompts, padding="max_length", max_length=length, truncation=True,
+                          return_tensors="pt").attention_mask.sum(1)
+            positions.append(offset + (lengths - 2).clamp(min=0))
+        return torch.stack(positions, 1)
+
+    def last_word_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """encoder_hidden_states [B, K, D] at each prompt's `last_word_positions`: the embeddings per prompt that UCE
+        edits with (arXiv 2308.14761; the authors' trainscripts/uce_sd_erase.py for CLIP, uce_flux_edit.py for T5)."""
         hidden = self.encode(prompts)["encoder_hidden_states"]
-        index = (lengths - 2).clamp(min=0).to(hidden.device)
-        return hidden[torch.arange(len(prompts), device=hidden.device), index]
+        index = self.last_word_positions(prompts).to(hidden.device)
+        return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
     def null(self, batch_size: int = 1) -> dict[str, Tensor]:
         """The null (unconditional) text condition: the embedding of "" or, with zeros_for_empty, zeros."""

@@ -101,7 +101,7 @@ TEXT = {
                ("sd15",)),
     "ant": ("erase", {"ant_steps": 1}, ("sd15",)),
     "salun": ("erase", {"saliency_top_k": 0.5, "saliency_batches": 1}, ("sd15",)),
-    "uce": ("uce", {}, ("sd15", "sdxl")),
+    "uce": ("uce", {}, ("sd15", "sdxl", "sd3", "flux")),
 }
 
 

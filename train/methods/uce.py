@@ -1,39 +1,87 @@
 """Closed-form concept erasure: Unified Concept Editing (UCE, Gandikota et al. 2024, arXiv 2308.14761) edits the
-cross-attention key and value projections of a text-to-image UNet in one least-squares solve (losses.uce), with no
-training loop: seconds instead of an hour, LoRA-free, exported like the other erased models."""
+linear maps through which prompts enter a text-to-image network (a UNet's cross-attention keys and values, an MMDiT's
+text projections) in one least-squares solve each (losses.uce), with no training loop: seconds instead of an hour,
+LoRA-free, exported like the other erased models."""
 from __future__ import annotations
 
 import copy
+from typing import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from guidance.denoiser import Denoiser
 from losses.uce import uce_weight
+from models.conditioning import Conditioner
 from train.methods.base import MethodModule
 from train.methods.erasure_concepts import ErasureConcepts, load_prompt_model, resolve_concepts
 
+Rows = Callable[[Sequence[str]], Tensor]  # prompts -> [n_prompts * k, D]: the k embeddings per prompt a layer reads
+MMDIT_TOKENS, MMDIT_POOLED = "context_embedder", "time_text_embed.text_embedder.linear_1"
 
-def cross_attention_projections(net: nn.Module) -> dict[str, nn.Linear]:
-    """{name: layer} of every cross-attention key and value projection (`attn2.to_k`, `attn2.to_v`) of a text UNet
-    (SD 1.x/2.x, SDXL): the layers UCE edits, as the authors' code selects them."""
-    layers = {n: m for n, m in net.named_modules()
-              if isinstance(m, nn.Linear) and ".attn2." in f".{n}" and n.endswith(("to_k", "to_v"))}
-    if not layers:
-        raise ValueError("UCE edits the cross-attention key/value projections (attn2.to_k, attn2.to_v) of a text UNet "
-                         "(SD 1.x/2.x, SDXL); this network has none. For class-conditional models and SD3/Flux use "
-                         "train.methods.erasure.ConceptErasure")
-    return layers
+
+def uce_projections(net: nn.Module, conditioner: Conditioner) -> dict[str, tuple[nn.Linear, Rows]]:
+    """{name: (layer, rows)}: the linear layers of `net` that UCE edits and, for each, the function giving the
+    embeddings (its input rows c, prompt-major, k per prompt) of a list of prompts, from `conditioner`'s encoder.
+
+    UCE's closed form (losses.uce, Eq. 7) pins W c for fixed inputs c, so it is exact for a linear map whose input is
+    a function of the prompt alone (not of the timestep or the image): then the edited output at each erased and
+    preserved embedding holds at every step and in every block.
+
+    - UNet (SD 1.x/2.x, SDXL): every cross-attention key and value projection (attn2.to_k, attn2.to_v) reads the text
+      encoder's output directly; rows: each prompt's last-word token, as the authors' code selects both
+      (trainscripts/uce_sd_erase.py).
+    - MMDiT (SD3/3.5, Flux; found by its `context_embedder`): the text tokens pass through `context_embedder` and then,
+      in every block, the timestep-modulated norm1_context (and, after the first block, joint attention with the
+      image tokens) before add_k_proj / add_v_proj, whose inputs therefore have no fixed c to solve for. The maps
+      whose input is fixed per prompt are the two first ones, which this edits:
+        `context_embedder` (token embeddings -> text stream): rows = the last-word token of each token stream
+          (PromptEncoder.last_word_positions): T5's for Flux; CLIP's and T5's for SD3, whose joint sequence is CLIP's
+          tokens zero-padded to T5's width followed by T5's, both through this one map (two rows per prompt, one
+          without T5). T5's last word is the token before </s>, as in the authors' Flux script
+          (trainscripts/uce_flux_edit.py); T5's encoder is bidirectional, so that token's embedding depends on the
+          whole prompt, like CLIP's causal last word. One row per prompt and stream pairs each erased row with its
+          guide's whatever their token counts (all of a concept's tokens would have no row-wise guide).
+        `time_text_embed.text_embedder.linear_1` (pooled embedding -> added to the timestep embedding, which drives
+          every block's adaptive-norm shift, scale and gate): rows = the pooled embedding. Erasure needs it: Flux's
+          CLIP reaches the network only there, and SD3's pooled CLIP-L/G projections modulate every block, so a
+          concept left in it survives an edit of the tokens alone. The authors' Flux script edits exactly these two
+          layers; they publish none for SD3, whose same two layers play the same roles.
+      Both layers have a bias b; it cancels in UCE's terms (W c + b = W_old g + b), so the weight alone is edited and b
+      kept. SD3.5's dual-attention blocks have attn2.to_k / to_v of image self-attention: an MMDiT is never edited
+      through attn2 names.
+
+    Only the given rows are pinned: every other input x (a prompt's other tokens, padding) moves by
+    (W - W_old) x = erase_scale sum_i (W_old g_i - W_old c_i) c_i^T G^-1 x (G the solve's Gram matrix), which is zero
+    for x G^-1-orthogonal to every erased row. A network with none of these layers is refused in one line."""
+    def tokens(prompts: Sequence[str]) -> Tensor:
+        return conditioner.encoder.last_word_embeddings(prompts).flatten(0, 1)
+
+    def pooled(prompts: Sequence[str]) -> Tensor:
+        return conditioner.encoder.encode(prompts)["pooled_projections"]
+
+    linear = {n: m for n, m in net.named_modules() if isinstance(m, nn.Linear)}
+    if any(n.endswith(MMDIT_TOKENS) for n in linear):
+        return {n: (m, tokens if n.endswith(MMDIT_TOKENS) else pooled) for n, m in linear.items()
+                if n.endswith((MMDIT_TOKENS, MMDIT_POOLED))}
+    unet = {n: (m, tokens) for n, m in linear.items() if ".attn2." in f".{n}" and n.endswith(("to_k", "to_v"))}
+    if not unet:
+        raise ValueError("UCE edits the linear maps prompts enter through: a text UNet's cross-attention attn2.to_k / "
+                         "to_v (SD 1.x/2.x, SDXL) or an MMDiT's context_embedder and pooled text projection (SD3, "
+                         "Flux); this network has none: use train.methods.erasure.ConceptErasure")
+    return unet
 
 
 class ClosedFormErasure(MethodModule):
-    """UCE: the student is a copy of the model whose cross-attention to_k / to_v weights are replaced by UCE's
-    closed-form solution (losses.uce.uce_weight) once, at the run's single step (trainer.max_steps: 1), so the
-    checkpoint, `sample`, `evaluate` and `export` treat it as any erased model.
+    """UCE: the student is a copy of the model whose text-reading projections (`uce_projections`: a UNet's
+    cross-attention to_k / to_v, an MMDiT's context_embedder and pooled text projection) get UCE's closed-form
+    weights (losses.uce.uce_weight) once, at the run's single step (trainer.max_steps: 1), so the checkpoint, `sample`,
+    `evaluate` and `export` treat it as any erased model. Several concepts are erased in the same solve.
 
-    model:          the model to edit: a diffusers pipeline folder of SD 1.x/2.x or SDXL, or a text teacher checkpoint.
+    model:          the model to edit: a diffusers pipeline folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux, or a text
+                    teacher checkpoint of one.
     concepts:       what to erase, as for ConceptErasure (data.concepts: a spec path or mapping, or a list of prompts);
-                    every prompt of a concept is one erased embedding (its last word token's).
+                    every prompt of a concept gives each edited layer its rows (last-word tokens, pooled embedding).
     targets:        the guide of each concept (one prompt per concept: its outputs replace the concept's); default:
                     each concept's `alternative` in the spec, else the empty prompt (UCE's guide for objects).
     anchors:        prompts whose outputs are preserved (UCE's preserve concepts; shorthand for the spec's anchors).
@@ -53,15 +101,16 @@ class ClosedFormErasure(MethodModule):
         if erase_scale < 0 or preserve_scale < 0 or lamb <= 0:
             raise ValueError(f"erase_scale and preserve_scale must be >= 0 and lamb > 0, got {erase_scale}, "
                              f"{preserve_scale}, {lamb}")
-        frozen, config = load_prompt_model(model, model_config, "SD 1.x/2.x, SDXL",
-                                           "UCE edits how prompts enter cross-attention")
+        frozen, config = load_prompt_model(model, model_config, "SD 1.x/2.x, SDXL, SD3, Flux",
+                                           "UCE edits the projections prompts enter the network through")
         self.hparams["model_config"] = config
         self.frozen = frozen
         conditioner = frozen.net.conditioner
         self.spec: ErasureConcepts = resolve_concepts(concepts, targets, anchors, conditioner)
         self.student = Denoiser(copy.deepcopy(frozen.net), frozen.schedule, frozen.parameterization, frozen.sigma_data)
         self.student.requires_grad_(False)
-        self.layers = cross_attention_projections(self.student.net)
+        self.projections = uce_projections(self.student.net, conditioner)
+        self.layers = {name: layer for name, (layer, _) in self.projections.items()}
         self.erase_scale, self.preserve_scale, self.lamb = erase_scale, preserve_scale, lamb
         self.val_scale, self.val_steps, self.val_samples = val_scale, val_steps, val_samples
         self.register_buffer("edited", torch.zeros((), dtype=torch.bool))
@@ -84,17 +133,16 @@ class ClosedFormErasure(MethodModule):
 
     # --- the edit --------------------------------------------------------------------------------
     @torch.no_grad()
-    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(erase [n_e, D], guide [n_e, D], preserve [n_p, D]): the last-word-token embeddings of every erased prompt,
-        of its concept's guide (the alternative, or the empty prompt), and of the anchors."""
-        encoder = self.conditioner.encoder
+    def embeddings(self, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
+        """(erase [n_e k, D], guide [n_e k, D], preserve [n_p k, D]): the rows (`uce_projections`, k per prompt) of
+        every erased prompt, of its concept's guide (the alternative, or the empty prompt) in the same order, and of
+        the anchors."""
         erased = self.spec.erased
         guides = [self.spec.alternatives[i] if self.spec.alternatives[i] is not None else self.conditioner.null_request
                   for _, i in erased]
-        erase = encoder.last_word_embeddings([r for r, _ in erased])
-        guide = encoder.last_word_embeddings(guides)
+        erase, guide = rows([r for r, _ in erased]), rows(guides)
         anchors = list(self.spec.anchors)
-        preserve = encoder.last_word_embeddings(anchors) if anchors else erase.new_zeros(0, erase.shape[1])
+        preserve = rows(anchors) if anchors else erase.new_zeros(0, erase.shape[1])
         return erase, guide, preserve
 
     def frozen_weights(self) -> dict[str, torch.Tensor]:
@@ -104,9 +152,15 @@ class ClosedFormErasure(MethodModule):
 
     @torch.no_grad()
     def apply_edit(self) -> None:
-        """Replace every cross-attention to_k / to_v weight of the student by UCE's solution from the frozen model's."""
-        erase, guide, preserve = self.embeddings()
-        for layer, w_old in zip(self.layers.values(), self.frozen_weights().values()):
+        """Replace the weight of every layer of `uce_projections` in the student by UCE's solution from the frozen
+        model's and the layer's rows (gathered once per kind of rows: a UNet's layers share theirs)."""
+        gathered: dict[Rows, tuple[Tensor, Tensor, Tensor]] = {}
+        frozen = self.frozen_weights()
+        for name, (layer, rows) in self.projections.items():
+            if rows not in gathered:
+                gathered[rows] = self.embeddings(rows)
+            erase, guide, preserve = gathered[rows]
+            w_old = frozen[name]
             dev = w_old.device
             layer.weight.copy_(uce_weight(w_old, erase.to(dev, w_old.dtype), guide.to(dev, w_old.dtype),
                                           preserve.to(dev, w_old.dtype), self.erase_scale, self.preserve_scale,
