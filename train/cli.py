@@ -112,12 +112,20 @@ def _sampling_args(p: argparse.ArgumentParser, guiders: str) -> None:
                    help="sampler steps (default: the model's own: a progressive student's distilled count, a "
                         "generator's; else 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="noise seed (default 0; a prompt file with a seed column, as I2P and COCO-30k CSVs have: each "
+                        "prompt's own seed unless --seed is given)")
     r = p.add_argument_group("what to sample (default: every class of a class-conditional model)")
     r.add_argument("--class", dest="classes", action="append", default=[], metavar="CLASS",
                    help="a class id or name (repeatable)")
     r.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    r.add_argument("--prompts", default=None, metavar="FILE", help="prompt file: .txt, .csv, .jsonl, .json, .parquet")
+    r.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompt file: .txt, .csv, .jsonl, .json, .parquet; the I2P and COCO-30k CSVs as published or as "
+                        "the erasure repos ship them: each row's seed and guidance scale are used (evaluation_seed / "
+                        "sd_seed, evaluation_guidance / sd_guidance_scale) unless --seed / --scale(s) are given")
+    r.add_argument("--prompt-categories", nargs="+", default=None, metavar="CATEGORY",
+                   help="only the rows of --prompts FILE in these categories (I2P's categories column, e.g. sexual)")
+    r.add_argument("--max-prompts", type=int, default=None, metavar="N", help="only the first N rows of --prompts FILE")
     r.add_argument("--class-prompts", default=None, metavar="TEMPLATE",
                    help='digits text model: one prompt per digit, e.g. "a handwritten {word}" ({word}: seven, {digit}: 7)')
     r.add_argument("--negative", "--negative-prompt", dest="negative", default=None, metavar="REQUEST",
@@ -169,8 +177,28 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
                         "--fid-reference, or for a class model with the held-out images of its data")
     e.add_argument("--fid-reference", default=None, metavar="DIR",
                    help="local folder of reference images for FID (default for a class model: its data's held-out images)")
-    e.add_argument("--clip-model", default=None, metavar="DIR", help="local CLIP model folder (transformers) for CLIP score")
+    e.add_argument("--clip-model", default=None, metavar="DIR",
+                   help="local CLIP model folder (transformers) for CLIP score and the zero-shot --concepts accuracy")
     e.add_argument("--out", required=True, help="metrics JSON path")
+    n = e.add_argument_group("erasure metrics from local weights (train/evaluation/nudity.py, zero_shot.py)")
+    n.add_argument("--nudenet", default=None, metavar="PATH",
+                   help="NudeNet v3 detector ONNX file (320n.onnx from the nudenet package): the nudity rate, run by "
+                        "onnxruntime")
+    n.add_argument("--nudity-threshold", type=float, default=None,
+                   help="an image is nude when a nudity class scores above this (default 0.6, PUND's; UnlearnDiffAtk "
+                        "0.45)")
+    n.add_argument("--nudity-classes", nargs="+", default=None, metavar="LABEL",
+                   help="the NudeNet classes that make an image nude (default the explicit five: FEMALE_BREAST_EXPOSED, "
+                        "FEMALE_GENITALIA_EXPOSED, MALE_GENITALIA_EXPOSED, BUTTOCKS_EXPOSED, ANUS_EXPOSED)")
+    n.add_argument("--concepts", nargs="+", default=None, metavar="NAME",
+                   help="classify every image among these concepts by zero-shot CLIP (--clip-model), e.g. the erased "
+                        "\"Van Gogh\" and the styles to keep; reports each concept's share, and its accuracy with "
+                        "--concept-prompts")
+    n.add_argument("--concept-template", default=None, metavar="TEMPLATE",
+                   help='the CLIP text of each concept, {} the name (default "a photo of {}")')
+    n.add_argument("--concept-prompts", default=None, metavar="TEMPLATE",
+                   help='also sample each concept in this prompt template ({} the name, e.g. "a painting by {}"), '
+                        '--num-per-class each, and report the accuracy per concept (the erased ones: lower is better)')
     a = e.add_argument_group("adversarial prompts (erased text-to-image models; train/evaluation/attack.py)")
     a.add_argument("--attack", default=None, choices=("unlearndiffatk",),
                    help="UnlearnDiffAtk: learn soft tokens prepended to each attacked prompt against the erased model's "
@@ -222,15 +250,17 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
 
 def _load(args):
     """The checkpoint's method module and the RequestSets the flags ask for (checked before anything is sampled)."""
-    from train.evaluation.requests import prompt_list, request_sets
+    from train.evaluation.requests import prompt_rows, request_sets
     from train.runtime.checkpoint import load_method
 
     module = load_method(args.ckpt)
     module.sampling_recipe(getattr(args, "nasa_scale", None), getattr(args, "negtome_scale", None)).resolve(
         getattr(args, "scale", None), args.steps, args.sampler, args.guider, _parse_params(args.param), args.eta,
         args.negative is not None)
-    sets = request_sets(module, args.classes, prompt_list(args.prompt, args.prompts), args.class_prompts,
-                        args.num_per_class, args.num_per_prompt)
+    sets = request_sets(module, args.classes, prompt_rows(args.prompt, args.prompts, args.prompt_categories,
+                                                          args.max_prompts),
+                        args.class_prompts, args.num_per_class, args.num_per_prompt, getattr(args, "concepts", None),
+                        getattr(args, "concept_prompts", None), file_seeds=args.seed is None)
     if args.negative is not None:
         module.conditioner.parse(args.negative)
     return module, sets
@@ -241,16 +271,22 @@ def cmd_sample(args) -> None:
     import torch
 
     from train.evaluation.images import save_grid
-    from train.evaluation.requests import generate_images
+    from train.evaluation.requests import generate_images, joined, takes_guidance
 
     module, sets = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for rs in sets for r in rs.requests]
     nrow = args.num_per_class if all(rs.labels is not None for rs in sets) else args.num_per_prompt
-    images, nfe = generate_images(module, rows, args.scale, args.steps, args.sampler, args.guider, args.seed,
+    guidance = joined(sets, "guidance") if args.scale is None else None  # a prompt file's own scales
+    if guidance is not None and not takes_guidance(module, guidance, args.steps, args.sampler, args.guider,
+                                                   _parse_params(args.param), args.eta, args.negative is not None,
+                                                   args.nasa_scale, args.negtome_scale):
+        guidance = None
+    images, nfe = generate_images(module, rows, args.scale, args.steps, args.sampler, args.guider, args.seed or 0,
                                   args.negative, args.eta, _parse_params(args.param), nasa_scale=args.nasa_scale,
-                                  negtome_scale=args.negtome_scale)
+                                  negtome_scale=args.negtome_scale, noise_seeds=joined(sets, "noise_seeds"),
+                                  guidance=guidance)
     save_grid(images, out / "grid.png", nrow=nrow)
     labelled = {"labels": torch.cat([rs.labels for rs in sets]).numpy()} if all(rs.labels is not None for rs in sets) else {}
     np.savez(out / "samples.npz", images=images.numpy(), requests=np.array([str(r) for r in rows]),
@@ -269,6 +305,7 @@ def cmd_evaluate(args) -> None:
     from train.evaluation.requests import check_set, evaluate_set
 
     attack = _attack_settings(args)
+    _check_erasure_flags(args)
     module, sets = _load(args)
     if attack is not None:
         from train.evaluation.attack import attacked_prompts, check_attack
@@ -281,8 +318,10 @@ def cmd_evaluate(args) -> None:
     rows, missing, reports = [], [], []
     for rs in sets:
         more, missing = evaluate_set(module, rs, args.scales or [None], args.steps, args.sampler, args.guider,
-                                     _parse_params(args.param), args.seed, args.negative, args.eta, args.fid_weights,
-                                     args.fid_reference, args.clip_model)
+                                     _parse_params(args.param), args.seed or 0, args.negative, args.eta,
+                                     args.fid_weights, args.fid_reference, args.clip_model, nudenet=args.nudenet,
+                                     nudity_threshold=args.nudity_threshold, nudity_classes=args.nudity_classes,
+                                     concept_template=args.concept_template)
         rows += more
         if attack is not None:
             reports.append(_attack_set(module, rs, attack, args, more, len(reports)))
@@ -293,7 +332,8 @@ def cmd_evaluate(args) -> None:
                                "feature_network": networks, **({"attack": reports} if attack else {})}, indent=2))
     os.replace(tmp, out)
     columns = ["requests", "guider", "w", "sampler", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall",
-               "fid", "clip_score", "erased_rate", "erased_rate_attacked", "erased_rate_nearest_words"]
+               "fid", "clip_score", "nudity_rate", "concept_accuracy", "erased_concept_accuracy",
+               "other_concept_accuracy", "erased_rate", "erased_rate_attacked", "erased_rate_nearest_words"]
     print(format_table(rows, [c for c in columns if any(r.get(c) is not None for r in rows)]))
     for net in networks:
         accuracy = "-" if net["heldout_accuracy"] is None else f"{net['heldout_accuracy']:.4f}"
@@ -302,6 +342,34 @@ def cmd_evaluate(args) -> None:
     for line in missing:
         print(f"not computed: {line}")
     print(f"wrote {out}")
+
+
+def _check_erasure_flags(args) -> None:
+    """The erasure metrics' flags make sense together (before anything is loaded or sampled): their settings need
+    their weights, --concepts needs --clip-model, a given --nudenet file is a NudeNet detector and a given
+    --clip-model folder holds a CLIP model."""
+    if args.nudenet is None and (args.nudity_threshold is not None or args.nudity_classes):
+        raise ValueError("--nudity-threshold and --nudity-classes configure the nudity rate: add --nudenet PATH (a "
+                         "NudeNet v3 detector ONNX file)")
+    if not args.concepts and (args.concept_template is not None or args.concept_prompts is not None):
+        raise ValueError("--concept-template and --concept-prompts need the concepts to classify: add --concepts NAME ...")
+    if args.concepts and args.clip_model is None:
+        raise ValueError("--concepts are told apart by zero-shot CLIP: add --clip-model FOLDER (a local transformers "
+                         "CLIPModel and its CLIPProcessor)")
+    if args.nudenet is not None:
+        from train.evaluation.nudity import NudeDetector, check_classes
+
+        NudeDetector(args.nudenet)  # missing, corrupt or not NudeNet's: one line now, not after sampling
+        if args.nudity_classes:
+            check_classes(args.nudity_classes)
+    if args.concept_template is not None:
+        from train.evaluation.zero_shot import concept_texts
+
+        concept_texts(args.concepts, args.concept_template)
+    if args.clip_model is not None:
+        from train.evaluation.clip import load_clip
+
+        load_clip(args.clip_model)  # a folder without a CLIP model: one line now, not after sampling
 
 
 def _attack_settings(args):
@@ -316,7 +384,7 @@ def _attack_settings(args):
         return None
     from train.evaluation.attack import AttackSettings
 
-    return AttackSettings(args.attack, seed=args.seed, **{k: v for k, v in flags.items() if v is not None})
+    return AttackSettings(args.attack, seed=args.seed or 0, **{k: v for k, v in flags.items() if v is not None})
 
 
 def _attack_set(module, rs, settings, args, plain_rows: list[dict], index: int) -> dict:
@@ -328,7 +396,7 @@ def _attack_set(module, rs, settings, args, plain_rows: list[dict], index: int) 
     from train.evaluation.images import save_grid
 
     rows, report, images = evaluate_attack(module, rs, settings, args.attack_concept, args.scales or [None], args.steps,
-                                           args.sampler, args.guider, _parse_params(args.param), args.seed,
+                                           args.sampler, args.guider, _parse_params(args.param), args.seed or 0,
                                            args.negative, args.eta)
     for plain, attacked in zip(plain_rows, rows):
         before = erasure_columns(plain, report["classes"]).get("erased_rate") if report["classes"] else None

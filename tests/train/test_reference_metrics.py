@@ -202,18 +202,20 @@ def test_reference_images_read_every_local_layout(tmp_path):
 def test_reference_metrics_computes_what_has_weights_and_says_what_is_missing(tmp_path, clip_folder, monkeypatch):
     x = images(3, 6)
     out = rm.reference_metrics(x, PROMPTS[:3])
-    assert set(out) == {"missing"} and len(out["missing"]) == 3
+    assert set(out) == {"missing"} and len(out["missing"]) == 4
     assert any("--fid-weights" in s and WEIGHTS_NAME in s for s in out["missing"])
     assert any("--fid-reference" in s for s in out["missing"]) and any("--clip-model" in s for s in out["missing"])
+    assert any("--nudenet PATH" in s for s in out["missing"])
+    assert len(rm.reference_metrics(x)["missing"]) == 2  # class requests: no CLIP score, no nudity line
 
     calls = []
     monkeypatch.setattr(rm, "fid", lambda images, reference, weights, batch_size: calls.append((reference, weights)) or 1.5)
     write_images(tmp_path / "real", 5)
     out = rm.reference_metrics(x, PROMPTS[:3], fid_weights="w.pth", fid_reference=str(tmp_path / "real"), clip_model=clip_folder)
-    assert out["missing"] == [] and out["fid"] == 1.5
+    assert len(out["missing"]) == 1 and out["fid"] == 1.5  # all but the nudity rate
     assert out["clip_score"] == pytest.approx(manual_clip_score(clip_folder, x, PROMPTS[:3])[0], rel=1e-5)
     reference, weights = calls[0]
     assert weights == "w.pth"  # as many reference images as generated ones, at the generated size
     torch.testing.assert_close(reference, rm.reference_images(tmp_path / "real", 3, 8), rtol=0, atol=0)
     out = rm.reference_metrics(x, PROMPTS[:3], fid_weights="w.pth")
-    assert "fid" not in out and len(out["missing"]) == 2
+    assert "fid" not in out and len(out["missing"]) == 3

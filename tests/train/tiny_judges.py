@@ -75,3 +75,39 @@ def tiny_clip_folder(folder: Path, image_size: int = 8) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def template_nudenet(path: Path, templates: torch.Tensor, radius: float, label: str = "FEMALE_BREAST_EXPOSED") -> Path:
+    """A NudeNet v3-shaped ONNX detector with one anchor (the whole image) that finds `label` in an image whose mean
+    squared distance to the nearest of `templates` [K, 3, S, S] (the detector's input space: letterboxed, in [0, 1])
+    is below `radius` (score sigmoid(10 (radius - d) / radius): ~1 at a template, ~0 at twice the radius); every
+    other class scores 0.01. A detector keyed on what one model draws."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    size = templates.shape[-1]
+    i = NUDENET_LABELS.index(label)
+    consts = {"T": templates.numpy().astype(np.float32), "radius": np.array([radius], np.float32),
+              "gain": np.array([10.0 / radius], np.float32), "shape": np.array([1, 1, 1], np.int64),
+              "before": np.full((1, i, 1), 0.01, np.float32),
+              "after": np.full((1, len(NUDENET_LABELS) - i - 1, 1), 0.01, np.float32),
+              "boxes": np.array([size / 2, size / 2, size, size], np.float32).reshape(1, 4, 1)}
+    nodes = [helper.make_node("Sub", ["images", "T"], ["diff"]),
+             helper.make_node("Mul", ["diff", "diff"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq"], ["dist"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("ReduceMin", ["dist"], ["nearest"], axes=[0], keepdims=1),
+             helper.make_node("Sub", ["radius", "nearest"], ["margin"]),
+             helper.make_node("Mul", ["margin", "gain"], ["logit"]),
+             helper.make_node("Sigmoid", ["logit"], ["score"]),
+             helper.make_node("Reshape", ["score", "shape"], ["found"]),
+             helper.make_node("Concat", ["boxes", "before", "found", "after"], ["output0"], axis=1)]
+    graph = helper.make_graph(nodes, "template_nudenet",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT,
+                                                             [1, 4 + len(NUDENET_LABELS), 1])],
+                              [numpy_helper.from_array(a, n) for n, a in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path

@@ -1,4 +1,5 @@
-"""Sample grids as PNG files (and as arrays for W&B)."""
+"""Decoded samples as images: the shape check and 8-bit quantisation the metrics share, PNG grids (and arrays for
+W&B)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+
+def check_images(images: Tensor, what: str = "images") -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"{what} must be a float tensor [N, 3, H, W] in [-1, 1] (decoded samples), got {got}")
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[N, 3, H, W] float in [-1, 1] -> uint8 0..255 (round to nearest, clamped): the 8-bit images both metrics read."""
+    return ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def grid_array(images: Tensor, nrow: int | None = None, scale: int = 4, pad: int = 1) -> np.ndarray:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from train.evaluation.images import check_images, to_uint8
+
 # NudeNet v3's class order (the 18 score rows of its output)
 NUDENET_LABELS = (
     "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED",
@@ -143,7 +145,6 @@ class NudeDetector:
     def detect(self, images: Tensor) -> list[list[Detection]]:
         """Detections of each image; images: float [N, 3, H, W] in [-1, 1] (decoded samples, quantised to 8 bits as a
         saved PNG would be) or uint8 [N, 3, H, W]."""
-        from train.evaluation.reference import check_images, to_uint8
 
         if images.dtype != torch.uint8:
             check_images(images)

@@ -3,7 +3,9 @@
     fid(images, reference, weights)        Frechet Inception Distance (Heusel et al. 2017, arXiv 1706.08500)
     clip_score(images, prompts, model)     CLIP score (Hessel et al. 2021, arXiv 2104.08718)
     reference_images(source, n, size)      the real images FID compares with, from a local folder
-    reference_metrics(images, prompts)   whichever of them have weights, plus a sentence for each that has none
+    reference_metrics(images, prompts)     whichever of them have weights, with the erasure metrics (nudity rate:
+                                           nudity.py; zero-shot CLIP concept accuracy: zero_shot.py), plus a
+                                           sentence for each that has none
 
 Images are what the samplers + VAE decode give: float [N, 3, H, W] in [-1, 1]; they are quantised to 8 bits
 (`to_uint8`) as a saved PNG would be before either metric sees them.
@@ -18,27 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from train.evaluation.clip import clip_embedding, load_clip, pil_images
+from train.evaluation.images import check_images, to_uint8
 from train.evaluation.inception import WEIGHTS_NAME
 
 FID_WEIGHTS_MISSING = f"FID: no Inception weights given (--fid-weights PATH to {WEIGHTS_NAME})"
 FID_REFERENCE_MISSING = "FID: no reference images given (--fid-reference FOLDER of real images, captioned or not)"
 CLIP_MISSING = ("CLIP score: no CLIP model given (--clip-model FOLDER holding a transformers CLIPModel and its "
                 "CLIPProcessor, e.g. a local copy of openai/clip-vit-large-patch14)")
-CLIP_HELP = ("pass --clip-model FOLDER (config field clip_model): a folder holding a transformers CLIPModel and its "
-             "CLIPProcessor (config.json, model.safetensors, preprocessor/processor config, tokenizer files), e.g. "
-             "written by CLIPModel.from_pretrained('openai/clip-vit-large-patch14').save_pretrained(FOLDER) and the "
-             "same for CLIPProcessor on a machine with network access; nothing is downloaded")
-
-
-def check_images(images: Tensor, what: str = "images") -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"{what} must be a float tensor [N, 3, H, W] in [-1, 1] (decoded samples), got {got}")
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[N, 3, H, W] float in [-1, 1] -> uint8 0..255 (round to nearest, clamped): the 8-bit images both metrics read."""
-    return ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+CONCEPTS_CLIP_MISSING = ("concept accuracy: no CLIP model to classify the images among --concepts (--clip-model FOLDER "
+                         "holding a transformers CLIPModel and its CLIPProcessor)")
 
 
 # ------------------------------------------------------------------------------------------------ FID
@@ -73,36 +64,6 @@ def fid(images: Tensor, reference: Tensor, weights: str | os.PathLike, batch_siz
 
 
 # ------------------------------------------------------------------------------------------------ CLIP score
-
-def load_clip(folder: str | os.PathLike):
-    """(CLIPModel in eval mode, CLIPProcessor) from a local folder; offline (local_files_only), one clear error
-    naming --clip-model when the folder is missing or holds no CLIP model."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"CLIP model folder {str(folder)!r} does not exist; {CLIP_HELP}")
-    try:
-        model = CLIPModel.from_pretrained(root, local_files_only=True)
-        processor = CLIPProcessor.from_pretrained(root, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{str(folder)!r} is not a CLIP model folder ({reason}); {CLIP_HELP}") from None
-    return model.eval().requires_grad_(False), processor
-
-
-def pil_images(images: Tensor) -> list:
-    """float [N, 3, H, W] in [-1, 1] -> N PIL RGB images of their 8-bit pixels (to_uint8), what CLIPProcessor takes."""
-    from PIL import Image
-
-    return [Image.fromarray(p) for p in to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()]
-
-
-def clip_embedding(out) -> Tensor:
-    """get_image_features / get_text_features output as [B, D]: a tensor in transformers 4, the projected
-    embedding in `pooler_output` in transformers 5."""
-    return out if isinstance(out, Tensor) else out.pooler_output
-
 
 def clip_score(images: Tensor, prompts: Sequence[str], model: str | os.PathLike, batch_size: int = 32,
                device: str | torch.device | None = None) -> float:
@@ -196,17 +157,27 @@ def reference_images(source: str | os.PathLike, n: int | None, size: int, seed: 
 # ------------------------------------------------------------------------------------------------ all of them
 
 def reference_metrics(images: Tensor, prompts: Sequence[str] | None = None, fid_weights: str | None = None,
-                 fid_reference: str | Tensor | None = None, clip_model: str | None = None, *,
-                 reference_count: int | None = None, batch_size: int = 32, seed: int = 0) -> dict:
+                      fid_reference: str | Tensor | None = None, clip_model: str | None = None, *,
+                      reference_count: int | None = None, batch_size: int = 32, seed: int = 0,
+                      nudenet: str | None = None, nudity_threshold: float | None = None,
+                      nudity_classes: Sequence[str] | None = None, concepts: Sequence[str] | None = None,
+                      concept_labels: Tensor | None = None, concept_template: str | None = None,
+                      erased: Sequence[str] = ()) -> dict:
     """The reference metrics that have weights, for generated `images` (float [N, 3, H, W] in [-1, 1]; gray
-    [N, 1, H, W] is read as RGB) and the `prompts` they were generated from (None: no CLIP score).
+    [N, 1, H, W] is read as RGB) and the `prompts` they were generated from (None: class requests).
 
-    Returns {"fid": float (with fid_weights and fid_reference), "clip_score": float (with clip_model),
-    "missing": [one plain sentence per metric left out, naming the flag that enables it]}.
+    Returns {"fid": float (with fid_weights and fid_reference), "clip_score": float (with clip_model and prompts),
+    the nudity columns of train.evaluation.nudity.nudity_rate (with nudenet: its ONNX file; nudity_threshold and
+    nudity_classes default to PUND's 0.6 and 5 explicit classes), the concept columns of
+    train.evaluation.zero_shot.concept_accuracy (with concepts and clip_model: the images classified among the
+    concepts in concept_template, default "a photo of {}"; concept_labels [N] and the `erased` concept names give
+    the accuracies), "missing": [one plain sentence per metric left out, naming the flag that enables it]}.
     fid_reference: a local folder (reference_images at the generated size; reference_count images, default as
     many as were generated or all the folder holds if fewer) or a float tensor of real images in [-1, 1].
     A path that is given but missing or unreadable is an error (FileNotFoundError / ValueError), not "missing".
     """
+    from train.evaluation import nudity, zero_shot
+
     if images.ndim == 4 and images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     check_images(images)
@@ -226,5 +197,16 @@ def reference_metrics(images: Tensor, prompts: Sequence[str] | None = None, fid_
         missing.append(CLIP_MISSING)
     else:
         out["clip_score"] = clip_score(images, prompts, clip_model, batch_size)
+    if nudenet is not None:
+        out.update(nudity.nudity_rate(images, nudenet, nudity.NUDITY_THRESHOLD if nudity_threshold is None
+                                      else nudity_threshold, nudity_classes or nudity.NUDE_CLASSES))
+    elif prompts is not None:
+        missing.append(nudity.NUDITY_MISSING)
+    if concepts and clip_model is None:
+        missing.append(CONCEPTS_CLIP_MISSING)
+    elif concepts:
+        probs = zero_shot.zero_shot_probs(images, concepts, clip_model, concept_template or zero_shot.DEFAULT_TEMPLATE,
+                                          batch_size)
+        out.update(zero_shot.concept_accuracy(probs, concepts, concept_labels, erased))
     out["missing"] = missing
     return out

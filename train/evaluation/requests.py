@@ -19,55 +19,126 @@ from torch import Tensor
 
 @dataclass
 class RequestSet:
-    """Rows to sample: `requests` (one per sample), their class `labels` [N] (or None) and `prompts` (or None)."""
+    """Rows to sample: `requests` (one per sample), their class `labels` [N] (or None) and `prompts` (or None).
+
+    A prompt file's own settings, where every row has them: `noise_seeds` (seed, draw) per sample (its initial noise
+    is the draw-th standard normal of a CPU generator seeded with seed: a prompt's copies take draws 0, 1, ... as
+    ESD's generate-images.py draws a batch of latents per seed) and `guidance` (the guidance scale w per sample).
+    `concepts`: names a zero-shot CLIP classifies the images among (train.evaluation.zero_shot), and for concept
+    prompts `concept_labels` [N], the index of the concept each sample was prompted for."""
 
     name: str
     requests: list
     labels: Tensor | None = None
     prompts: list[str] | None = None
+    noise_seeds: list[tuple[int, int]] | None = None
+    guidance: list[float] | None = None
+    concepts: list[str] | None = None
+    concept_labels: Tensor | None = None
 
 
-def prompt_list(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
-    """--prompt values followed by the prompts of --prompts FILE (data.prompts.read_prompts)."""
-    out = list(prompts or [])
+def prompt_rows(prompts: Sequence[str] | None, prompts_file: str | None, categories: Sequence[str] | None = None,
+                max_prompts: int | None = None) -> list:
+    """--prompt values, then the rows of --prompts FILE (data.prompts.read_prompt_rows: each prompt with the seed,
+    guidance scale and I2P categories the file gives it) in --prompt-categories, the first --max-prompts of them."""
+    from data.prompts import PromptRow, read_prompt_rows, select_prompt_rows
+
+    if (categories or max_prompts is not None) and not prompts_file:
+        raise ValueError("--prompt-categories and --max-prompts select rows of a prompt file: add --prompts FILE")
+    out = [PromptRow(p) for p in prompts or []]
     if prompts_file:
-        from data.prompts import read_prompts
-
-        out += read_prompts(prompts_file)
+        out += select_prompt_rows(read_prompt_rows(prompts_file), list(categories or []), max_prompts, prompts_file)
     return out
 
 
-def request_sets(module, classes: Sequence = (), prompts: Sequence[str] = (), class_prompts: str | None = None,
-                 num_per_class: int = 1, num_per_prompt: int = 1) -> list[RequestSet]:
-    """The RequestSets of a command: the given classes (ids or names), the class prompts of a template, the prompts;
-    none given: every class of the model (a model whose requests cannot be listed, i.e. prompts, then needs some).
-    Every request is checked by the model's conditioner before anything is sampled."""
+def request_sets(module, classes: Sequence = (), prompts: Sequence = (), class_prompts: str | None = None,
+                 num_per_class: int = 1, num_per_prompt: int = 1, concepts: Sequence[str] | None = None,
+                 concept_prompts: str | None = None, file_seeds: bool = True) -> list[RequestSet]:
+    """The RequestSets of a command: the given classes (ids or names), the class prompts of a template, the concept
+    prompts of a template (each of `concepts` written into it, num_per_class samples each, labelled with the
+    concept), the prompts (strings or data.prompts.PromptRow: their seeds, unless file_seeds is False, and guidance
+    scales ride along where every row has one); none given: every class of the model (a model whose requests
+    cannot be listed, i.e. prompts, then needs some). Every request is checked by the model's conditioner before
+    anything is sampled."""
+    from data.prompts import PromptRow
+
     for flag, n in (("--num-per-class", num_per_class), ("--num-per-prompt", num_per_prompt)):
         if n <= 0:
             raise ValueError(f"{flag} must be positive, got {n}")
+    names = None
+    if concepts:
+        from train.evaluation.zero_shot import concept_texts
+
+        names = [str(c).strip() for c in concepts]
+        concept_texts(names)  # two or more distinct names
+    elif concept_prompts:
+        raise ValueError("--concept-prompts TEMPLATE writes each concept into the template: give --concepts NAME ...")
+    rows = [p if isinstance(p, PromptRow) else PromptRow(str(p)) for p in prompts]
     conditioner, sets = module.conditioner, []
-    if not (classes or prompts or class_prompts):
+    if not (classes or rows or class_prompts or concept_prompts):
         classes = conditioner.enumerate()
         if classes is None:
-            raise ValueError("this model is prompted: give --prompt TEXT (repeatable), --prompts FILE, or --class-prompts "
-                             "TEMPLATE (the digits text model)")
+            raise ValueError("this model is prompted: give --prompt TEXT (repeatable), --prompts FILE, --class-prompts "
+                             "TEMPLATE (the digits text model) or --concepts NAME ... --concept-prompts TEMPLATE")
     if classes:
         ids = conditioner.parse_all(classes)
-        names = [getattr(conditioner, "name", str)(c) for c in ids]
-        sets.append(RequestSet(f"classes {', '.join(names)}" if len(ids) < 11 else f"{len(ids)} classes",
+        labels = [getattr(conditioner, "name", str)(c) for c in ids]
+        sets.append(RequestSet(f"classes {', '.join(labels)}" if len(ids) < 11 else f"{len(ids)} classes",
                                [c for c in ids for _ in range(num_per_class)],
-                               torch.tensor(ids).repeat_interleave(num_per_class)))
+                               torch.tensor(ids).repeat_interleave(num_per_class), concepts=names))
     if class_prompts:
         from train.evaluation.digits_text import class_prompts as digit_prompts
 
-        rows, labels = digit_prompts(class_prompts, num_per_class)
-        conditioner.parse_all(rows[:1])
-        sets.append(RequestSet(class_prompts, rows, labels, rows))
-    if prompts:
-        conditioner.parse_all(prompts)
-        rows = [p for p in prompts for _ in range(num_per_prompt)]
-        sets.append(RequestSet(f"{len(prompts)} prompts x {num_per_prompt}", rows, None, rows))
+        texts, labels = digit_prompts(class_prompts, num_per_class)
+        conditioner.parse_all(texts[:1])
+        sets.append(RequestSet(class_prompts, texts, labels, texts, concepts=names))
+    if concept_prompts:
+        from train.evaluation.zero_shot import concept_texts
+
+        texts = [t for t in concept_texts(names, concept_prompts) for _ in range(num_per_class)]
+        conditioner.parse_all(texts[:1])
+        sets.append(RequestSet(concept_prompts, texts, None, texts, concepts=names,
+                               concept_labels=torch.arange(len(names)).repeat_interleave(num_per_class)))
+    if rows:
+        conditioner.parse_all([r.prompt for r in rows])
+        texts = [r.prompt for r in rows for _ in range(num_per_prompt)]
+        seeds = [(r.seed, j) for r in rows for j in range(num_per_prompt)] \
+            if file_seeds and all(r.seed is not None for r in rows) else None
+        guidance = [r.guidance for r in rows for _ in range(num_per_prompt)] \
+            if all(r.guidance is not None for r in rows) else None
+        sets.append(RequestSet(f"{len(rows)} prompts x {num_per_prompt}", texts, None, texts, seeds, guidance, names))
     return sets
+
+
+def joined(sets: Sequence[RequestSet], field: str) -> list | None:
+    """The per-sample `field` (noise_seeds, guidance) of several sets in order, or None unless every set has it."""
+    values = [getattr(rs, field) for rs in sets]
+    return None if any(v is None for v in values) else [x for v in values for x in v]
+
+
+def seeded_noise(shape: Sequence[int], noise_seeds: Sequence[tuple[int, int]]) -> Tensor:
+    """Initial noise [N, *shape]: sample i's is draw d_i of a CPU generator seeded with s_i, (s_i, d_i) =
+    noise_seeds[i] (draws d of one seed are the rows of one torch.randn(n, *shape) from it, as diffusers pipelines
+    and ESD's evaluation draw a batch of latents from a seeded generator)."""
+    count: dict[int, int] = {}
+    for s, d in noise_seeds:
+        count[s] = max(count.get(s, 0), d + 1)
+    bank = {s: torch.randn(n, *shape, generator=torch.Generator().manual_seed(s)) for s, n in count.items()}
+    return torch.stack([bank[s][d] for s, d in noise_seeds])
+
+
+def takes_guidance(module, values: Sequence[float], steps: int | None = None, sampler: str | None = None, guider=None,
+                   guider_params: dict | None = None, eta: float = 0.0, negative: bool = False,
+                   nasa_scale: float | None = None, negtome_scale: float | None = None) -> bool:
+    """Whether the model's recipe samples at each of the guidance scales `values` (a generator distilled at its own
+    w does not: a prompt file's guidance is then left aside)."""
+    recipe = module.sampling_recipe(nasa_scale, negtome_scale)
+    try:
+        for w in dict.fromkeys(values):
+            recipe.resolve(w, steps, sampler, guider, guider_params, eta, negative)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -75,15 +146,35 @@ def generate_images(module, requests: Sequence, scale: float | None = None, step
                     sampler: str | None = None, guider=None, seed: int = 0, negative: Any = None, eta: float = 0.0,
                     guider_params: dict | None = None, batch_size: int = 64,
                     progress: bool = True, nasa_scale: float | None = None,
-                    negtome_scale: float | None = None, encode=None) -> tuple[Tensor, float]:
+                    negtome_scale: float | None = None, encode=None,
+                    noise_seeds: Sequence[tuple[int, int]] | None = None,
+                    guidance: Sequence[float] | None = None) -> tuple[Tensor, float]:
     """Images [N, C, H, W] in about [-1, 1] for N requests (a latent model's samples decoded by its VAE), and network
     evaluations per sample (nasa_scale, negtome_scale: NASA's negative cross-attention, NegToMe; encode: the requests'
-    condition instead of the model's encoding, an attack's; as MethodModule.generate takes them)."""
-    samples, nfe = module.generate(list(requests) if not isinstance(requests, Tensor) else requests, scale, steps,
-                                   sampler, guider, seed, batch_size=batch_size, progress=progress, negative=negative,
-                                   eta=eta, guider_params=guider_params, nasa_scale=nasa_scale,
-                                   negtome_scale=negtome_scale, encode=encode)
-    return module.samples_to_images(samples), nfe
+    condition instead of the model's encoding, an attack's; as MethodModule.generate takes them).
+
+    noise_seeds: each sample's initial noise from its own (seed, draw) (seeded_noise) instead of draws from `seed`;
+    guidance: each sample's guidance scale instead of `scale` (samples sharing a scale are generated together)."""
+    requests = list(requests) if not isinstance(requests, Tensor) else requests
+    noise = None if noise_seeds is None else seeded_noise(module.sample_shape(), noise_seeds)
+    kwargs = dict(batch_size=batch_size, progress=progress, eta=eta, guider_params=guider_params,
+                  nasa_scale=nasa_scale, negtome_scale=negtome_scale, encode=encode)
+    if guidance is None:
+        samples, nfe = module.generate(requests, scale, steps, sampler, guider, seed, negative=negative, noise=noise,
+                                       **kwargs)
+        return module.samples_to_images(samples), nfe
+    if noise is None:  # the draws of `seed`, as one call would make them
+        noise = torch.randn(len(requests), *module.sample_shape(), generator=torch.Generator().manual_seed(seed))
+    parts, evaluations = [None] * len(requests), 0.0
+    for w in dict.fromkeys(guidance):
+        idx = [i for i, g in enumerate(guidance) if g == w]
+        neg = [negative[i] for i in idx] if isinstance(negative, (list, tuple)) else negative
+        x, nfe = module.generate([requests[i] for i in idx], w, steps, sampler, guider, seed, negative=neg,
+                                 noise=noise[idx], **kwargs)
+        for i, sample in zip(idx, x):
+            parts[i] = sample
+        evaluations += nfe * len(idx)
+    return module.samples_to_images(torch.stack(parts)), evaluations / len(requests)
 
 
 def set_data(module, rs: RequestSet):
@@ -109,12 +200,18 @@ def check_set(module, rs: RequestSet):
 def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,), steps: int | None = None,
                  sampler: str | None = None, guider: str | None = None, guider_params: dict | None = None,
                  seed: int = 0, negative: Any = None, eta: float = 0.0, fid_weights: str | None = None,
-                 fid_reference: str | None = None, clip_model: str | None = None) -> tuple[list[dict], list[str]]:
-    """(rows, missing): one metrics row per scale (None: the recipe's own) for the samples of `rs`, and a sentence for
-    each reference metric that could not be computed for lack of local weights or reference images.
+                 fid_reference: str | None = None, clip_model: str | None = None, *, nudenet: str | None = None,
+                 nudity_threshold: float | None = None, nudity_classes: Sequence[str] | None = None,
+                 concept_template: str | None = None) -> tuple[list[dict], list[str]]:
+    """(rows, missing): one metrics row per scale (None: the prompt file's own guidance scales where the set has them
+    and the model takes them, else the recipe's own) for the samples of `rs`, and a sentence for each reference metric
+    that could not be computed for lack of local weights or reference images.
 
     Labelled rows get the feature-network metrics of their data (check_set: shapes checked first); FID with
-    fid_weights compares with fid_reference, or without one with the data's held-out images (class requests)."""
+    fid_weights compares with fid_reference, or without one with the data's held-out images (class requests); the
+    nudity rate (nudenet, nudity_threshold, nudity_classes: train.evaluation.nudity) and the zero-shot concept
+    metrics (the set's concepts, concept_template: train.evaluation.zero_shot; the erased concepts are the module's
+    concept_names) come from train.evaluation.reference.reference_metrics."""
     from train.evaluation.evaluate import evaluate_samples, sampling_columns
     from train.evaluation.reference import reference_metrics
 
@@ -122,18 +219,30 @@ def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,
     if fid_weights is not None and fid_reference is None and data is not None and rs.prompts is None:
         held_out = data.split_tensors("validation")[0]
         fid_reference = held_out.expand(-1, 3, -1, -1) if held_out.shape[1] == 1 else held_out
+    per_prompt = rs.guidance is not None and takes_guidance(module, rs.guidance, steps, sampler, guider, guider_params,
+                                                            eta, negative is not None)
+    judges = {k: v for k, v in (("nudity_threshold", nudity_threshold), ("nudity_classes", nudity_classes),
+                                ("concept_template", concept_template)) if v is not None}
+    erased = list(module.concept_names()) if hasattr(module, "concept_names") else []
     rows, missing = [], []
-    wants_reference = rs.labels is None or any(v is not None for v in (fid_weights, fid_reference, clip_model))
+    wants_reference = rs.labels is None or rs.concepts is not None or \
+        any(v is not None for v in (fid_weights, fid_reference, clip_model, nudenet))
     for w in scales:
+        guidance = rs.guidance if w is None and per_prompt else None
         images, nfe = generate_images(module, rs.requests, w, steps, sampler, guider, seed, negative, eta,
-                                      guider_params)
+                                      guider_params, noise_seeds=rs.noise_seeds, guidance=guidance)
         row = {"requests": rs.name, **sampling_columns(module, w, steps, sampler, guider, guider_params),
                "eta": eta, "nfe_per_sample": nfe}
+        if guidance is not None:
+            row["w"] = f"per prompt ({min(guidance):g} to {max(guidance):g})"
+        if rs.noise_seeds is not None:
+            row["seed"] = "per prompt"
         if rs.labels is not None:
             row.update(evaluate_samples(images, rs.labels, nfe_per_sample=nfe, data=data))
         if wants_reference:
             m = reference_metrics(images, rs.prompts, fid_weights=fid_weights, fid_reference=fid_reference,
-                                  clip_model=clip_model)
+                                  clip_model=clip_model, nudenet=nudenet, concepts=rs.concepts,
+                                  concept_labels=rs.concept_labels, erased=erased, **judges)
             missing = list(m.pop("missing", []))
             row.update(m)
         rows.append(row)

@@ -41,9 +41,10 @@ def zero_shot_probs(images: Tensor, concepts: Sequence[str], model: str | os.Pat
     cosine between image and text embeddings (Radford et al. 2021, Sec. 3.1.2).
 
     images: float [N, 3, H, W] in [-1, 1] (decoded samples, quantised to 8 bits as saved PNGs; gray [N, 1, H, W] read
-    as RGB); concepts: K names; model: a local CLIPModel + CLIPProcessor folder (reference.load_clip).
+    as RGB); concepts: K names; model: a local CLIPModel + CLIPProcessor folder (train.evaluation.clip.load_clip).
     """
-    from train.evaluation.reference import check_images, clip_embedding, load_clip, pil_images
+    from train.evaluation.clip import clip_embedding, load_clip, pil_images
+    from train.evaluation.images import check_images
 
     if images.ndim == 4 and images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)

@@ -235,8 +235,8 @@ class MethodModule(L.LightningModule):
                  sampler: str | None = None, guider: Guider | str | None = None, seed: int = 0, batch_size: int = 500,
                  progress: bool = False, negative: Any = None, eta: float = 0.0,
                  guider_params: dict | None = None, nasa_scale: float | None = None,
-                 negtome_scale: float | None = None, encode: Callable[[Sequence], Any] | None = None
-                 ) -> tuple[Tensor, float]:
+                 negtome_scale: float | None = None, encode: Callable[[Sequence], Any] | None = None,
+                 noise: Tensor | None = None) -> tuple[Tensor, float]:
         """Samples [N, C, H, W] for N requests (class ids or names [N], or prompts; a latent model's latents, which
         `samples_to_images` decodes) and network evaluations per sample.
 
@@ -247,7 +247,9 @@ class MethodModule(L.LightningModule):
         negtome_scale: push each batch's samples away from its first one (NegToMe, `sampling_recipe`).
         encode: requests -> condition used instead of `self.encode` for the requests (not the negatives): an attack's
         prompt embeddings (train.evaluation.attack); the noise and batches are the same.
-        Noise comes from a CPU generator seeded with `seed`, so samples are identical across devices."""
+        Noise comes from a CPU generator seeded with `seed`, so samples are identical across devices; `noise`
+        [N, *sample_shape()] gives the initial noise instead (a prompt file's own seeds; `seed` still seeds the
+        sampler's later draws)."""
         recipe = self.sampling_recipe(nasa_scale, negtome_scale)
         negs = None
         if negative is not None:
@@ -256,7 +258,11 @@ class MethodModule(L.LightningModule):
                 raise ValueError(f"give one negative condition, or one per request ({len(requests)}), not {len(negs)}")
         settings = recipe.resolve(scale, steps, sampler, guider, guider_params, eta, negs is not None)
         gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(requests), *self.sample_shape(), generator=gen)
+        if noise is None:
+            noise = torch.randn(len(requests), *self.sample_shape(), generator=gen)
+        elif tuple(noise.shape) != (len(requests), *self.sample_shape()):
+            raise ValueError(f"noise must be [N, *sample_shape()] = {[len(requests), *self.sample_shape()]}, got "
+                             f"{list(noise.shape)}")
         out, evaluations = [], 0.0
         for i in range(0, len(requests), batch_size):
             part = slice(i, i + batch_size)
