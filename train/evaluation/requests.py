@@ -2,11 +2,13 @@
 and prompts.
 
 A RequestSet is the rows to sample: every class of a class-conditional model (or the classes given by id or name),
-class prompts of the text digits model ("a handwritten {word}": one prompt per digit, labelled with the digit), or a
-prompt set (a prompt file, prompts on the command line). Labelled rows get the feature-network metrics of the model's
-own labelled data (FD, class accuracy, precision/recall; train.evaluation.labelled); any rows get FID against local
-reference images (by default a class model's held-out images) and, with prompts, CLIP score, when the user has
-those weights locally (train.evaluation.reference); what is missing is said, not downloaded.
+class prompts of the text digits model ("a handwritten {word}": one prompt per digit, labelled with the digit), concept
+prompts (each of --concepts in a template, labelled with the concept), or a prompt set (a prompt file, whose rows
+may bring their own seeds and guidance scales, prompts on the command line). Labelled rows get the feature-network
+metrics of the model's own labelled data (FD, class accuracy, precision/recall; train.evaluation.labelled); any rows
+get FID against local reference images (by default a class model's held-out images) and, with prompts, CLIP score and
+the nudity rate, and with --concepts the zero-shot concept metrics, when the user has those weights locally
+(train.evaluation.reference); what is missing is said, not downloaded.
 """
 from __future__ import annotations
 
