@@ -7,33 +7,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.conditions import cond_cat, cond_device, cond_size
+from guidance.conditions import cond_device
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser, teacher_target
 from guidance.guiders import build_guider
-from losses.dmd import decoupled_dmd_loss, dmd_loss, fake_score_loss
-from losses.erasure import forget_target
+from losses.dmd import dmd_loss, fake_score_loss
 from losses.fdiv import fdistill_loss, two_stage_weights
-from losses.gan import discriminator_loss, generator_gan_loss
 from losses.sid import guided_denoising_loss
-from models.discriminator import (DiscriminatorHead, default_feature_layer, discriminator_logits, feature_channels,
-                                  probe_condition)
 from models.ema import EMA
 from models.fake_score import FakeScore
 from models.frozen_dtype import frozen_dtype_of, run_frozen_in
 from train.methods.base import MethodModule
 from train.methods.onestep_config import (DiscriminatorArgs, FakeScoreArgs, ForgetArgs, GeneratorArgs, ObjectiveArgs,
-                                          OptimizerArgs, as_group, check_combinations, check_forget, check_pg_sb_range,
-                                          check_real_data, check_renoise_times)
-from train.methods.onestep_generator import generator_network, trainable_weights
+                                          OptimizerArgs, as_group, check_combinations, check_pg_sb_range)
+from train.methods.onestep_decoupled import DecoupledDMDObjective, check_renoise_times
+from train.methods.onestep_discriminator import DiscriminatorTerms, check_real_data
+from train.methods.onestep_forget import ScoreForgetting, check_forget
+from train.methods.onestep_generator import GeneratorChain, generator_network, trainable_weights
 from train.methods.onestep_sid import SiDObjective, check_sid, sid_p_uncond
 from train.methods.onestep_updates import OneStepUpdates
-from train.methods.sampling import GeneratorSampling
 from train.runtime.checkpoint import CHECKPOINT_KEY, load_teacher
 from train.runtime.nonfinite import NonFiniteLoss  # noqa: F401 (re-export)
 
 
-class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
+class OneStepDistillation(GeneratorChain, DiscriminatorTerms, ScoreForgetting, DecoupledDMDObjective, SiDObjective,
+                          OneStepUpdates, MethodModule):
     """A one-step (or k-step) generator trained by distribution matching against a guided teacher.
 
     Networks: the generator G (a trainable copy of the teacher: x = G(z, c) is the teacher-architecture
@@ -89,6 +87,10 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
     max_skips:        consecutive skipped generator updates before training stops with an error.
     val_samples:      samples drawn at each validation for the sample grid and the validation metrics.
     Each group also takes a dict of its fields when the module is built in Python.
+
+    Beside this file: the generator's network and k-step chain (onestep_generator), the discriminator
+    (onestep_discriminator), SiD (onestep_sid), Decoupled DMD (onestep_decoupled), SFD (onestep_forget) and the
+    manual optimisation of the three networks (onestep_updates); DMD and f-distill's term is here.
     """
 
     method_name = "onestep"
@@ -111,7 +113,6 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
             check_sid(self.objective, guider, pg_sb_range, self.fake_args.p_uncond)
         self.pg_sb_range = check_pg_sb_range(pg_sb_range)
         self.dmd_t_range, self.ca_t_range, self.dm_t_range = (self.objective.times(n) for n in ("t", "ca_t", "dm_t"))
-        self.disc_t_range = tuple(self.disc_args.t_range or self.objective.t_range)
         dtype = frozen_dtype_of(frozen_dtype)
         self.guidance_scale = guidance_scale
         p_uncond = self.fake_args.p_uncond
@@ -145,13 +146,7 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
             self._guided["fake"] = GuidedDenoiser(self.fake_score, copy.deepcopy(g))
         self._init_sid()
         self.forget = None if forget is None else check_forget(forget, g, teacher_den.net.conditioner)
-        self.uses_discriminator = self.gan_weight > 0 or self.divergence != "reverse_kl"
-        self.disc_head = None
-        self.discriminator_layer = self.disc_args.layer or default_feature_layer(teacher_den.net)
-        if self.uses_discriminator:
-            features = self._disc_features()
-            ch = feature_channels(features, self.discriminator_layer, self.sample_shape(), probe_condition(features.net))
-            self.disc_head = DiscriminatorHead(ch, self.disc_args.hidden, time_conditioned=True)
+        self._init_discriminator(teacher_den.net)
         times = gen_args.times or self.generator.schedule.sampling_times(gen_args.steps).tolist()
         self.register_buffer("generator_times", torch.tensor(times, dtype=torch.float32), persistent=False)
         self.generator_steps = len(times)
@@ -174,15 +169,6 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
         return self.objective.divergence
 
     @property
-    def gan_weight(self) -> float:
-        """The weight of the generator's GAN term (discriminator.gan_weight)."""
-        return self.disc_args.gan_weight
-
-    # --- construction helpers ---------------------------------------------------------------------
-    def _disc_features(self) -> Denoiser:
-        return self.fake_score if self.disc_args.features == "fake" else self.fake_score.teacher
-
-    @property
     def teacher(self) -> Denoiser:
         """The frozen teacher (in LoRA mode a view of the shared network with adapters off)."""
         return self.fake_score.teacher
@@ -198,51 +184,6 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
             if frozen is not None:
                 frozen.eval()
         return self
-
-    # --- the generator ----------------------------------------------------------------------------
-    def sampling_denoiser(self) -> Denoiser:
-        g = self.generator
-        return g if self.ema is None else Denoiser(self.ema.module, g.schedule, g.parameterization, g.sigma_data)
-
-    def run_generator(self, den: Denoiser, z: Tensor, cond: Any, last: int | None = None, grad: bool = False,
-                      generator: torch.Generator | None = None) -> Tensor:
-        """x0 samples [B, C, H, W] from unit noise z [B, C, H, W] after steps 0..last of the generator.
-
-        Step 0 denoises sigma(t_0) z at t_0 (x = G(z, c): the teacher-initialised denoiser's x0-prediction);
-        step j > 0 re-noises the previous x0 to t_j with fresh noise and denoises again (DMD2 sec. 4.5).
-        grad: keep the graph of the last step only (earlier steps are DMD2's no-grad backward simulation).
-        """
-        last = self.generator_steps - 1 if last is None else last
-        b = z.shape[0]
-        times = self.generator_times.to(z.device, z.dtype)
-        x = None
-        for j in range(last + 1):
-            t = times[j].expand(b)
-            if j == 0:
-                x_in = z * den.schedule.sigma(times[:1]).to(z)
-            else:
-                noise = (self.noise_like(z) if generator is None else
-                         torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device))
-                x_in = den.schedule.add_noise(x, noise, t)
-            with torch.set_grad_enabled(grad and j == last):
-                x = den(x_in, t, cond).x0
-        return x
-
-    def _train_sample(self, labels: Tensor, grad: bool) -> tuple[Tensor, int]:
-        """Generator samples for a training update and the step j that made them: a random step of the k-step chain
-        (k = 1: the one step), from the input at time generator_times[j]."""
-        z = self.per_sample(lambda n: torch.randn(n, *self.sample_shape(), device=cond_device(labels)), cond_size(labels))
-        last = int(torch.randint(self.generator_steps, ())) if self.generator_steps > 1 else 0
-        return self.run_generator(self.generator, z, labels, last, grad), last
-
-    def recipe(self) -> GeneratorSampling:
-        """The generator at its own times (one evaluation per step); the guidance is distilled into it."""
-        den = self.sampling_denoiser()
-        return GeneratorSampling(lambda z, cond, gen: self.run_generator(den, z, cond, generator=gen),
-                                 self.generator_steps, None if self.pg_sb_range else float(self.guidance_scale))
-
-    def val_sampling(self) -> dict:
-        return {}
 
     # --- predictions ----------------------------------------------------------------------------------
     def _scales(self, b: int, device) -> Tensor:
@@ -263,9 +204,6 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
         hi = hi if below is None else min(hi, below)
         return lo + (hi - lo) * self.uniform(b, device)
 
-    def _disc_logits(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        return discriminator_logits(self.disc_head, self._disc_features(), self.discriminator_layer, x_t, t, cond)
-
     # --- losses -----------------------------------------------------------------------------------------
     def fake_losses(self, x_real: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The fake score's denoising loss on fresh generator samples and, with a discriminator, its loss."""
@@ -279,11 +217,7 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
                 guided_denoising_loss(self.fake_score, x_fake, cond, t, eps, scale))
         terms = {"fake_score": loss.mean()}
         if self.disc_head is not None:
-            t_f = self._uniform_t(b, self.disc_t_range, x_fake.device)
-            t_r = self._uniform_t(x_real.shape[0], self.disc_t_range, x_real.device)
-            logits_f = self._disc_logits(sched.add_noise(x_fake, self.noise_like(x_fake), t_f), t_f, labels)
-            logits_r = self._disc_logits(sched.add_noise(x_real, self.noise_like(x_real), t_r), t_r, labels)
-            terms["discriminator"] = discriminator_loss(logits_f, logits_r)
+            terms["discriminator"] = self._discriminator_loss(x_fake, x_real, labels)
         return terms
 
     def generator_losses(self, labels: Any, requests: Any = None) -> dict[str, Tensor]:
@@ -309,9 +243,7 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
         else:
             terms["dmd"] = self._decoupled_loss(x, labels, w, float(self.generator_times[step])).mean()
         if self.gan_weight > 0:
-            t_g = self._uniform_t(b, self.disc_t_range, dev)
-            logits = self._disc_logits(sched.add_noise(x, self.noise_like(x), t_g), t_g, labels)
-            terms["generator_gan"] = self.gan_weight * (generator_gan_loss(logits) * self.gan_keep(labels, requests)).mean()
+            terms["generator_gan"] = self._generator_gan_loss(x, labels, requests)
         return terms
 
     def _fdistill_loss(self, x: Tensor, d_real: Tensor, d_fake: Tensor, logits: Tensor, t: Tensor) -> Tensor:
@@ -324,67 +256,15 @@ class OneStepDistillation(OneStepUpdates, SiDObjective, MethodModule):
             return dmd_loss(x, d_real, d_fake, weight=weights)
         return fdistill_loss(x, d_real, d_fake, logits, self.divergence, t, bins, self.global_batch)
 
-    def _decoupled_loss(self, x: Tensor, labels: Tensor, w: Tensor, t_gen: float) -> Tensor:
-        """Decoupled DMD's loss [B] for generator samples x made from inputs at time t_gen (arXiv 2511.22677, Eq. 8),
-        CA and DM re-noised at times drawn as objective.renoise says (sec. 4.3: hybrid = CA times cleaner than t_gen,
-        DM times over dm_t_range)."""
-        b, dev, sched, teacher = x.shape[0], x.device, self.generator.schedule, self.fake_score.teacher
-        schedule = self.objective.renoise_schedule
-        t_ca = self._uniform_t(b, self.ca_t_range, dev, below=None if schedule == "full" else t_gen)
-        t_dm = self._uniform_t(b, self.dm_t_range, dev, below=t_gen if schedule == "constrained" else None)
-        x_ca = sched.add_noise(x.detach(), self.noise_like(x), t_ca)
-        x_dm = sched.add_noise(x.detach(), self.noise_like(x), t_dm)
-        with torch.no_grad():
-            both = teacher(torch.cat([x_ca, x_ca]), torch.cat([t_ca, t_ca]), cond_cat([labels, teacher.null_cond(labels)])).x0
-            d_fake = self.fake_score(x_dm, t_dm, labels).x0
-            d_cond = teacher(x_dm, t_dm, labels).x0
-        return decoupled_dmd_loss(x, both[:b], both[b:], w, d_fake, d_cond, self.objective.ca_weight,
-                                  self.objective.dm_weight)
-
-    # --- score forgetting distillation (forget) ------------------------------------------------------
+    # --- the DMD term's target -----------------------------------------------------------------------
     def dm_target(self, x_t: Tensor, t: Tensor, labels: Any, w: Tensor, requests: Any = None) -> Tensor:
         """D_real of the DMD term, x0 [B, C, H, W], at (x_t [B, C, H, W], t [B]) for the condition `labels` [B] of
         `requests` (the batch's class ids or prompts; default: `labels`, class ids) and scales w [B]: the guided
-        teacher's prediction (DMD Eq. 7) or, with `forget`, SFD's target, in which forgotten requests get the guided
-        teacher's target for their safe request (forget.target safe) or ESD's target (esd) of the same frozen
-        teacher (losses.erasure.forget_target)."""
+        teacher's prediction (DMD Eq. 7) or, with `forget`, SFD's target (onestep_forget.ScoreForgetting.sfd_target:
+        forgotten requests get the target of their safe request or ESD's target, of the same frozen teacher)."""
         if self.forget is None:
             return teacher_target(self._guided["teacher"], x_t, t, labels, w, space="x0")
-        f = self.forget
-        concept = self.forgotten_concepts(labels if requests is None else requests)
-        erased = torch.tensor([c is not None for c in concept], device=x_t.device)
-        safe = None
-        if f.target == "safe":
-            if f.targets is None:
-                safe_requests = self.random_safe_classes(len(concept), x_t.device)[erased]  # drawn every step
-            else:
-                safe_requests = [f.targets[c] for c in concept if c is not None]
-            safe = self.encode(safe_requests, x_t.device) if bool(erased.any()) else None
-        return forget_target(self._guided["teacher"], x_t, t, labels, w, erased, 1.0 if f.eta is None else f.eta,
-                             safe, space="x0")
-
-    def forgotten_concepts(self, requests: Any) -> list[int | None]:
-        """For each request (class ids, names or prompts) the index of the forget.concepts entry it is, or None,
-        matched by the conditioner's key (models.conditioning)."""
-        conditioner = self.conditioner
-        index = {conditioner.key(c): i for i, c in enumerate(self.forget.concepts)}
-        return [index.get(conditioner.key(r)) for r in conditioner.parse_all(requests)]
-
-    def random_safe_classes(self, b: int, device) -> Tensor:
-        """A safe class [b] per sample, uniform over the classes not erased (SFD's pseudo_label_type "rand", the
-        authors' default when no override label is set); drawn for every sample through `per_sample`."""
-        erased = set(self.forget.concepts)
-        safe = torch.tensor([c for c in self.conditioner.enumerate() if c not in erased], device=device)
-        return safe[(self.uniform(b, device) * len(safe)).long().clamp(max=len(safe) - 1)]
-
-    def gan_keep(self, labels: Any, requests: Any = None) -> Tensor | float:
-        """Per-sample weight [B] of the generator's GAN term: 0 for forgotten requests (default: `labels`, class
-        ids; the discriminator's real branch holds real images of the concept, which would pull the generator back
-        to it), else 1."""
-        if self.forget is None:
-            return 1.0
-        concept = self.forgotten_concepts(labels if requests is None else requests)
-        return torch.tensor([float(c is None) for c in concept], device=cond_device(labels))
+        return self.sfd_target(x_t, t, labels, w, requests)
 
     # --- optimisation --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

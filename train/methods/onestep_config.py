@@ -1,5 +1,5 @@
 """OneStepDistillation's argument groups (objective, fake score, discriminator, generator, optimizer, forgetting) and
-their checks, each refusal saying what to change."""
+their checks, each refusal saying what to change (checks against the teacher, guider or data: with their objective)."""
 from __future__ import annotations
 
 import math
@@ -340,58 +340,6 @@ def check_combinations(objective: ObjectiveArgs, guider: str, forget: ForgetArgs
                          f"CFG split and density ratio come from the unerased teacher and real data)")
 
 
-def check_forget(forget: ForgetArgs, guider, conditioner) -> ForgetArgs:
-    """`forget` with its concepts and safe targets parsed by the teacher's conditioner (models.conditioning: class ids
-    for class names, prompts as given) and checked: distinct concepts, not the null request, a safe request per
-    concept that is not itself erased, a safe class left to draw from; the safe-request target against the module's
-    guider (guidance.guiders.Guider)."""
-    known = conditioner.enumerate()
-    what, one = ("prompts", "prompt") if known is None else (f"classes in 0..{len(known) - 1}",
-                                                             f"class in 0..{len(known) - 1}")
-    null_key = conditioner.key(conditioner.null_request)
-
-    def parse(requests: list, field_name: str, rule: str) -> list:
-        try:
-            return [conditioner.parse(r) for r in requests]
-        except ValueError as e:
-            raise ValueError(f"forget.{field_name} must {rule}, got {list(requests)} ({e})") from None
-
-    concepts = parse(forget.concepts, "concepts", f"be distinct {what}")
-    keys = [conditioner.key(c) for c in concepts]
-    if len(set(keys)) != len(keys) or null_key in keys:
-        raise ValueError(f"forget.concepts must be distinct {what} (not the null request "
-                         f"{conditioner.null_request!r}), got {concepts}")
-    if known is not None and len(concepts) == len(known):
-        raise ValueError(f"forget.concepts erases all {len(known)} classes, leaving no safe class; keep at least one")
-    targets = forget.targets
-    rule = f"give one {one} per erased concept {concepts}, none of them erased (nor the null request)"
-    if targets is not None:
-        targets = parse(targets, "targets", rule)
-        if len(targets) != len(concepts) or any(conditioner.key(r) in keys + [null_key] for r in targets):
-            raise ValueError(f"forget.targets must {rule}; got {targets}")
-    elif forget.target == "safe" and known is None:
-        raise ValueError(f"forget.targets: give one safe prompt per concept {concepts} (SFD's override, e.g. "
-                         f"targets: [\"a photo of a dog\"]): a prompt model has no list of requests to draw a safe "
-                         f"one from; or set target: esd")
-    if forget.target == "safe" and any(b.model == "weak" for b in guider.branches(None)):
-        raise ValueError("forget target safe guides the frozen teacher toward the safe requests with the module's "
-                         "guider, which cannot need a weak model; use a guider such as 'cfg'")
-    return ForgetArgs(concepts, None if forget.eta is None else float(forget.eta), targets, forget.target)
-
-
-def check_renoise_times(objective: ObjectiveArgs, generator_times: Sequence[float]) -> None:
-    """Decoupled DMD's hybrid / constrained schedules draw CA (and, constrained, DM) times cleaner than each generator
-    step's input time t_j: every t_j must lie above the range's lo."""
-    names = {"hybrid": ("ca_t",), "constrained": ("ca_t", "dm_t"), "full": ()}[objective.renoise_schedule]
-    for name in names:
-        lo = objective.times(name)[0]
-        low = [t for t in generator_times if t <= lo]
-        if low:
-            raise ValueError(f"objective.renoise {objective.renoise_schedule} draws {name.replace('_t', '')} times in "
-                             f"[{lo}, t_j) below each generator step's time t_j, but step time {low[0]} is not above "
-                             f"{lo}; lower objective.{name}_range's lo, raise generator.times, or set renoise: full")
-
-
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -412,14 +360,3 @@ def check_range(name: str, value, lo: float = 0.0, hi: float = 1.0) -> tuple[flo
 def check_pg_sb_range(value) -> tuple[float, float] | None:
     """PG-SB's [lo, hi] of guidance scales, or None."""
     return check_range("pg_sb_range", value, lo=-math.inf, hi=math.inf) if value else None
-
-
-def check_real_data(datamodule) -> None:
-    """The discriminator (GAN term, f-divergences other than reverse KL) needs real samples for its real branch; a
-    data module of requests only (`has_images = False`: data.prompts.PromptDataModule, data.digits.DigitsDataModule
-    with images: false) has none."""
-    if getattr(datamodule, "has_images", True) is False:
-        raise ValueError(f"the GAN term and f-divergences other than reverse_kl train a discriminator on real images "
-                         f"or latents, but {type(datamodule).__name__} gives requests only (prompts or labels); use "
-                         f"data with images (e.g. data.captions.CaptionedImageDataModule, or images: true), or set "
-                         f"discriminator.gan_weight: 0 and objective.divergence: reverse_kl")
