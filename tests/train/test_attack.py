@@ -74,6 +74,24 @@ def test_token_states_are_the_encoders_bit_for_bit_and_take_a_prefix(uce_module)
         token_states(tok, enc, ["a cat"], torch.randn(tok.model_max_length, plain.shape[-1]))
 
 
+def test_a_hard_prompt_is_its_token_ids_and_says_whether_its_text_round_trips(uce_module):
+    from train.evaluation.attack import clip_text_encoder, discrete_prompt, token_states
+
+    tok, enc = clip_text_encoder(uce_module)
+    ids = tok("red dog").input_ids[1:-1]
+    text, states, roundtrip = discrete_prompt(tok, enc, ids, "a cat")
+    assert text == "red dog a cat" and roundtrip
+    assert torch.equal(states, token_states(tok, enc, [text])[0])  # the ids' states are the text's, bit for bit
+    assert torch.equal(discrete_prompt(tok, enc, ids)[1], token_states(tok, enc, ["red dog"])[0])  # the ids alone
+    # a token that decodes to a partial character (U+FFFD) does not survive the text; its states are still its ids'
+    special = set(tok.all_special_ids)
+    lost = next(i for i in range(len(tok)) if i not in special and not discrete_prompt(tok, enc, [i], "a cat")[2])
+    text, states, roundtrip = discrete_prompt(tok, enc, [lost], "a cat")
+    assert not roundtrip and not torch.equal(states, token_states(tok, enc, [text])[0])
+    vocab = enc.get_input_embeddings().weight
+    assert torch.equal(states, token_states(tok, enc, ["a cat"], vocab[[lost]])[0])
+
+
 def test_attack_lowers_the_erased_models_loss_and_changes_no_weight(t2i_workspace, tmp_path):
     from tests.train.text_fits import randomised
     from train.evaluation.attack import AttackSettings, clip_text_encoder, unlearndiffatk
@@ -86,7 +104,8 @@ def test_attack_lowers_the_erased_models_loss_and_changes_no_weight(t2i_workspac
     before = {k: v.clone() for k, v in uce_module.state_dict().items()}
     text = {k: v.clone() for k, v in enc.state_dict().items()}
     result = unlearndiffatk(uce_module, "a cat", AttackSettings(steps=40, tokens=2, lr=0.05, images=2, probe=8), steps=3)
-    assert len(result.loss_curve) == 40 and len(result.nearest_words) == 2
+    assert len(result.loss_curve) == 40 and len(result.nearest_words) == 2 and len(result.nearest_ids) == 2
+    assert result.nearest_states.shape == result.states.shape and isinstance(result.nearest_roundtrip, bool)
     assert result.loss_attacked < result.loss_initial  # same probe draws, learned vs initial tokens
     assert result.nearest_prompt.endswith(" a cat") and result.soft.shape == (2, 32)
     assert all(torch.equal(v, before[k]) for k, v in uce_module.state_dict().items())

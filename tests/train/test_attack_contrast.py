@@ -4,7 +4,8 @@ prompt-weighted mixture of the mean digits, the weights read by one cross-attent
 "the number 7". The unerased model draws sevens and the attack has nothing to win; the erased one does not, and the
 attack brings them back, judged by the digits classifier. It fails if the attack learns nothing (no Adam step, no
 gradient reaching the soft tokens), attacks the original model or takes its target images from the erased one, or if
-the rate is not read off the attacked samples (each checked by breaking train/evaluation/attack.py that way)."""
+the rate is not read off the attacked samples (each checked by breaking train/evaluation/attack.py that way), and if
+the nearest words are evaluated as their decoded text instead of their token ids (0.0 instead of 1.0, checked)."""
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ def evaluate(ckpt, out, *attack: str) -> dict:
     m = json.loads(out.read_text())
     (row,) = m["rows"]
     (prompt,) = m["attack"][0]["prompts"]
-    return {**row, **{k: v for k, v in prompt.items() if k.startswith("loss_")}}
+    return {**row, **{k: v for k, v in prompt.items() if k.startswith("loss_") or k.startswith("nearest_")}}
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,13 @@ def test_the_attack_brings_the_erased_concept_back_and_wins_nothing_on_the_unera
     assert unerased["erased_rate_attacked"] >= 0.9
     assert unerased["loss_plain"] < 0.01 * erased["loss_plain"]
     assert erased["loss_plain"] - erased["loss_attacked"] > 100 * (unerased["loss_plain"] - unerased["loss_attacked"])
+
+
+def test_the_nearest_words_are_evaluated_as_their_token_ids(attacked):
+    # the toy's byte-level vocabulary: the learned tokens' nearest words include partial characters, whose decoded text
+    # reads as U+FFFD and re-encodes to other tokens; evaluated as the ids the attack found, the unerased model still
+    # draws sevens (as text: 0.0, the previous evaluation)
+    unerased, erased = attacked["unerased"], attacked["erased"]
+    assert unerased["erased_rate_nearest_words"] >= 0.9
+    assert unerased["nearest_words_roundtrip"] is False and "\ufffd" in unerased["nearest_prompt"]
+    assert len(erased["nearest_ids"]) == 3 and 0.0 <= erased["erased_rate_nearest_words"] <= 1.0

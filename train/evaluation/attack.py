@@ -9,9 +9,13 @@ Unsafe Images ... For Now" (arXiv 2310.11868), and the authors' code OPTML-Group
 estimator and projected to the simplex, Adam lr 0.01; their target images are the original model's generations of the
 prompt; t runs over 50 timesteps 10, 30, ..., 990 of 1000. Here the k tokens are continuous vectors in the text
 encoder's input embedding space (the relaxation without the one-hot projection: a stronger attacker), initialised at
-random vocabulary tokens, with t ~ U[0.01, 0.99] and fresh noise each step; their nearest vocabulary words are reported
-and evaluated too (the hard prompt a discrete attack would read off). The text encoder and the erased network are
-frozen: gradients reach the k vectors only, and shared encoders are never modified (an explicit inputs_embeds path).
+random vocabulary tokens, with t ~ U[0.01, 0.99] and fresh noise each step; their nearest vocabulary tokens are
+evaluated too (the hard prompt a discrete attack would read off), as the token ids themselves: the authors evaluate the
+id sequence (text_grad_.py `run`: `task.eval(construct_id(proj_ids, ...))`, the text decoded for the log only), and a
+decoded text need not encode back to the same ids (a byte-level vocabulary's partial characters decode to U+FFFD), so
+the report gives the decoded text for people to read and whether it round-trips. The text encoder and the erased
+network are frozen: gradients reach the k vectors only, and shared encoders are never modified (an explicit
+inputs_embeds path).
 """
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ class AttackSettings:
 class PromptAttack:
     """One attacked prompt: its learned soft tokens [k, D], the attacked text-encoder output [L, D], the loss of each
     step, the loss on the fixed probe draws with the plain prompt, the initial and the learned tokens, and the learned
-    tokens' nearest vocabulary words."""
+    tokens' nearest vocabulary tokens: their ids, the text-encoder output [L, D] of the prompt with those ids (the
+    discrete prompt, evaluated as ids), their tokens and decoded text, and whether the text encodes back to the ids."""
 
     prompt: str
     soft: Tensor
@@ -73,13 +78,17 @@ class PromptAttack:
     loss_plain: float | None = None
     loss_initial: float | None = None
     loss_attacked: float | None = None
+    nearest_ids: list[int] = field(default_factory=list)
+    nearest_states: Tensor | None = None
     nearest_words: list[str] = field(default_factory=list)
     nearest_prompt: str | None = None
+    nearest_roundtrip: bool | None = None
 
     def report(self) -> dict:
         return {"prompt": self.prompt, "loss_curve": self.loss_curve, "loss_plain": self.loss_plain,
                 "loss_initial": self.loss_initial, "loss_attacked": self.loss_attacked,
-                "nearest_words": self.nearest_words, "nearest_prompt": self.nearest_prompt}
+                "nearest_ids": self.nearest_ids, "nearest_words": self.nearest_words,
+                "nearest_prompt": self.nearest_prompt, "nearest_words_roundtrip": self.nearest_roundtrip}
 
 
 def clip_text_encoder(module) -> tuple[Any, Any]:
@@ -124,6 +133,20 @@ def token_states(tokenizer, text_encoder, prompts: Sequence[str], soft: Tensor |
         causal = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=mask, cache=None)
         out = tm.encoder(inputs_embeds=hidden, attention_mask=causal, is_causal=True)
         return tm.final_layer_norm(out.last_hidden_state)
+
+
+def discrete_prompt(tokenizer, text_encoder, ids: Sequence[int], prompt: str = "") -> tuple[str, Tensor, bool]:
+    """The hard prompt of vocabulary token ids [k] inserted after the start token of `prompt` ("": the ids alone):
+    (its decoded text, for people to read; the text encoder's states [L, D] of the exact ids; whether the text encodes
+    back to those ids). The states are token_states with the ids' own vocabulary rows as the inserted embeddings, so
+    bit for bit the encoder's output of the id sequence [start, ids, prompt's tokens, end, padding]."""
+    vocab = getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding.weight
+    ids = [int(i) for i in ids]
+    with torch.no_grad():
+        states = token_states(tokenizer, text_encoder, [prompt], vocab[torch.tensor(ids, device=vocab.device)])[0]
+    text = f"{tokenizer.decode(ids).strip()} {prompt}".strip()
+    plain = tokenizer(prompt).input_ids
+    return text, states, tokenizer(text).input_ids == plain[:1] + ids + plain[1:]
 
 
 def original_denoiser(module):
@@ -197,24 +220,25 @@ def unlearndiffatk(module, prompt: str, settings: AttackSettings, x0: Tensor | N
     with torch.no_grad():
         result.states = token_states(tokenizer, text_encoder, [prompt], result.soft)[0]
     result.loss_attacked = probe(result.states)
-    ids = nearest_tokens(result.soft, vocab).tolist()
-    result.nearest_words = tokenizer.convert_ids_to_tokens(ids)
-    result.nearest_prompt = f"{tokenizer.decode(ids).strip()} {prompt}"
+    result.nearest_ids = nearest_tokens(result.soft, vocab).tolist()
+    result.nearest_words = tokenizer.convert_ids_to_tokens(result.nearest_ids)
+    result.nearest_prompt, result.nearest_states, result.nearest_roundtrip = discrete_prompt(
+        tokenizer, text_encoder, result.nearest_ids, prompt)
     return result
 
 
-def attacked_encode(module, attacks: dict[str, PromptAttack]):
-    """requests -> their condition, the attacked prompts' rows replaced by their attacked text-encoder states (the
-    encode hook of MethodModule.generate)."""
+def attacked_encode(module, states: dict[str, Tensor]):
+    """requests -> their condition, the rows of the prompts in `states` replaced by their text-encoder states [L, D]
+    (an attack's: the attacked prompt's, or its hard prompt's; the encode hook of MethodModule.generate)."""
 
     def encode(requests):
         cond = module.encode(requests)
-        rows = [i for i, r in enumerate(requests) if r in attacks]
+        rows = [i for i, r in enumerate(requests) if r in states]
         if not rows:
             return cond
         h = cond["encoder_hidden_states"].clone()
         for i in rows:
-            h[i] = attacks[requests[i]].states.to(h)
+            h[i] = states[requests[i]].to(h)
         return {**cond, "encoder_hidden_states": h}
 
     return encode
@@ -260,10 +284,11 @@ def evaluate_attack(module, rs, settings: AttackSettings, concepts: Sequence = (
                     guider_params: dict | None = None, seed: int = 0, negative: Any = None,
                     eta: float = 0.0) -> tuple[list[dict], dict, Tensor]:
     """(rows, report, images): per scale, the erased rate of the attacked prompts' samples after the attack
-    (`erased_rate_attacked`; the plain evaluation's row has the rate before) and with the learned tokens' nearest words written into the prompt
-    (`erased_rate_nearest_words`), for labelled class prompts (None for prompt sets); the attack's report (settings,
-    per prompt: loss curve, probe losses, nearest words); the attacked rows' images at the first scale. Every row is
-    sampled with the plain evaluation's noise and batches, so with 0 steps the attacked samples are the plain ones."""
+    (`erased_rate_attacked`; the plain evaluation's row has the rate before) and with the learned tokens' nearest
+    vocabulary tokens inserted into the prompt as token ids (`erased_rate_nearest_words`), for labelled class prompts
+    (None for prompt sets); the attack's report (settings, per prompt: loss curve, probe losses, nearest ids, words,
+    decoded text and whether it round-trips); the attacked rows' images at the first scale. Every row is sampled with
+    the plain evaluation's noise and batches, so with 0 steps the attacked samples are the plain ones."""
     from train.evaluation.digits_text import erasure_columns
     from train.evaluation.evaluate import evaluate_samples
     from train.evaluation.requests import generate_images, set_data
@@ -273,18 +298,19 @@ def evaluate_attack(module, rs, settings: AttackSettings, concepts: Sequence = (
     w0 = scales[0] if scales else None
     attacks = {p: unlearndiffatk(module, p, settings, scale=w0, steps=steps) for p in prompts}
     data = set_data(module, rs)
-    hard = {p: a.nearest_prompt for p, a in attacks.items() if a.nearest_prompt is not None}
+    attacked = {p: a.states for p, a in attacks.items()}
+    hard = {p: a.nearest_states for p, a in attacks.items() if a.nearest_states is not None}
     rows, grid = [], None
     attacked_rows = torch.tensor([r in attacks for r in rs.requests])
     for w in scales:
         row = {"requests": rs.name, "w": w, "attack": settings.method}
         images = {}
         images["attacked"], _ = generate_images(module, rs.requests, w, steps, sampler, guider, seed, negative, eta,
-                                                guider_params, progress=False, encode=attacked_encode(module, attacks))
+                                                guider_params, progress=False, encode=attacked_encode(module, attacked))
         if hard:
-            requests = [hard.get(r, r) for r in rs.requests]
-            images["nearest_words"], _ = generate_images(module, requests, w, steps, sampler, guider, seed, negative,
-                                                         eta, guider_params, progress=False)
+            images["nearest_words"], _ = generate_images(module, rs.requests, w, steps, sampler, guider, seed, negative,
+                                                         eta, guider_params, progress=False,
+                                                         encode=attacked_encode(module, hard))
         if grid is None:
             grid = images["attacked"][attacked_rows]
         for name, x in images.items():
