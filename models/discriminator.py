@@ -136,7 +136,9 @@ class DiscriminatorHead(nn.Module):
         self.hidden = hidden
 
     def forward(self, features: Tensor, t: Tensor | None = None) -> Tensor:
-        h = self.conv(nn.functional.silu(self.norm(features.float())))
+        # contiguous: a frozen network's channels_last features (no grad) crash GroupNorm's backward on CPU
+        # (torch 2.13: segmentation fault), the case of discriminator.features: teacher
+        h = self.conv(nn.functional.silu(self.norm(features.float().contiguous())))
         if self.time_proj is not None:
             h = h + self.time_proj(timestep_embedding(t, self.hidden))[:, :, None, None]
         return self.out(nn.functional.silu(h).mean(dim=(2, 3))).squeeze(1)

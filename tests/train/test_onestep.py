@@ -208,6 +208,18 @@ def test_few_step_decoupled_pgsb_with_a_copied_fake_score(tiny_teacher_ckpt, tmp
     assert not any(k.startswith("teacher.") for k in keys)
 
 
+def test_discriminator_on_the_frozen_teachers_features_trains(tiny_teacher_ckpt, tmp_path):
+    """discriminator.features: teacher reads the frozen teacher's mid block (no grad, channels_last on CPU), which
+    crashed GroupNorm's backward in the head (a segmentation fault) before the head made its input contiguous."""
+    module = build(tiny_teacher_ckpt, objective={"divergence": "jensen_shannon"},
+                   discriminator={"gan_weight": 0.1, "features": "teacher"})
+    head = [p.detach().clone() for p in module.disc_head.parameters()]
+    trainer = fit(module, max_steps=2, root=tmp_path)
+    assert trainer.global_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(head, module.disc_head.parameters()))
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in module.disc_head.parameters())
+
+
 def test_frozen_weights_in_bfloat16_train_and_reload(tiny_teacher_ckpt, tmp_path):
     """frozen_dtype: bfloat16 holds the teacher / the LoRA base in bfloat16 (models.frozen_dtype); the generator,
     the LoRA weights and the discriminator train in float32, and the checkpoint rebuilds the same module."""
