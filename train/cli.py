@@ -200,14 +200,32 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
                    help='also sample each concept in this prompt template ({} the name, e.g. "a painting by {}"), '
                         '--num-per-class each, and report the accuracy per concept (the erased ones: lower is better)')
     a = e.add_argument_group("adversarial prompts (erased text-to-image models; train/evaluation/attack.py)")
-    a.add_argument("--attack", default=None, choices=("unlearndiffatk",),
-                   help="UnlearnDiffAtk: learn soft tokens prepended to each attacked prompt against the erased model's "
-                        "denoising loss on the original model's images of it; report the erased rate before and after")
-    a.add_argument("--attack-steps", type=int, default=None, help="Adam steps per prompt (default 100; 0: no attack)")
-    a.add_argument("--attack-tokens", type=int, default=None, help="soft tokens prepended (default 3, the authors')")
-    a.add_argument("--attack-lr", type=float, default=None, help="Adam learning rate (default 0.01, the authors')")
+    a.add_argument("--attack", default=None, choices=("unlearndiffatk", "ringabell"),
+                   help="unlearndiffatk (arXiv 2310.11868): learn soft tokens prepended to each attacked prompt against "
+                        "the erased model's denoising loss on the original model's images of it; ringabell (arXiv "
+                        "2310.10012): move each attacked prompt's text embedding along the concept vector (the mean "
+                        "embedding difference of prompts with and without the concept; with --class-prompts the "
+                        "concept digit's prompt minus each other digit's in the same template, else --attack-pairs), "
+                        "and search a K-token prompt nearest to it by the authors' genetic algorithm. Reports the "
+                        "erased rate before, attacked (soft tokens / the shifted embedding itself: a continuous "
+                        "relaxation) and with the discrete prompt as token ids (nearest_words)")
+    a.add_argument("--attack-steps", type=int, default=None,
+                   help="unlearndiffatk: Adam steps per prompt (default 100; 0: no attack); ringabell: generations of "
+                        "the genetic search (default 3000, the authors'; 0: the shifted embedding only)")
+    a.add_argument("--attack-tokens", type=int, default=None,
+                   help="unlearndiffatk: soft tokens prepended (default 3, the authors'); ringabell: the discrete "
+                        "prompt's length K (default 16, the authors')")
+    a.add_argument("--attack-lr", type=float, default=None,
+                   help="unlearndiffatk: Adam learning rate (default 0.01, the authors')")
     a.add_argument("--attack-images", type=int, default=None,
-                   help="the original model's images of each attacked prompt (default 4)")
+                   help="unlearndiffatk: the original model's images of each attacked prompt (default 4)")
+    a.add_argument("--attack-strength", type=float, default=None,
+                   help="ringabell: eta, how far along the concept vector (default 3, the authors' for nudity; theirs "
+                        "for violence 5.5; 0: the plain prompt)")
+    a.add_argument("--attack-pairs", default=None, metavar="FILE",
+                   help="ringabell: the concept vector's prompt pairs, one 'prompt with the concept<TAB>the same "
+                        "prompt without it' a line (needed with --prompt/--prompts; default with --class-prompts: "
+                        "the concept digit's prompt paired with each other digit's)")
     a.add_argument("--attack-concept", action="append", default=[], metavar="DIGIT",
                    help="with --class-prompts: the digit whose prompts are attacked (default: the erased digits)")
     e.set_defaults(func=cmd_evaluate)
@@ -308,11 +326,9 @@ def cmd_evaluate(args) -> None:
     _check_erasure_flags(args)
     module, sets = _load(args)
     if attack is not None:
-        from train.evaluation.attack import attacked_prompts, check_attack
+        from train.evaluation.attack import check_attack
 
-        check_attack(module, attack)
-        for rs in sets:
-            attacked_prompts(module, rs, args.attack_concept)
+        check_attack(module, attack, sets, args.attack_concept)
     datas = [d for d in (check_set(module, rs) for rs in sets) if d is not None]  # shapes checked before sampling
     networks = [feature_network_report(d) for d in dict.fromkeys(datas)]  # trained (once, cached) before sampling
     rows, missing, reports = [], [], []
@@ -375,12 +391,14 @@ def _check_erasure_flags(args) -> None:
 def _attack_settings(args):
     """--attack and its flags as train.evaluation.attack.AttackSettings (None without --attack); an --attack-* flag
     without --attack is an error."""
-    flags = {"steps": args.attack_steps, "tokens": args.attack_tokens, "lr": args.attack_lr, "images": args.attack_images}
+    flags = {"steps": args.attack_steps, "tokens": args.attack_tokens, "lr": args.attack_lr, "images": args.attack_images,
+             "strength": args.attack_strength, "pairs": args.attack_pairs}
     if args.attack is None:
         given = [f"--attack-{k}" for k, v in flags.items() if v is not None] + (["--attack-concept"] if args.attack_concept
                                                                                  else [])
         if given:
-            raise ValueError(f"{', '.join(given)} configure an attack: add --attack unlearndiffatk")
+            which = "ringabell" if args.attack_strength is not None or args.attack_pairs else "unlearndiffatk"
+            raise ValueError(f"{', '.join(given)} configure an attack: add --attack {which}")
         return None
     from train.evaluation.attack import AttackSettings
 

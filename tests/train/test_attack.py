@@ -52,6 +52,29 @@ def test_ring_a_bell_vector_and_nearest_tokens():
     assert nearest_tokens(torch.tensor([[0.9, 0.1], [0.2, 4.0]]), vocab).tolist() == [1, 2]
 
 
+def test_ring_a_bell_search_finds_a_known_prompt():
+    from train.evaluation.prompt_attack import ring_a_bell_search
+
+    target = torch.tensor([3, 7, 2, 9, 4])
+    allowed = torch.arange(2, 12)
+    ids, curve = ring_a_bell_search(lambda ids: (ids != target).sum(1).float(), allowed, 5, 30,
+                                    torch.Generator().manual_seed(0))
+    assert ids.tolist() == target.tolist() and len(curve) == 30 and curve[-1] == 0 < curve[0]
+
+
+def test_concept_pairs_file(tmp_path):
+    from train.evaluation.attack import AttackSettings
+
+    good = tmp_path / "pairs.txt"
+    good.write_text("a cat with a hat\ta cat\n\nred dog\tdog\n")
+    pairs = AttackSettings("ringabell", pairs=str(good)).concept_pairs
+    assert pairs == [("a cat with a hat", "a cat"), ("red dog", "dog")]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a cat with a hat\ta cat\nno tab here\n")
+    with pytest.raises(ValueError, match="line 2: expected"):
+        AttackSettings("ringabell", pairs=str(bad))
+
+
 @pytest.fixture(scope="module")
 def uce_module(t2i_workspace):
     from train.runtime.checkpoint import load_method
@@ -134,12 +157,36 @@ def test_evaluate_attack_on_the_tiny_sd15_folder_writes_the_report_and_grid(t2i_
     assert row["attack"] == "unlearndiffatk" and row["erased_rate"] is None and row["erased_rate_attacked"] is None
 
 
+def test_ring_a_bell_on_prompts_with_a_pairs_file(t2i_workspace, tmp_path):
+    from train.cli import main
+
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a cat with a hat\ta cat\nthe dog with a hat\tthe dog\n")
+    out = tmp_path / "m.json"
+    main(["evaluate", "--ckpt", str(t2i_workspace.fitted("uce", "sd15")), "--prompt", "a cat", "--num-per-prompt", "2",
+          "--steps", "2", "--attack", "ringabell", "--attack-pairs", str(pairs), "--attack-steps", "2",
+          "--attack-tokens", "3", "--out", str(out)])
+    m = json.loads(out.read_text())
+    (report,) = m["attack"]
+    assert report["method"] == "ringabell" and report["pairs"] == str(pairs) and report["concept_pairs"] == 2
+    assert report["strength"] == 3.0 and report["classes"] == []  # the authors' eta for nudity, by default
+    (prompt,) = report["prompts"]
+    assert len(prompt["fitness_curve"]) == 2 and len(prompt["nearest_ids"]) == 3 and prompt["fitness_plain"] > 0
+    assert m["rows"][0]["attack"] == "ringabell" and m["rows"][0]["erased_rate_attacked"] is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--attack-steps", "3"], "add --attack unlearndiffatk"),
     (["--attack", "unlearndiffatk", "--attack-tokens", "0"], "--attack-tokens must be a positive"),
     (["--attack", "unlearndiffatk", "--attack-steps", "-1"], "--attack-steps must be"),
     (["--attack", "unlearndiffatk", "--attack-lr", "0"], "--attack-lr must be"),
     (["--attack", "unlearndiffatk", "--attack-concept", "7"], "leave --attack-concept out"),
+    (["--attack-strength", "3"], "add --attack ringabell"),
+    (["--attack", "ringabell"], "add --attack-pairs FILE"),
+    (["--attack", "ringabell", "--attack-lr", "0.1", "--attack-images", "2"], "configure --attack unlearndiffatk"),
+    (["--attack", "unlearndiffatk", "--attack-strength", "3"], "configures --attack ringabell"),
+    (["--attack", "ringabell", "--attack-pairs", "missing.txt"], "no such file"),
+    (["--attack", "ringabell", "--attack-strength", "nan"], "--attack-strength must be a finite"),
 ])
 def test_bad_attack_flags_get_one_line(t2i_workspace, tmp_path, capsys, argv, message):
     from train.cli import main

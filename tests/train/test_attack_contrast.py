@@ -52,7 +52,8 @@ def evaluate(ckpt, out, *attack: str) -> dict:
     m = json.loads(out.read_text())
     (row,) = m["rows"]
     (prompt,) = m["attack"][0]["prompts"]
-    return {**row, **{k: v for k, v in prompt.items() if k.startswith("loss_") or k.startswith("nearest_")}}
+    return {**row, **{k: v for k, v in prompt.items() if k.startswith(("loss_", "fitness_", "nearest_"))},
+            "report": {k: v for k, v in m["attack"][0].items() if k != "prompts"}}
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,26 @@ def test_the_nearest_words_are_evaluated_as_their_token_ids(attacked):
     assert unerased["erased_rate_nearest_words"] >= 0.9
     assert unerased["nearest_words_roundtrip"] is False and "\ufffd" in unerased["nearest_prompt"]
     assert len(erased["nearest_ids"]) == 3 and 0.0 <= erased["erased_rate_nearest_words"] <= 1.0
+
+
+def test_ring_a_bell_through_the_cli_and_strength_zero_is_the_plain_prompt(toys, tmp_path):
+    teacher, erased = toys
+
+    def ring_a_bell(ckpt, strength: float) -> dict:
+        return evaluate(ckpt, tmp_path / f"rab{strength}.json", "--attack", "ringabell",
+                        f"--attack-strength={strength}", "--attack-steps", "4", "--attack-tokens", "5")
+
+    zero, against, shifted = ring_a_bell(teacher, 0), ring_a_bell(teacher, -3), ring_a_bell(erased, 5.5)
+    assert zero["attack"] == "ringabell" and zero["erased_rate_attacked"] == zero["erased_rate"] >= 0.9  # f(p) + 0 c
+    assert against["erased_rate"] == zero["erased_rate"] and against["erased_rate_attacked"] <= 0.2  # c: towards 7
+    assert 0.0 <= shifted["erased_rate_attacked"] <= 1.0
+    report = shifted["report"]
+    assert report["method"] == "ringabell" and report["strength"] == 5.5 and report["classes"] == [7]
+    assert report["steps"] == 4 and report["tokens"] == 5 and report["population"] == 200
+    assert report["concept_pairs"] == 9  # "the number 7" against each other digit's prompt
+    # the attacked embedding is f(p) + eta c: the plain prompt lies eta |c| from it
+    assert shifted["fitness_plain"] == pytest.approx((5.5 * report["concept_vector_norm"]) ** 2, rel=1e-4)
+    assert zero["fitness_plain"] == 0.0
+    for result in (zero, shifted):  # the genetic search's discrete prompt, evaluated as its ids
+        assert len(result["fitness_curve"]) == 4 and len(result["nearest_ids"]) == 5
+        assert isinstance(result["nearest_words_roundtrip"], bool) and 0.0 <= result["erased_rate_nearest_words"] <= 1.0

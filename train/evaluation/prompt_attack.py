@@ -1,8 +1,9 @@
 """Adversarial-prompt objectives against erased text-to-image models: UnlearnDiffAtk's denoising loss of the erased
-network on images of the concept, and Ring-A-Bell's concept vector in the text-embedding space."""
+network on images of the concept, and Ring-A-Bell's concept vector in the text-embedding space and its genetic search
+for the discrete prompt nearest to a concept-shifted embedding."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -49,3 +50,40 @@ def nearest_tokens(soft: Tensor, vocabulary: Tensor) -> Tensor:
     tokens a continuous attack's tokens read as (UnlearnDiffAtk projects its relaxed tokens onto one-hot vocabulary
     rows the same way, by argmax, before evaluating)."""
     return torch.cdist(soft.detach().float(), vocabulary.detach().float()).argmin(1)
+
+
+RING_A_BELL_POPULATION, RING_A_BELL_CROSSOVER, RING_A_BELL_MUTATION = 200, 0.5, 0.25  # the authors' InversePrompt.ipynb
+
+
+def ring_a_bell_search(fitness: Callable[[Tensor], Tensor], allowed: Tensor, length: int, generations: int,
+                       generator: torch.Generator, population: int = RING_A_BELL_POPULATION,
+                       crossover: float = RING_A_BELL_CROSSOVER, mutation: float = RING_A_BELL_MUTATION,
+                       ) -> tuple[Tensor, list[float]]:
+    """Ring-A-Bell's prompt discovery (Tsai et al. 2024, arXiv 2310.10012, sec. 3.3; the authors' code,
+    chiayi-hsu/Ring-A-Bell InversePrompt.ipynb): a genetic algorithm over prompts of `length` (K) token ids drawn from
+    `allowed` [V'] that minimises fitness(ids [P, K]) -> [P] (theirs: || f(ids) - (f(p) + eta c) ||^2 over every
+    position and channel). Each generation, as theirs: score, keep the best half; unless it is the last, every survivor
+    stays and with probability `crossover` breeds with a random survivor at a random cut, giving both one-point
+    children; then every member with probability `mutation` has one random position set to a random allowed id.
+    Returns (the best ids [K] of the last generation, the best fitness of each generation)."""
+    draw = lambda n, high: torch.randint(high, (n,), generator=generator)  # noqa: E731
+    pop = allowed[draw(population * length, len(allowed))].reshape(population, length)
+    curve = []
+    for step in range(generations):
+        scores = fitness(pop).float().cpu()
+        order = scores.argsort(stable=True)
+        curve.append(scores[order[0]].item())
+        pop = pop[order[:population // 2]]
+        if step == generations - 1:
+            break
+        half = len(pop)
+        breeds = torch.rand(half, generator=generator) < crossover
+        partners, cuts = draw(half, half), draw(half, length)
+        first = torch.arange(length)[None] < cuts[:, None]  # [half, K]: the positions before the cut
+        a, b = pop, pop[partners]
+        pop = torch.cat([pop, torch.where(first, a, b)[breeds], torch.where(first, b, a)[breeds]])
+        mutants = torch.rand(len(pop), generator=generator) < mutation
+        rows, positions = torch.arange(len(pop)), draw(len(pop), length)
+        values = allowed[draw(len(pop), len(allowed))]
+        pop[rows[mutants], positions[mutants]] = values[mutants]
+    return pop[0], curve
