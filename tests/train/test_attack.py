@@ -1,4 +1,5 @@
-"""UnlearnDiffAtk-style adversarial prompts against erased text models (train/evaluation/attack.py, prompt_attack.py):
+"""Adversarial prompts against erased text models (train/evaluation/attack.py and the modules beneath it:
+unlearndiffatk.py, ring_a_bell.py, attack_config.py, attack_embeddings.py, prompt_attack.py):
 the loss against a hand computation, the explicit inputs_embeds path against the encoder, the optimisation lowering
 the erased model's denoising loss with every weight untouched, and `evaluate --attack` on tiny folders."""
 from __future__ import annotations

@@ -4,8 +4,9 @@ prompt-weighted mixture of the mean digits, the weights read by one cross-attent
 "the number 7". The unerased model draws sevens and the attack has nothing to win; the erased one does not, and the
 attack brings them back, judged by the digits classifier. It fails if the attack learns nothing (no Adam step, no
 gradient reaching the soft tokens), attacks the original model or takes its target images from the erased one, or if
-the rate is not read off the attacked samples (each checked by breaking train/evaluation/attack.py that way), and if
-the nearest words are evaluated as their decoded text instead of their token ids (0.0 instead of 1.0, checked)."""
+the rate is not read off the attacked samples (each checked by breaking train/evaluation/unlearndiffatk.py or
+attack.py that way), and if the nearest words are evaluated as their decoded text instead of their token ids (0.0
+instead of 1.0, checked)."""
 from __future__ import annotations
 
 import json
