@@ -180,6 +180,16 @@ def build_parser(with_guiders: bool = False) -> argparse.ArgumentParser:
     e.add_argument("--clip-model", default=None, metavar="DIR",
                    help="local CLIP model folder (transformers) for CLIP score and the zero-shot --concepts accuracy")
     e.add_argument("--out", required=True, help="metrics JSON path")
+    e.add_argument("--batch-size", type=int, default=64,
+                   help="samples generated and judged at a time: a set of any size is evaluated batch by batch, in "
+                        "memory bounded by a batch (FID, CLIP score and the other metrics accumulate); a stochastic "
+                        "sampler's samples (--eta > 0) depend on it, as its draws are made batch by batch")
+    e.add_argument("--save-images", default=None, metavar="DIR",
+                   help="also write every generated image to DIR as a PNG as it is produced, one subfolder per set and "
+                        "scale, listed with its request, seed and guidance in DIR/images.csv (DIR: new, empty, or an "
+                        "earlier save with --overwrite-images)")
+    e.add_argument("--overwrite-images", action="store_true",
+                   help="replace the earlier --save-images in DIR (anything else in DIR is never replaced)")
     n = e.add_argument_group("erasure metrics from local weights (train/evaluation/nudity.py, zero_shot.py)")
     n.add_argument("--nudenet", default=None, metavar="PATH",
                    help="NudeNet v3 detector ONNX file (320n.onnx from the nudenet package): the nudity rate, run by "
@@ -324,6 +334,7 @@ def cmd_evaluate(args) -> None:
 
     attack = _attack_settings(args)
     _check_erasure_flags(args)
+    folder = _image_folder(args)
     module, sets = _load(args)
     if attack is not None:
         from train.evaluation.attack import check_attack
@@ -331,13 +342,16 @@ def cmd_evaluate(args) -> None:
         check_attack(module, attack, sets, args.attack_concept)
     datas = [d for d in (check_set(module, rs) for rs in sets) if d is not None]  # shapes checked before sampling
     networks = [feature_network_report(d) for d in dict.fromkeys(datas)]  # trained (once, cached) before sampling
+    if folder is not None:
+        folder.claim()  # before anything is sampled
     rows, missing, reports = [], [], []
     for rs in sets:
         more, missing = evaluate_set(module, rs, args.scales or [None], args.steps, args.sampler, args.guider,
                                      _parse_params(args.param), args.seed or 0, args.negative, args.eta,
                                      args.fid_weights, args.fid_reference, args.clip_model, nudenet=args.nudenet,
                                      nudity_threshold=args.nudity_threshold, nudity_classes=args.nudity_classes,
-                                     concept_template=args.concept_template)
+                                     concept_template=args.concept_template, batch_size=args.batch_size,
+                                     save_images=folder)
         rows += more
         if attack is not None:
             reports.append(_attack_set(module, rs, attack, args, more, len(reports)))
@@ -357,7 +371,22 @@ def cmd_evaluate(args) -> None:
               f"{accuracy} on its {net['heldout_images']} held-out images")
     for line in missing:
         print(f"not computed: {line}")
+    if folder is not None:
+        print(f"wrote {folder.written} images to {folder.root} (listed in {folder.root / 'images.csv'})")
     print(f"wrote {out}")
+
+
+def _image_folder(args):
+    """--save-images as a train.evaluation.saved_images.ImageFolder (None without it), --batch-size checked."""
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.save_images is None:
+        if args.overwrite_images:
+            raise ValueError("--overwrite-images replaces an earlier --save-images folder: add --save-images DIR")
+        return None
+    from train.evaluation.saved_images import ImageFolder
+
+    return ImageFolder(args.save_images, args.overwrite_images)
 
 
 def _check_erasure_flags(args) -> None:

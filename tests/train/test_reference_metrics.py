@@ -199,7 +199,8 @@ def test_reference_images_read_every_local_layout(tmp_path):
         rm.reference_images(tmp_path / "flat", 9, 6)
 
 
-def test_reference_metrics_computes_what_has_weights_and_says_what_is_missing(tmp_path, clip_folder, monkeypatch):
+def test_reference_metrics_computes_what_has_weights_and_says_what_is_missing(tmp_path, clip_folder,
+                                                                              inception_weights):
     x = images(3, 6)
     out = rm.reference_metrics(x, PROMPTS[:3])
     assert set(out) == {"missing"} and len(out["missing"]) == 4
@@ -208,14 +209,15 @@ def test_reference_metrics_computes_what_has_weights_and_says_what_is_missing(tm
     assert any("--nudenet PATH" in s for s in out["missing"])
     assert len(rm.reference_metrics(x)["missing"]) == 2  # class requests: no CLIP score, no nudity line
 
-    calls = []
-    monkeypatch.setattr(rm, "fid", lambda images, reference, weights, batch_size: calls.append((reference, weights)) or 1.5)
     write_images(tmp_path / "real", 5)
-    out = rm.reference_metrics(x, PROMPTS[:3], fid_weights="w.pth", fid_reference=str(tmp_path / "real"), clip_model=clip_folder)
-    assert len(out["missing"]) == 1 and out["fid"] == 1.5  # all but the nudity rate
+    out = rm.reference_metrics(x, PROMPTS[:3], fid_weights=inception_weights, fid_reference=str(tmp_path / "real"),
+                               clip_model=clip_folder)
+    assert len(out["missing"]) == 1  # all but the nudity rate
     assert out["clip_score"] == pytest.approx(manual_clip_score(clip_folder, x, PROMPTS[:3])[0], rel=1e-5)
-    reference, weights = calls[0]
-    assert weights == "w.pth"  # as many reference images as generated ones, at the generated size
-    torch.testing.assert_close(reference, rm.reference_images(tmp_path / "real", 3, 8), rtol=0, atol=0)
+    # as many reference images as generated ones (3 of the 5, seed 0), at the generated size (8)
+    fids = {(n, size): rm.fid(x, rm.reference_images(tmp_path / "real", n, size), inception_weights)
+            for n, size in ((3, 8), (5, 8), (3, 6))}
+    assert out["fid"] == pytest.approx(fids[3, 8], rel=1e-9, abs=0)  # (a random Inception's FIDs are ~1e-14)
+    assert all(out["fid"] != pytest.approx(fids[k], rel=1e-3, abs=0) for k in ((5, 8), (3, 6)))
     out = rm.reference_metrics(x, PROMPTS[:3], fid_weights="w.pth")
     assert "fid" not in out and len(out["missing"]) == 3

@@ -81,34 +81,63 @@ def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_spl
     """
     data = data if data is not None else labelled_data(None)
     images = as_data_images(images, data)
-    if labels is not None and labels.shape != (len(images),):
-        raise ValueError(f"labels must be [N] = [{len(images)}] or None, got shape {tuple(labels.shape)}")
-    classifier = classifier if classifier is not None else load_feature_network(data)
-    check_trained_on(classifier, data)
-    num_classes = data.num_classes
-    feats, logits = classify(classifier, images)
-    ref = reference_features(classifier, reference_split, data)
-    precision, recall = precision_recall(ref, feats, k=k)
-    pred = logits.argmax(dim=1)
-    histogram = (torch.bincount(pred, minlength=num_classes).double() / len(pred)).tolist()
-    accuracy, per_class = None, [None] * num_classes
-    if labels is not None:
-        labels = labels.detach().cpu().long()
-        accuracy = class_accuracy(logits, labels)
-        for c in range(num_classes):
-            mask = labels == c
-            if mask.any():
-                per_class[c] = (pred[mask] == c).double().mean().item()
-    return {
-        "fd": frechet_distance(feats, ref),
-        "accuracy": accuracy,
-        "per_class_accuracy": per_class,
-        "class_histogram": histogram,
-        "precision": precision,
-        "recall": recall,
-        "num_samples": len(images),
-        "nfe_per_sample": nfe_per_sample,
-    }
+    metrics = LabelledMetrics(len(images), labels, reference_split, classifier, k, data)
+    metrics.update(torch.arange(len(images)), images)
+    return metrics.compute(nfe_per_sample)
+
+
+class LabelledMetrics:
+    """evaluate_samples of n images added batch by batch (`update`, in any order), in memory bounded by a batch: the
+    feature network's features [n, F] and logits [n, K] of every image are kept (a few numbers each), the images are
+    not. Arguments as evaluate_samples; `compute` gives its dict."""
+
+    def __init__(self, n: int, labels: Tensor | None = None, reference_split: str = "validation",
+                 classifier: FeatureNetwork | None = None, k: int = 3, data: LabelledData | None = None):
+        self.data = data if data is not None else labelled_data(None)
+        if labels is not None and labels.shape != (n,):
+            raise ValueError(f"labels must be [N] = [{n}] or None, got shape {tuple(labels.shape)}")
+        self.classifier = classifier if classifier is not None else load_feature_network(self.data)
+        check_trained_on(self.classifier, self.data)
+        self.n, self.labels, self.reference_split, self.k = n, labels, reference_split, k
+        self.feats = self.logits = None
+        self.seen = 0
+
+    def update(self, index: Tensor, images: Tensor) -> None:
+        """Add images [B, C, S, S] in [-1, 1] (as evaluate_samples takes them), the samples `index` [B] of the n."""
+        feats, logits = classify(self.classifier, as_data_images(images, self.data))
+        if self.feats is None:
+            self.feats = feats.new_empty(self.n, feats.shape[1])
+            self.logits = logits.new_empty(self.n, logits.shape[1])
+        self.feats[index], self.logits[index] = feats, logits
+        self.seen += len(index)
+
+    def compute(self, nfe_per_sample: float | None = None) -> dict[str, Any]:
+        """evaluate_samples' dict for the n images added."""
+        if self.seen != self.n:
+            raise RuntimeError(f"{self.seen} images were added to metrics of {self.n}")
+        num_classes, feats, logits, labels = self.data.num_classes, self.feats, self.logits, self.labels
+        ref = reference_features(self.classifier, self.reference_split, self.data)
+        precision, recall = precision_recall(ref, feats, k=self.k)
+        pred = logits.argmax(dim=1)
+        histogram = (torch.bincount(pred, minlength=num_classes).double() / len(pred)).tolist()
+        accuracy, per_class = None, [None] * num_classes
+        if labels is not None:
+            labels = labels.detach().cpu().long()
+            accuracy = class_accuracy(logits, labels)
+            for c in range(num_classes):
+                mask = labels == c
+                if mask.any():
+                    per_class[c] = (pred[mask] == c).double().mean().item()
+        return {
+            "fd": frechet_distance(feats, ref),
+            "accuracy": accuracy,
+            "per_class_accuracy": per_class,
+            "class_histogram": histogram,
+            "precision": precision,
+            "recall": recall,
+            "num_samples": self.n,
+            "nfe_per_sample": nfe_per_sample,
+        }
 
 
 def feature_network_report(data: LabelledData) -> dict:

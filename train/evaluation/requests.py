@@ -12,8 +12,9 @@ the nudity rate, and with --concepts the zero-shot concept metrics, when the use
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -118,15 +119,47 @@ def joined(sets: Sequence[RequestSet], field: str) -> list | None:
     return None if any(v is None for v in values) else [x for v in values for x in v]
 
 
-def seeded_noise(shape: Sequence[int], noise_seeds: Sequence[tuple[int, int]]) -> Tensor:
-    """Initial noise [N, *shape]: sample i's is draw d_i of a CPU generator seeded with s_i, (s_i, d_i) =
-    noise_seeds[i] (draws d of one seed are the rows of one torch.randn(n, *shape) from it, as diffusers pipelines
-    and ESD's evaluation draw a batch of latents from a seeded generator)."""
+def seed_draws(noise_seeds: Sequence[tuple[int, int]]) -> dict[int, int]:
+    """How many draws each seed of noise_seeds [(seed, draw)] makes: its largest draw + 1."""
     count: dict[int, int] = {}
     for s, d in noise_seeds:
         count[s] = max(count.get(s, 0), d + 1)
-    bank = {s: torch.randn(n, *shape, generator=torch.Generator().manual_seed(s)) for s, n in count.items()}
+    return count
+
+
+def seeded_noise(shape: Sequence[int], noise_seeds: Sequence[tuple[int, int]],
+                 draws: dict[int, int] | None = None) -> Tensor:
+    """Initial noise [N, *shape]: sample i's is draw d_i of a CPU generator seeded with s_i, (s_i, d_i) =
+    noise_seeds[i] (draws d of one seed are the rows of one torch.randn(n, *shape) from it, as diffusers pipelines
+    and ESD's evaluation draw a batch of latents from a seeded generator; n: draws[s], default seed_draws(noise_seeds),
+    the count of the whole set when noise_seeds is one batch of it)."""
+    count = seed_draws(noise_seeds) if draws is None else draws
+    bank = {s: torch.randn(count[s], *shape, generator=torch.Generator().manual_seed(s))
+            for s in dict.fromkeys(s for s, _ in noise_seeds)}
     return torch.stack([bank[s][d] for s, d in noise_seeds])
+
+
+def noise_draws(generator: torch.Generator, n: int, shape: Sequence[int], chunk: int) -> Iterator[Tensor]:
+    """torch.randn(n, *shape, generator=generator) in order, `chunk` rows at a time. CPU normal_ turns one uniform
+    per value into normals 16 at a time (Box-Muller), so for samples of a multiple of 16 values successive draws equal
+    one draw; samples of other sizes (a few values) are drawn at once."""
+    if math.prod(shape) % 16:
+        yield from torch.randn(n, *shape, generator=generator).split(chunk)
+        return
+    for start in range(0, n, chunk):
+        yield torch.randn(min(chunk, n - start), *shape, generator=generator)
+
+
+def initial_noise(shape: Sequence[int], n: int, seed: int, noise_seeds: Sequence[tuple[int, int]] | None,
+                  chunk: int) -> Iterator[Tensor]:
+    """The initial noise [n, *shape] of a set `chunk` rows at a time, in order: noise_seeds' (seeded_noise), else the
+    rows of one torch.randn(n, *shape) from a CPU generator seeded with `seed` (noise_draws)."""
+    if noise_seeds is None:
+        yield from noise_draws(torch.Generator().manual_seed(seed), n, shape, chunk)
+        return
+    draws = seed_draws(noise_seeds)
+    for start in range(0, n, chunk):
+        yield seeded_noise(shape, noise_seeds[start:start + chunk], draws)
 
 
 def takes_guidance(module, values: Sequence[float], steps: int | None = None, sampler: str | None = None, guider=None,
@@ -143,7 +176,60 @@ def takes_guidance(module, values: Sequence[float], steps: int | None = None, sa
     return True
 
 
-@torch.no_grad()
+def image_batches(module, requests: Sequence, scale: float | None = None, steps: int | None = None,
+                  sampler: str | None = None, guider=None, seed: int = 0, negative: Any = None, eta: float = 0.0,
+                  guider_params: dict | None = None, batch_size: int = 64, progress: bool = True,
+                  nasa_scale: float | None = None, negtome_scale: float | None = None, encode=None,
+                  noise_seeds: Sequence[tuple[int, int]] | None = None,
+                  guidance: Sequence[float] | None = None) -> Iterator[tuple[Tensor, Tensor, float]]:
+    """The samples of N requests batch by batch: (index [B] of the batch's samples among the requests, their images
+    [B, C, H, W] in about [-1, 1] (a latent model's decoded by its VAE), network evaluations per sample), so that a set
+    of any size is generated and judged in memory bounded by a batch. Arguments as generate_images.
+
+    A batch is `batch_size` requests in order; with per-sample `guidance`, `batch_size` of the requests of one scale in
+    order (each scale's yielded when full, their last ones at the end, so at most batch_size - 1 initial noises wait
+    per scale). Initial noise: noise_seeds' (seeded_noise), else the rows of one torch.randn(N, ...) from `seed`, drawn
+    batch by batch (initial_noise). The sampler's later draws come from a CPU generator seeded with `seed` (one per
+    scale), after the N initial draws when those come from it: the draws of one MethodModule.generate call (per
+    scale), whatever the batches. (Sampling and decoding run without gradients, MethodModule's own no_grad; a
+    torch.no_grad decorator here would hold each yielded batch until the next one is made.)"""
+    from tqdm.auto import tqdm
+
+    requests = requests if isinstance(requests, Tensor) else list(requests)
+    n, shape = len(requests), module.sample_shape()
+    scales = [scale] * n if guidance is None else list(guidance)
+    generators = {w: torch.Generator().manual_seed(seed) for w in dict.fromkeys(scales)}
+    if guidance is None and noise_seeds is None:  # generate's own noise: its later draws follow the N initial ones
+        for _ in noise_draws(generators[scale], n, shape, batch_size):
+            pass
+    kwargs = dict(progress=progress, eta=eta, guider_params=guider_params, nasa_scale=nasa_scale,
+                  negtome_scale=negtome_scale, encode=encode)
+
+    def run(w: float | None, rows: list[tuple[int, Tensor]]) -> tuple[Tensor, Tensor, float]:
+        index = torch.tensor([i for i, _ in rows])
+        batch = requests[index] if isinstance(requests, Tensor) else [requests[i] for i, _ in rows]
+        neg = [negative[i] for i, _ in rows] if isinstance(negative, (list, tuple)) else negative
+        x, nfe = module.generate(batch, w, steps, sampler, guider, seed, batch_size=len(rows), negative=neg,
+                                 noise=torch.stack([z for _, z in rows]), generator=generators[w], **kwargs)
+        return index, module.samples_to_images(x), nfe
+
+    pending: dict = {w: [] for w in generators}
+    with tqdm(total=n, desc="samples", unit="image", disable=None if progress else True) as bar:
+        start = 0
+        for noise in initial_noise(shape, n, seed, noise_seeds, batch_size):
+            for i, z in enumerate(noise, start):
+                pending[scales[i]].append((i, z.clone()))  # a copy: a waiting row keeps no other row alive
+                if len(pending[scales[i]]) == batch_size:
+                    rows, pending[scales[i]] = pending[scales[i]], []
+                    bar.update(len(rows))
+                    yield run(scales[i], rows)
+            start += len(noise)
+        for w, rows in pending.items():
+            if rows:
+                bar.update(len(rows))
+                yield run(w, rows)
+
+
 def generate_images(module, requests: Sequence, scale: float | None = None, steps: int | None = None,
                     sampler: str | None = None, guider=None, seed: int = 0, negative: Any = None, eta: float = 0.0,
                     guider_params: dict | None = None, batch_size: int = 64,
@@ -153,30 +239,20 @@ def generate_images(module, requests: Sequence, scale: float | None = None, step
                     guidance: Sequence[float] | None = None) -> tuple[Tensor, float]:
     """Images [N, C, H, W] in about [-1, 1] for N requests (a latent model's samples decoded by its VAE), and network
     evaluations per sample (nasa_scale, negtome_scale: NASA's negative cross-attention, NegToMe; encode: the requests'
-    condition instead of the model's encoding, an attack's; as MethodModule.generate takes them).
+    condition instead of the model's encoding, an attack's; as MethodModule.generate takes them): image_batches'
+    batches in one tensor.
 
     noise_seeds: each sample's initial noise from its own (seed, draw) (seeded_noise) instead of draws from `seed`;
     guidance: each sample's guidance scale instead of `scale` (samples sharing a scale are generated together)."""
-    requests = list(requests) if not isinstance(requests, Tensor) else requests
-    noise = None if noise_seeds is None else seeded_noise(module.sample_shape(), noise_seeds)
-    kwargs = dict(batch_size=batch_size, progress=progress, eta=eta, guider_params=guider_params,
-                  nasa_scale=nasa_scale, negtome_scale=negtome_scale, encode=encode)
-    if guidance is None:
-        samples, nfe = module.generate(requests, scale, steps, sampler, guider, seed, negative=negative, noise=noise,
-                                       **kwargs)
-        return module.samples_to_images(samples), nfe
-    if noise is None:  # the draws of `seed`, as one call would make them
-        noise = torch.randn(len(requests), *module.sample_shape(), generator=torch.Generator().manual_seed(seed))
-    parts, evaluations = [None] * len(requests), 0.0
-    for w in dict.fromkeys(guidance):
-        idx = [i for i, g in enumerate(guidance) if g == w]
-        neg = [negative[i] for i in idx] if isinstance(negative, (list, tuple)) else negative
-        x, nfe = module.generate([requests[i] for i in idx], w, steps, sampler, guider, seed, negative=neg,
-                                 noise=noise[idx], **kwargs)
-        for i, sample in zip(idx, x):
-            parts[i] = sample
-        evaluations += nfe * len(idx)
-    return module.samples_to_images(torch.stack(parts)), evaluations / len(requests)
+    images, evaluations = None, 0.0
+    for index, x, nfe in image_batches(module, requests, scale, steps, sampler, guider, seed, negative, eta,
+                                       guider_params, batch_size, progress, nasa_scale, negtome_scale, encode,
+                                       noise_seeds, guidance):
+        if images is None:
+            images = x.new_empty(len(requests), *x.shape[1:])
+        images[index] = x
+        evaluations += nfe * len(index)
+    return images, evaluations / len(requests)
 
 
 def set_data(module, rs: RequestSet):
@@ -204,7 +280,8 @@ def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,
                  seed: int = 0, negative: Any = None, eta: float = 0.0, fid_weights: str | None = None,
                  fid_reference: str | None = None, clip_model: str | None = None, *, nudenet: str | None = None,
                  nudity_threshold: float | None = None, nudity_classes: Sequence[str] | None = None,
-                 concept_template: str | None = None) -> tuple[list[dict], list[str]]:
+                 concept_template: str | None = None, batch_size: int = 64,
+                 save_images=None) -> tuple[list[dict], list[str]]:
     """(rows, missing): one metrics row per scale (None: the prompt file's own guidance scales where the set has them
     and the model takes them, else the recipe's own) for the samples of `rs`, and a sentence for each reference metric
     that could not be computed for lack of local weights or reference images.
@@ -213,9 +290,14 @@ def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,
     fid_weights compares with fid_reference, or without one with the data's held-out images (class requests); the
     nudity rate (nudenet, nudity_threshold, nudity_classes: train.evaluation.nudity) and the zero-shot concept
     metrics (the set's concepts, concept_template: train.evaluation.zero_shot; the erased concepts are the module's
-    concept_names) come from train.evaluation.reference.reference_metrics."""
-    from train.evaluation.evaluate import evaluate_samples, sampling_columns
-    from train.evaluation.reference import reference_metrics
+    concept_names) come from train.evaluation.reference.ReferenceMetrics.
+
+    Any number of samples in memory bounded by a batch: they are generated `batch_size` at a time (image_batches) and
+    each batch goes to every metric (LabelledMetrics, ReferenceMetrics keep a few numbers per image and FID's running
+    sums) and, with save_images (a claimed train.evaluation.saved_images.ImageFolder), to a PNG per image in a
+    subfolder per scale, before the next batch is sampled."""
+    from train.evaluation.evaluate import LabelledMetrics, sampling_columns
+    from train.evaluation.reference import ReferenceMetrics
 
     data = check_set(module, rs)
     if fid_weights is not None and fid_reference is None and data is not None and rs.prompts is None:
@@ -226,29 +308,62 @@ def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,
     judges = {k: v for k, v in (("nudity_threshold", nudity_threshold), ("nudity_classes", nudity_classes),
                                 ("concept_template", concept_template)) if v is not None}
     erased = list(module.concept_names()) if hasattr(module, "concept_names") else []
-    rows, missing = [], []
+    n, rows, missing = len(rs.requests), [], []
     wants_reference = rs.labels is None or rs.concepts is not None or \
         any(v is not None for v in (fid_weights, fid_reference, clip_model, nudenet))
+    reference = ReferenceMetrics(n, rs.prompts, fid_weights, fid_reference, clip_model, nudenet=nudenet,
+                                 concepts=rs.concepts, concept_labels=rs.concept_labels, erased=erased,
+                                 **judges) if wants_reference else None
     for w in scales:
         guidance = rs.guidance if w is None and per_prompt else None
-        images, nfe = generate_images(module, rs.requests, w, steps, sampler, guider, seed, negative, eta,
-                                      guider_params, noise_seeds=rs.noise_seeds, guidance=guidance)
-        row = {"requests": rs.name, **sampling_columns(module, w, steps, sampler, guider, guider_params),
-               "eta": eta, "nfe_per_sample": nfe}
+        columns = sampling_columns(module, w, steps, sampler, guider, guider_params)
+        judged = [LabelledMetrics(n, rs.labels, data=data)] if rs.labels is not None else []
+        judged += [reference] if reference is not None else []
+        if save_images is not None:
+            judged.append(save_images.part(saved_name(rs, guidance, columns["w"]),
+                                           saved_records(rs, guidance, columns["w"], seed)))
+        evaluations = 0.0
+        for index, images, nfe in image_batches(module, rs.requests, w, steps, sampler, guider, seed, negative, eta,
+                                                guider_params, batch_size, noise_seeds=rs.noise_seeds,
+                                                guidance=guidance):
+            for judge in judged:
+                judge.update(index, images)
+            evaluations += nfe * len(index)
+            del images  # the batch's images go before the next batch is sampled
+        nfe = evaluations / n
+        row = {"requests": rs.name, **columns, "eta": eta, "nfe_per_sample": nfe}
         if guidance is not None:
             row["w"] = f"per prompt ({min(guidance):g} to {max(guidance):g})"
         if rs.noise_seeds is not None:
             row["seed"] = "per prompt"
         if rs.labels is not None:
-            row.update(evaluate_samples(images, rs.labels, nfe_per_sample=nfe, data=data))
-        if wants_reference:
-            m = reference_metrics(images, rs.prompts, fid_weights=fid_weights, fid_reference=fid_reference,
-                                  clip_model=clip_model, nudenet=nudenet, concepts=rs.concepts,
-                                  concept_labels=rs.concept_labels, erased=erased, **judges)
+            row.update(judged[0].compute(nfe))
+        if reference is not None:
+            m = reference.compute()
+            reference.reset()
             missing = list(m.pop("missing", []))
             row.update(m)
         rows.append(row)
     return rows, missing
+
+
+def saved_name(rs: RequestSet, guidance: Sequence[float] | None, w: float | None) -> str:
+    """The --save-images subfolder of a set's images at one scale: its kind and w (classes-w3, prompts-w-per-prompt)."""
+    kind = "classes" if rs.prompts is None else "class-prompts" if rs.labels is not None else \
+        "concept-prompts" if rs.concept_labels is not None else "prompts"
+    return f"{kind}-w-per-prompt" if guidance is not None else kind if w is None else f"{kind}-w{w:g}"
+
+
+def saved_records(rs: RequestSet, guidance: Sequence[float] | None, w: float | None, seed: int) -> list[dict]:
+    """What the --save-images manifest says of each sample of a set: its index, request, label (class or concept),
+    guidance scale and initial noise (seed, draw: row `draw` of torch.randn(n, ...) from a CPU generator seeded with
+    `seed`; the sampler's own later draws, with eta > 0, follow)."""
+    seeds = rs.noise_seeds or [(seed, i) for i in range(len(rs.requests))]
+    labels = rs.labels.tolist() if rs.labels is not None else \
+        [rs.concepts[c] for c in rs.concept_labels.tolist()] if rs.concept_labels is not None else None
+    return [{"requests": rs.name, "index": i, "request": str(r), "label": "" if labels is None else labels[i],
+             "w": w if guidance is None else guidance[i], "seed": s, "draw": d}
+            for i, (r, (s, d)) in enumerate(zip(rs.requests, seeds))]
 
 
 def evaluate_checkpoint(module, scales: Sequence[float | None] = (None,), steps: int | None = None,

@@ -34,6 +34,34 @@ def concept_texts(concepts: Sequence[str], template: str = DEFAULT_TEMPLATE) -> 
 
 
 @torch.no_grad()
+def concept_embeddings(clip, processor, concepts: Sequence[str], template: str = DEFAULT_TEMPLATE,
+                       device: str | torch.device = "cpu") -> Tensor:
+    """Unit CLIP text embeddings [K, D] of the K concepts written into `template` (concept_texts); clip, processor:
+    train.evaluation.clip.load_clip's."""
+    from train.evaluation.clip import clip_embedding
+
+    tokens = processor(text=concept_texts(concepts, template), return_tensors="pt", padding=True, truncation=True)
+    e_t = clip_embedding(clip.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                                attention_mask=tokens["attention_mask"].to(device)))
+    return e_t / e_t.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def concept_probs(images: Tensor, clip, processor, e_t: Tensor, batch_size: int = 32) -> Tensor:
+    """p(concept | image) [N, K] (float32, CPU): softmax over the concepts of the logit scale times the cosine
+    between each image's CLIP embedding and the unit text embeddings e_t [K, D] (concept_embeddings; Radford et al.
+    2021, Sec. 3.1.2). images: float [N, 3, H, W] in [-1, 1], quantised to 8 bits as saved PNGs."""
+    from train.evaluation.clip import clip_embedding, pil_images
+
+    probs = []
+    for start in range(0, len(images), batch_size):
+        pixels = processor(images=pil_images(images[start:start + batch_size]), return_tensors="pt")["pixel_values"]
+        e_i = clip_embedding(clip.get_image_features(pixel_values=pixels.to(e_t.device)))
+        e_i = e_i / e_i.norm(dim=-1, keepdim=True)
+        probs.append((clip.logit_scale.exp() * e_i @ e_t.T).softmax(-1).float().cpu())  # Radford et al. Sec. 3.1.2
+    return torch.cat(probs)
+
+
 def zero_shot_probs(images: Tensor, concepts: Sequence[str], model: str | os.PathLike,
                     template: str = DEFAULT_TEMPLATE, batch_size: int = 32,
                     device: str | torch.device | None = None) -> Tensor:
@@ -43,27 +71,18 @@ def zero_shot_probs(images: Tensor, concepts: Sequence[str], model: str | os.Pat
     images: float [N, 3, H, W] in [-1, 1] (decoded samples, quantised to 8 bits as saved PNGs; gray [N, 1, H, W] read
     as RGB); concepts: K names; model: a local CLIPModel + CLIPProcessor folder (train.evaluation.clip.load_clip).
     """
-    from train.evaluation.clip import clip_embedding, load_clip, pil_images
+    from train.evaluation.clip import load_clip
     from train.evaluation.images import check_images
 
     if images.ndim == 4 and images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     check_images(images)
-    texts = concept_texts(concepts, template)
+    concept_texts(concepts, template)
     clip, processor = load_clip(model)
     device = torch.device(device) if device is not None else images.device
     clip.to(device)
-    tokens = processor(text=texts, return_tensors="pt", padding=True, truncation=True)
-    e_t = clip_embedding(clip.get_text_features(input_ids=tokens["input_ids"].to(device),
-                                            attention_mask=tokens["attention_mask"].to(device)))
-    e_t = e_t / e_t.norm(dim=-1, keepdim=True)
-    probs = []
-    for start in range(0, len(images), batch_size):
-        pixels = processor(images=pil_images(images[start:start + batch_size]), return_tensors="pt")["pixel_values"]
-        e_i = clip_embedding(clip.get_image_features(pixel_values=pixels.to(device)))
-        e_i = e_i / e_i.norm(dim=-1, keepdim=True)
-        probs.append((clip.logit_scale.exp() * e_i @ e_t.T).softmax(-1).float().cpu())  # Radford et al. Sec. 3.1.2
-    return torch.cat(probs)
+    return concept_probs(images, clip, processor, concept_embeddings(clip, processor, concepts, template, device),
+                         batch_size)
 
 
 def concept_accuracy(probs: Tensor, concepts: Sequence[str], labels: Tensor | None = None,

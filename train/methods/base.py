@@ -236,7 +236,7 @@ class MethodModule(L.LightningModule):
                  progress: bool = False, negative: Any = None, eta: float = 0.0,
                  guider_params: dict | None = None, nasa_scale: float | None = None,
                  negtome_scale: float | None = None, encode: Callable[[Sequence], Any] | None = None,
-                 noise: Tensor | None = None) -> tuple[Tensor, float]:
+                 noise: Tensor | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, float]:
         """Samples [N, C, H, W] for N requests (class ids or names [N], or prompts; a latent model's latents, which
         `samples_to_images` decodes) and network evaluations per sample.
 
@@ -249,7 +249,9 @@ class MethodModule(L.LightningModule):
         prompt embeddings (train.evaluation.attack); the noise and batches are the same.
         Noise comes from a CPU generator seeded with `seed`, so samples are identical across devices; `noise`
         [N, *sample_shape()] gives the initial noise instead (a prompt file's own seeds; `seed` still seeds the
-        sampler's later draws)."""
+        sampler's later draws). generator: the CPU generator of those later draws instead of one seeded with `seed`
+        (a caller that generates one set batch by batch passes the same one to each call: the draws then continue
+        as one call's would)."""
         recipe = self.sampling_recipe(nasa_scale, negtome_scale)
         negs = None
         if negative is not None:
@@ -257,7 +259,7 @@ class MethodModule(L.LightningModule):
             if len(negs) != len(requests):
                 raise ValueError(f"give one negative condition, or one per request ({len(requests)}), not {len(negs)}")
         settings = recipe.resolve(scale, steps, sampler, guider, guider_params, eta, negs is not None)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed) if generator is None else generator
         if noise is None:
             noise = torch.randn(len(requests), *self.sample_shape(), generator=gen)
         elif tuple(noise.shape) != (len(requests), *self.sample_shape()):
