@@ -216,6 +216,21 @@ class PromptEncoder(nn.Module):
         index = self.last_word_positions(prompts).to(hidden.device)
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
+    def from_last_word_embeddings(self, prompts: Sequence[str]) -> list[Tensor]:
+        """One [L - p, D] block per prompt: encoder_hidden_states from its last word token (p, `last_word_positions`)
+        to the end of the sequence, i.e. the last word, the end-of-text token and the padding after it (L: the
+        tokenizer's model_max_length); the rows the original UCE release edits with (arXiv 2308.14761; the authors'
+        train-scripts/train_erase.py, edit_model). CLIP encoders only (clip, sdxl): CLIP is causal and the pipelines
+        give it no attention mask, so every state from the last word on has read the whole prompt, and the UNet's
+        cross-attention reads all of them. T5 (sd3, flux) is bidirectional: there the end and padding tokens are no
+        more a summary of the prompt than any other token, and this is refused."""
+        if self.kind not in ("clip", "sdxl"):
+            raise ValueError(f"rows from the last word on are defined for causal CLIP token streams (clip, sdxl); this "
+                             f"prompt encoder is {self.kind!r}, whose T5 tokens are bidirectional: use the last word")
+        hidden = self.encode(prompts)["encoder_hidden_states"]
+        start = self.last_word_positions(prompts)[:, 0].tolist()
+        return [h[p:] for h, p in zip(hidden, start)]
+
     def null(self, batch_size: int = 1) -> dict[str, Tensor]:
         """The null (unconditional) text condition: the embedding of "" or, with zeros_for_empty, zeros."""
         empty = self.encode([""] * batch_size)

@@ -95,7 +95,7 @@ def rows_condition(module, prompt: str) -> dict[str, torch.Tensor]:
     pooled embedding (and Flux's embedded guidance): everything of the prompt the transformer reads is a row UCE
     pinned."""
     cond = module.encode([prompt])
-    tokens = module.projections[TOKENS][1]([prompt])
+    tokens = module.projections[TOKENS][1]([prompt])[0]
     return {**cond, "encoder_hidden_states": tokens[None]}
 
 
