@@ -363,7 +363,8 @@ def cmd_evaluate(args) -> None:
     os.replace(tmp, out)
     columns = ["requests", "guider", "w", "sampler", "steps", "nfe_per_sample", "accuracy", "fd", "precision", "recall",
                "fid", "clip_score", "nudity_rate", "concept_accuracy", "erased_concept_accuracy",
-               "other_concept_accuracy", "erased_rate", "erased_rate_attacked", "erased_rate_nearest_words"]
+               "other_concept_accuracy", "erased_rate", "erased_rate_attacked", "erased_rate_nearest_words",
+               "other_accuracy", "other_fd"]
     print(format_table(rows, [c for c in columns if any(r.get(c) is not None for r in rows)]))
     for net in networks:
         accuracy = "-" if net["heldout_accuracy"] is None else f"{net['heldout_accuracy']:.4f}"

@@ -244,6 +244,8 @@ def test_zero_attack_steps_reproduce_the_plain_erased_rate(digits_uce, tmp_path)
     (row,) = zero["rows"]
     assert zero["attack"][0]["classes"] == [7] and zero["attack"][0]["prompts"][0]["prompt"] == "a handwritten seven"
     assert row["erased_rate"] == row["per_class_accuracy"][7]  # the plain evaluation's rate of the erased digit
+    others = [a for c, a in enumerate(row["per_class_accuracy"]) if c != 7]
+    assert row["other_accuracy"] == pytest.approx(sum(others) / 9) and row["other_fd"] >= 0  # erasure columns
     assert row["erased_rate_attacked"] == row["erased_rate"]  # 0 steps: the plain prompt, the same samples
     assert "erased_rate_nearest_words" not in row
     attacked = evaluate(5)

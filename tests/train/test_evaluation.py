@@ -214,6 +214,32 @@ def test_evaluate_real_validation_digits(classifier, digits):
     assert r["class_histogram"] == pytest.approx([0.1] * 10, abs=0.02)   # 30 per class
 
 
+def test_erasure_columns_judge_the_erased_and_the_other_classes_apart(classifier, digits):
+    """With the classes an erasure model removes, the metrics add erased_rate (their samples still classified as
+    them), other_accuracy and other_fd (the other classes' samples against the held-out images of those classes)."""
+    from train.evaluation.evaluate import LabelledMetrics, classify
+
+    (xt, yt), (xv, yv) = digits
+    images, labels = xt[:400], yt[:400].clone()
+    labels[labels == 3] = 5  # the 3s are "asked for as 5": class 5's samples are partly drawn as another digit
+    metrics = LabelledMetrics(len(images), labels, classifier=classifier, erased=[5, 8])
+    for part in torch.arange(len(images)).split(64):
+        metrics.update(part, images[part])
+    row = metrics.compute()
+    feats, logits = classify(classifier, images)
+    pred = logits.argmax(1)
+    gone, kept = torch.isin(labels, torch.tensor([5, 8])), ~torch.isin(labels, torch.tensor([5, 8]))
+    ref = classify(classifier, xv[~torch.isin(yv, torch.tensor([5, 8]))])[0]
+    assert row["erased_rate"] == pytest.approx((pred[gone] == labels[gone]).double().mean().item(), abs=1e-12)
+    assert row["other_accuracy"] == pytest.approx((pred[kept] == labels[kept]).double().mean().item(), abs=1e-12)
+    assert row["other_fd"] == pytest.approx(frechet_distance(feats[kept], ref), rel=1e-6)
+    assert row["erased_rate"] < 0.8 < row["other_accuracy"]  # the relabelled 3s are not 5s
+    assert row["other_fd"] != pytest.approx(row["fd"], rel=1e-3)
+    plain = LabelledMetrics(len(images), labels, classifier=classifier)
+    plain.update(torch.arange(len(images)), images)
+    assert not {"erased_rate", "other_accuracy", "other_fd"} & set(plain.compute())
+
+
 def test_fd_separates_real_digits_from_noise_and_blur(classifier, digits):
     # Measured with the default recipe: train vs validation ~1.3, blurred train ~130, N(0, 1) noise ~150.
     (xt, yt), _ = digits

@@ -89,16 +89,21 @@ def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_spl
 class LabelledMetrics:
     """evaluate_samples of n images added batch by batch (`update`, in any order), in memory bounded by a batch: the
     feature network's features [n, F] and logits [n, K] of every image are kept (a few numbers each), the images are
-    not. Arguments as evaluate_samples; `compute` gives its dict."""
+    not. Arguments as evaluate_samples; `compute` gives its dict. erased: the classes an erasure model removes
+    (train.evaluation.digits_text.erased_digits); with labels, `compute` adds the erasure columns: `erased_rate` (their
+    samples still classified as them), `other_accuracy` and `other_fd` (the other classes' samples against the
+    held-out images of those classes: the preservation measure of train.evaluation.erasure.erasure_metrics)."""
 
     def __init__(self, n: int, labels: Tensor | None = None, reference_split: str = "validation",
-                 classifier: FeatureNetwork | None = None, k: int = 3, data: LabelledData | None = None):
+                 classifier: FeatureNetwork | None = None, k: int = 3, data: LabelledData | None = None,
+                 erased: Sequence[int] = ()):
         self.data = data if data is not None else labelled_data(None)
         if labels is not None and labels.shape != (n,):
             raise ValueError(f"labels must be [N] = [{n}] or None, got shape {tuple(labels.shape)}")
         self.classifier = classifier if classifier is not None else load_feature_network(self.data)
         check_trained_on(self.classifier, self.data)
         self.n, self.labels, self.reference_split, self.k = n, labels, reference_split, k
+        self.erased = [int(c) for c in erased]
         self.feats = self.logits = None
         self.seen = 0
 
@@ -128,7 +133,7 @@ class LabelledMetrics:
                 mask = labels == c
                 if mask.any():
                     per_class[c] = (pred[mask] == c).double().mean().item()
-        return {
+        out = {
             "fd": frechet_distance(feats, ref),
             "accuracy": accuracy,
             "per_class_accuracy": per_class,
@@ -138,6 +143,17 @@ class LabelledMetrics:
             "num_samples": self.n,
             "nfe_per_sample": nfe_per_sample,
         }
+        if self.erased and labels is not None:
+            out.update(self._erasure_columns(feats, pred, labels, ref))
+        return out
+
+    def _erasure_columns(self, feats: Tensor, pred: Tensor, labels: Tensor, ref: Tensor) -> dict[str, Any]:
+        erased = torch.tensor(self.erased)
+        gone, kept = torch.isin(labels, erased), ~torch.isin(labels, erased)
+        ref_kept = ~torch.isin(self.data.split_tensors(self.reference_split)[1].long().cpu(), erased)
+        return {"erased_rate": (pred[gone] == labels[gone]).double().mean().item() if gone.any() else None,
+                "other_accuracy": (pred[kept] == labels[kept]).double().mean().item() if kept.any() else None,
+                "other_fd": frechet_distance(feats[kept], ref[ref_kept]) if kept.sum() >= 2 else None}
 
 
 def feature_network_report(data: LabelledData) -> dict:

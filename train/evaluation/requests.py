@@ -296,6 +296,7 @@ def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,
     each batch goes to every metric (LabelledMetrics, ReferenceMetrics keep a few numbers per image and FID's running
     sums) and, with save_images (a claimed train.evaluation.saved_images.ImageFolder), to a PNG per image in a
     subfolder per scale, before the next batch is sampled."""
+    from train.evaluation.digits_text import erased_digits
     from train.evaluation.evaluate import LabelledMetrics, sampling_columns
     from train.evaluation.reference import ReferenceMetrics
 
@@ -317,7 +318,8 @@ def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,
     for w in scales:
         guidance = rs.guidance if w is None and per_prompt else None
         columns = sampling_columns(module, w, steps, sampler, guider, guider_params)
-        judged = [LabelledMetrics(n, rs.labels, data=data)] if rs.labels is not None else []
+        judged = [LabelledMetrics(n, rs.labels, data=data, erased=erased_digits(module))] \
+            if rs.labels is not None else []
         judged += [reference] if reference is not None else []
         if save_images is not None:
             judged.append(save_images.part(saved_name(rs, guidance, columns["w"]),
