@@ -439,7 +439,7 @@ def _attack_set(module, rs, settings, args, plain_rows: list[dict], index: int) 
     """Attack the prompts of the index-th RequestSet, add the erased rates before and after to its rows (`plain_rows`,
     one per scale, updated in place), write the attacked samples' grid beside --out (<stem>_attack.png, then
     <stem>_attack_1.png, ...); returns the attack's report."""
-    from train.evaluation.attack import evaluate_attack
+    from train.evaluation.attack import GRID_PER_PROMPT, evaluate_attack
     from train.evaluation.digits_text import erasure_columns
     from train.evaluation.images import save_grid
 
@@ -452,8 +452,7 @@ def _attack_set(module, rs, settings, args, plain_rows: list[dict], index: int) 
                       "attack": attacked["attack"]})
     out = Path(args.out)
     grid = out.with_name(f"{out.stem}_attack{f'_{index}' if index else ''}.png")
-    nrow = args.num_per_class if rs.labels is not None else args.num_per_prompt
-    report["grid"] = str(save_grid(images, grid, nrow=nrow)) if len(images) else None
+    report["grid"] = str(save_grid(images, grid, nrow=GRID_PER_PROMPT)) if len(images) else None
     report["requests"] = rs.name
     return report
 

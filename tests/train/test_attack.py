@@ -98,6 +98,24 @@ def test_token_states_are_the_encoders_bit_for_bit_and_take_a_prefix(uce_module)
         token_states(tok, enc, ["a cat"], torch.randn(tok.model_max_length, plain.shape[-1]))
 
 
+def test_the_grid_shows_each_draw_before_and_after_the_attack(uce_module):
+    """before_after: per attacked prompt a row of plain samples, one under the attack and one under its discrete
+    prompt, from the same noise: the plain row is the prompt's own samples; an attack that leaves the states alone
+    redraws it exactly, and other states change it."""
+    from train.evaluation.attack import before_after, clip_text_encoder, token_states
+    from train.evaluation.requests import generate_images
+
+    tok, enc = clip_text_encoder(uce_module)
+    same = {"a cat": token_states(tok, enc, ["a cat"])[0]}
+    other = {"a cat": token_states(tok, enc, ["the dog"])[0]}
+    grid = before_after(uce_module, ["a cat"], same, other, steps=2, per_prompt=4)
+    assert grid.shape[0] == 12
+    plain, _ = generate_images(uce_module, ["a cat"] * 4, None, 2, progress=False)
+    assert torch.equal(grid[:4], plain) and torch.equal(grid[4:8], plain)
+    assert not torch.equal(grid[8:], plain)
+    assert before_after(uce_module, ["a cat"], same, {}, steps=2, per_prompt=4).shape[0] == 8  # no discrete prompt
+
+
 def test_a_hard_prompt_is_its_token_ids_and_says_whether_its_text_round_trips(uce_module):
     from train.evaluation.attack import clip_text_encoder, discrete_prompt, token_states
 

@@ -86,8 +86,7 @@ def evaluate_attack(module, rs, settings: AttackSettings, concepts: Sequence = (
     data = set_data(module, rs)
     attacked = {p: a.states for p, a in attacks.items()}
     hard = {p: a.nearest_states for p, a in attacks.items() if a.nearest_states is not None}
-    rows, grid = [], None
-    attacked_rows = torch.tensor([r in attacks for r in rs.requests])
+    rows = []
     for w in scales:
         row = {"requests": rs.name, "w": w, "attack": settings.method}
         images = {}
@@ -97,8 +96,6 @@ def evaluate_attack(module, rs, settings: AttackSettings, concepts: Sequence = (
             images["nearest_words"], _ = generate_images(module, rs.requests, w, steps, sampler, guider, seed, negative,
                                                          eta, guider_params, progress=False,
                                                          encode=attacked_encode(module, hard))
-        if grid is None:
-            grid = images["attacked"][attacked_rows]
         for name, x in images.items():
             rate = None
             if rs.labels is not None:
@@ -106,4 +103,23 @@ def evaluate_attack(module, rs, settings: AttackSettings, concepts: Sequence = (
             row[f"erased_rate_{name}"] = rate
         rows.append(row)
     report = {**settings.report(), **extra, "classes": classes, "prompts": [a.report() for a in attacks.values()]}
+    grid = before_after(module, prompts, attacked, hard, w0, steps, sampler, guider, seed, negative, eta, guider_params)
     return rows, report, grid
+
+
+GRID_PER_PROMPT = 16
+
+
+def before_after(module, prompts: Sequence[str], attacked: dict, hard: dict, scale=None, steps=None, sampler=None,
+                 guider=None, seed: int = 0, negative: Any = None, eta: float = 0.0, guider_params=None,
+                 per_prompt: int = GRID_PER_PROMPT) -> Tensor:
+    """The attack's grid [rows x per_prompt images]: for each attacked prompt, a row of its plain samples, a row under
+    the attack (soft tokens / shifted embedding) and, where there is one, a row under its discrete prompt, all from
+    the same noise, so a column shows one draw before and after."""
+    from train.evaluation.requests import generate_images
+
+    requests = [p for p in prompts for _ in range(per_prompt)]
+    encodes = [None, attacked_encode(module, attacked)] + ([attacked_encode(module, hard)] if hard else [])
+    runs = [generate_images(module, requests, scale, steps, sampler, guider, seed, negative, eta, guider_params,
+                            progress=False, encode=e)[0] for e in encodes]
+    return torch.cat([run[i * per_prompt:(i + 1) * per_prompt] for i in range(len(prompts)) for run in runs])
