@@ -11,8 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("guidance", "data", "losses", "models", "train", "bench", "configs", "tests")
-TRAIN_TOP = ("train.cli", "train.fit", "train.demo", "train.export", "train.model_card", "train.digits_pipeline",
-             "train.__main__")
+TRAIN_TOP = ("train.cli", "train.sampling_commands", "train.fit", "train.demo", "train.export", "train.model_card",
+             "train.digits_pipeline", "train.__main__")
 
 # package -> the project packages (module prefixes) its files may import, besides their own package
 ALLOWED = {
