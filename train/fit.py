@@ -48,7 +48,7 @@ def lightning_cli(argv: list[str] | None):
     unless the config says otherwise, so a run is one folder."""
     import lightning as L
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     import train.runtime.strategy  # noqa: F401  (registers the zero1/zero2/zero3 strategy names)
@@ -155,7 +155,12 @@ def lightning_cli(argv: list[str] | None):
             if not trainer.loggers and any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
                 raise ValueError("LearningRateMonitor needs a logger: remove it from trainer.callbacks or set "
                                  "trainer.logger (with a logger, learning rates are logged as train/lr/<network> anyway)")
-            trainer.callbacks = [StepProgressBar() if type(cb) is TQDMProgressBar else cb for cb in trainer.callbacks]
+            chosen = self._get(self.config, "trainer", default={}).get("callbacks") or []
+            rich_chosen = any("RichProgressBar" in str(getattr(c, "class_path", c)) for c in
+                              (chosen if isinstance(chosen, list) else [chosen]))
+            trainer.callbacks = [  # Lightning's default bar (Rich's when rich is installed) counts epochs: ours steps
+                StepProgressBar() if type(cb) is TQDMProgressBar or (type(cb) is RichProgressBar and not rich_chosen)
+                else cb for cb in trainer.callbacks]
             if not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
                 trainer.callbacks.append(InterruptCheckpoint())  # SIGTERM / Ctrl+C: write last.ckpt, then stop
             if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):

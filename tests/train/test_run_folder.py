@@ -182,3 +182,19 @@ def test_the_progress_bar_counts_steps_of_max_steps(tmp_path):
                         callbacks=[StepProgressBar(), seen], enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(instantiate(read_yaml(TINY_TEACHER)["model"]), DigitsDataModule(batch_size=32))  # 47 batches an epoch
     assert (seen.total, seen.n) == (60, 60)  # one bar over two epochs, in optimizer steps
+
+
+@pytest.mark.parametrize("chosen", [None, "lightning.pytorch.callbacks.RichProgressBar"])
+def test_fit_shows_the_step_bar_whether_or_not_rich_is_installed_and_keeps_a_chosen_bar(tmp_path, monkeypatch, chosen):
+    """Lightning's default bar is its Rich bar when `rich` is installed (typer brings it in): `fit` replaces that
+    default by the step bar, as it does the tqdm one, and keeps a bar the config names."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from train.runtime.progress import StepProgressBar
+
+    seen = []
+    for cls in (StepProgressBar, RichProgressBar):
+        monkeypatch.setattr(cls, "on_train_end", lambda self, trainer, pl_module: seen.append(
+            type(trainer.progress_bar_callback)), raising=False)
+    fit(tmp_path / "run", "--trainer.enable_progress_bar", "true", *([f"--trainer.callbacks+={chosen}"] if chosen else []))
+    assert seen == [RichProgressBar if chosen else StepProgressBar]
