@@ -10,6 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from guidance.guided import GuidedDenoiser
+from guidance.noise import standard_normal
 from guidance.parameterization import Prediction
 from guidance.schedules import Schedule, _bcast
 
@@ -37,7 +38,7 @@ def ddim_step(pred: Prediction, x: Tensor, t_next: Tensor, schedule: Schedule, e
         return a_n * pred.x0 + s_n * pred.eps
     ratio = (pred.alpha * s_n) / (a_n * pred.sigma)
     c = eta * s_n * (1 - ratio**2).clamp(min=0).sqrt()
-    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    z = standard_normal(x.shape, generator, x.device, x.dtype)  # on the generator's device (a CPU one), then moved
     return a_n * pred.x0 + (s_n**2 - c**2).clamp(min=0).sqrt() * pred.eps + c * z
 
 

@@ -107,6 +107,16 @@ class Guider:
         """Fresh per-trajectory state (None for stateless rules)."""
         return None
 
+    def to(self, device: torch.device | str) -> "Guider":
+        """Move the networks this rule holds to `device`, where the sampler runs: an attribute that is an nn.Module or a
+        bound method of one (classifier guidance's and GFCG's classifier) and inner guiders. Rules without networks are
+        unchanged; a plain function that closes over a network must place that network itself. Returns self."""
+        for value in vars(self).values():
+            owner = getattr(value, "__self__", value)  # a bound method's module
+            if owner is not self and isinstance(owner, (torch.nn.Module, Guider)):
+                owner.to(device)
+        return self
+
     def read(self, preds: dict[str, Prediction], name: str) -> Tensor:
         """A branch's prediction in this guider's space."""
         return preds[name].read(self.space)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from guidance.conditions import cond_device, cond_size
 from guidance.denoiser import Denoiser
+from guidance.noise import standard_normal
 from train.methods.guidance_distillation import LORA_TARGETS, inject_lora
 from train.methods.sampling import GeneratorSampling
 
@@ -65,8 +66,8 @@ class GeneratorChain:
             if j == 0:
                 x_in = z * den.schedule.sigma(times[:1]).to(z)
             else:
-                noise = (self.noise_like(z) if generator is None else
-                         torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device))
+                noise = self.noise_like(z) if generator is None else standard_normal(z.shape, generator, z.device,
+                                                                                      z.dtype)
                 x_in = den.schedule.add_noise(x, noise, t)
             with torch.set_grad_enabled(grad and j == last):
                 x = den(x_in, t, cond).x0

@@ -22,6 +22,7 @@ from torch import Tensor
 from guidance.denoiser import Denoiser
 from guidance.guided import GuidedDenoiser
 from guidance.guiders import Guider, build_guider
+from guidance.noise import standard_normal
 from guidance.samplers import check_sampler, sample
 from losses.consistency import consistency_output, lcm_inference_indices, solver_grid
 
@@ -106,7 +107,8 @@ class GuidedSampling(Recipe):
         return GuidedDenoiser(self.denoiser(), g, self.weak())
 
     def run(self, noise, cond, neg, s: Settings, generator, progress=False):
-        guided = self.guided(s)
+        guided = self.guided(s).to(noise.device)  # a weak model given to the recipe: on the sampling device
+        guided.guider.to(noise.device)  # a guider's own networks (classifier guidance's classifier, GFCG's)
         x = sample(guided, noise, cond, s.scale, s.steps, s.sampler, eta=s.eta, neg_cond=neg, generator=generator,
                    progress=progress)
         return x, guided.nfe
@@ -264,7 +266,7 @@ class ConsistencySampling(Recipe):
                 if j + 1 == len(times):
                     x = x0
                 else:  # fresh noise from the request's generator (CPU), as LCMScheduler.step draws it
-                    z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                    z = standard_normal(x.shape, generator, x.device, x.dtype)
                     x = sched.add_noise(x0, z, times[j + 1].expand(b))
         return x, float(len(times))
 
