@@ -59,6 +59,11 @@ class Conditioner:
         """The null condition for n samples (e.g. a probe forward)."""
         return self.encode([self.null_request] * n, device)
 
+    def to(self, device: torch.device | str) -> "Conditioner":
+        """Move what encodes requests (a text model's prompt encoders) to `device`; class ids need nothing. Returns
+        self."""
+        return self
+
     def describe(self) -> dict:
         return {"kind": self.kind}
 
@@ -218,6 +223,13 @@ class TextConditioner(Conditioner):
 
     def key(self, request: Any) -> str:
         return self.parse(request)
+
+    def to(self, device: torch.device | str) -> "TextConditioner":
+        """The prompt encoder (shared by the process: models.text_encoders.PromptEncoder) on `device`, loaded now; a
+        conditioner without its pipeline folder (a null embedding alone) has none to move."""
+        if self.pretrained is not None:
+            self.encoder.to(device)
+        return self
 
     def encode(self, requests: Sequence | Tensor, device=None) -> dict[str, Tensor]:
         prompts = self.parse_all(requests)

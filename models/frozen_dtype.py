@@ -50,12 +50,13 @@ def warn_cpu_once(dtype: torch.dtype) -> None:
                   f"memory is what stops the run. On a GPU {name} is the fast path.", stacklevel=2)
 
 
-def run_frozen_in(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+def run_frozen_in(net: nn.Module, dtype: torch.dtype, warn_cpu: bool = True) -> nn.Module:
     """Store `net`'s frozen weights (parameters with requires_grad off, and floating buffers) in `dtype` and run
     `net(x, t, cond, ...)` in it: x and the condition's floating tensors are cast to `dtype` on the way in (the
     network time t is left in float32: 999 is not a bfloat16 number, and diffusers casts the time embedding
     itself), the output is returned in float32. Trainable parameters (LoRA adapters) keep their dtype. Gradients
-    flow through to float32 inputs. float32 is a no-op. Returns `net`, changed in place."""
+    flow through to float32 inputs. float32 is a no-op. warn_cpu: say once (warn_cpu_once) when it runs on a CPU;
+    a caller with its own note passes False. Returns `net`, changed in place."""
     if dtype == torch.float32:
         return net
     if getattr(net, "_frozen_dtype", None) is not None:
@@ -71,7 +72,7 @@ def run_frozen_in(net: nn.Module, dtype: torch.dtype) -> nn.Module:
     def cast_inputs(module, args, kwargs):
         if not args:
             return args, kwargs
-        if isinstance(args[0], Tensor) and args[0].device.type == "cpu":
+        if warn_cpu and isinstance(args[0], Tensor) and args[0].device.type == "cpu":
             warn_cpu_once(dtype)
         return (_cast(args[0], dtype), *args[1:2], *(_cast(a, dtype) for a in args[2:])), kwargs
 

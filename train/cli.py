@@ -101,6 +101,14 @@ def _sampling_args(p: argparse.ArgumentParser, guiders: str) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="noise seed (default 0; a prompt file with a seed column, as I2P and COCO-30k CSVs have: each "
                         "prompt's own seed unless --seed is given)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the networks, the VAE, the text encoders and the metrics' networks run: cpu, cuda or "
+                        "cuda:N (default: cuda when torch sees a GPU, else cpu); the noise of a seed is drawn on the CPU, "
+                        "the same on every device")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the diffusion networks' precision (UNets, transformers): float32 leaves them as loaded; "
+                        "bfloat16 or float16 (GPU only) store and run them in half precision, in half the memory. Latents, "
+                        "guidance and the sampler's math stay float32, the VAE and the text encoders as loaded")
     r = p.add_argument_group("what to sample (default: every class of a class-conditional model)")
     r.add_argument("--class", dest="classes", action="append", default=[], metavar="CLASS",
                    help="a class id or name (repeatable)")

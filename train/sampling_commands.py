@@ -22,10 +22,14 @@ def parse_params(items: list[str]) -> dict:
 
 
 def _load(args):
-    """The checkpoint's method module and the RequestSets the flags ask for (checked before anything is sampled)."""
+    """The checkpoint's method module, placed on --device with its networks in --dtype (train.runtime.devices), and
+    the RequestSets the flags ask for (checked before anything is sampled; the device and dtype before loading)."""
     from train.evaluation.requests import prompt_rows, request_sets
     from train.runtime.checkpoint import load_method
+    from train.runtime.devices import place_for_sampling, sampling_device, sampling_dtype
 
+    device = sampling_device(args.device)
+    dtype = sampling_dtype(args.dtype, device)
     module = load_method(args.ckpt)
     module.sampling_recipe(getattr(args, "nasa_scale", None), getattr(args, "negtome_scale", None)).resolve(
         getattr(args, "scale", None), args.steps, args.sampler, args.guider, parse_params(args.param), args.eta,
@@ -36,7 +40,7 @@ def _load(args):
                         getattr(args, "concept_prompts", None), file_seeds=args.seed is None)
     if args.negative is not None:
         module.conditioner.parse(args.negative)
-    return module, sets
+    return place_for_sampling(module, device, dtype), sets
 
 
 def cmd_sample(args) -> None:

@@ -99,7 +99,8 @@ def evaluate_attack(module, rs, settings: AttackSettings, concepts: Sequence = (
         for name, x in images.items():
             rate = None
             if rs.labels is not None:
-                rate = erasure_columns(evaluate_samples(x, rs.labels, data=data), classes).get("erased_rate")
+                rate = erasure_columns(evaluate_samples(x, rs.labels, data=data, device=module.device),
+                                       classes).get("erased_rate")
             row[f"erased_rate_{name}"] = rate
         rows.append(row)
     report = {**settings.report(), **extra, "classes": classes, "prompts": [a.report() for a in attacks.values()]}

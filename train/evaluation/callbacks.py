@@ -102,7 +102,7 @@ class SampleMetrics(L.Callback):
             from train.evaluation import evaluate_samples
 
             self.data = self.data or self._labelled_data(trainer, pl_module)
-            m = evaluate_samples(images, labels, nfe_per_sample=nfe, data=self.data)
+            m = evaluate_samples(images, labels, nfe_per_sample=nfe, data=self.data, device=pl_module.device)
             for key in ("fd", "accuracy", "precision", "recall", "nfe_per_sample"):
                 pl_module.log(f"val/{key.replace('_per_sample', '')}", float(m[key]), sync_dist=True)
             if trainer.is_global_zero:

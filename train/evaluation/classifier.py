@@ -2,6 +2,7 @@
 trained on (the embedded digits are one instance), cached by a hash of its recipe and of the data."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -317,6 +318,26 @@ def load_feature_network(data, cache_dir: str | os.PathLike | None = None) -> Fe
         save_classifier(model, path, recipe)
     _MEMO[path] = model
     return model
+
+
+_ON_DEVICE: dict[tuple[int, str], tuple[FeatureNetwork, FeatureNetwork]] = {}  # (network id, device) -> (it, its copy)
+
+
+def feature_network_on(model: FeatureNetwork, device: torch.device | str | None) -> FeatureNetwork:
+    """`model` on `device` (None: where it is): itself when it is there, else a frozen copy there, made once per network
+    and device, so that the metrics of samples generated on a GPU run there while load_feature_network's shared
+    instance stays where it is (the copy keeps its data_digest, data_name and heldout_accuracy)."""
+    if device is None:
+        return model
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if next(model.parameters()).device == device:
+        return model
+    key = (id(model), str(device))
+    if key not in _ON_DEVICE or _ON_DEVICE[key][0] is not model:
+        _ON_DEVICE[key] = (model, _freeze(copy.deepcopy(model).to(device)))
+    return _ON_DEVICE[key][1]
 
 
 def load_digits_classifier(cache_dir: str | os.PathLike | None = None) -> FeatureNetwork:

@@ -15,7 +15,7 @@ def erased_rate(module, classes: Sequence[int], num_per_class: int, scale: float
     (`data`, default train.evaluation.labelled.data_of(module)) still assigns to that class (lower is better): a class
     model is asked for the class ids, a text model of the captioned digits for the class prompts of `template`
     ("a handwritten {word}", train.evaluation.digits_text), judged by the digits classifier."""
-    from train.evaluation.classifier import load_feature_network
+    from train.evaluation.classifier import feature_network_on, load_feature_network
     from train.evaluation.digits_text import caption, to_digits
     from train.evaluation.evaluate import as_data_images, classify
     from train.evaluation.labelled import check_generates, data_of, labelled_data
@@ -31,7 +31,7 @@ def erased_rate(module, classes: Sequence[int], num_per_class: int, scale: float
     samples, _ = module.generate(requests, scale, steps, seed=seed)
     images = as_data_images(module.samples_to_images(samples), data) if template is None else \
         to_digits(module.samples_to_images(samples))
-    pred = classify(load_feature_network(data), images)[1].argmax(1)
+    pred = classify(feature_network_on(load_feature_network(data), module.device), images)[1].argmax(1)
     return (pred == labels).float().mean().item()
 
 
@@ -52,7 +52,7 @@ def erasure_metrics(module, erased: Sequence[int] | None = None, scale: float = 
     erased: the erased classes (default: the erasure module's erased requests, train.evaluation.digits_text.
     erased_digits). The feature network and the references are those of the model's labelled data
     (train.evaluation.labelled.data_of: its held-out images of the other classes)."""
-    from train.evaluation.classifier import load_feature_network
+    from train.evaluation.classifier import feature_network_on, load_feature_network
     from train.evaluation.digits_text import erased_digits
     from train.evaluation.evaluate import classify
     from train.evaluation.labelled import check_generates, data_of
@@ -68,7 +68,7 @@ def erasure_metrics(module, erased: Sequence[int] | None = None, scale: float = 
         raise ValueError("give the erased classes (erased=[3]): the module names none")
     data = data_of(module)
     check_generates(module, data)  # before anything is sampled
-    clf = load_feature_network(data)
+    clf = feature_network_on(load_feature_network(data), module.device)  # on the module's device, as its samples
     erased_t = torch.tensor(erased)
     rate = lambda images, labels: (classify(clf, images)[1].argmax(1) == labels).double().mean().item()  # noqa: E731
     real, real_labels = data.split_tensors("validation")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from train.evaluation.classifier import FeatureNetwork, check_trained_on, load_feature_network
+from train.evaluation.classifier import FeatureNetwork, check_trained_on, feature_network_on, load_feature_network
 from train.evaluation.labelled import LabelledData, labelled_data
 from train.evaluation.metrics import class_accuracy, frechet_distance, precision_recall
 
@@ -55,7 +55,8 @@ def as_data_images(images: Tensor, data: LabelledData) -> Tensor:
 
 def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_split: str = "validation",
                      classifier: FeatureNetwork | None = None, k: int = 3,
-                     nfe_per_sample: float | None = None, data: LabelledData | None = None) -> dict[str, Any]:
+                     nfe_per_sample: float | None = None, data: LabelledData | None = None,
+                     device: torch.device | str | None = None) -> dict[str, Any]:
     """Score generated (or real) images against the real images of `reference_split` of their data set.
 
     images:          [N, C, S, S] in data space [-1, 1] (clamped before classification), N >= k + 1 and >= 2; for
@@ -68,6 +69,7 @@ def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_spl
     nfe_per_sample:  network evaluations per sample of the sampler (e.g. GuidedDenoiser.nfe), passed through.
     data:            the labelled data set the samples are judged against (train.evaluation.labelled; default the
                      embedded digits).
+    device:          where the feature network runs (the sampling module's device; None: where it is, the CPU).
 
     Returns a dict:
         fd                 Frechet distance between feature-network features of samples and references (lower is better)
@@ -81,7 +83,7 @@ def evaluate_samples(images: Tensor, labels: Tensor | None = None, reference_spl
     """
     data = data if data is not None else labelled_data(None)
     images = as_data_images(images, data)
-    metrics = LabelledMetrics(len(images), labels, reference_split, classifier, k, data)
+    metrics = LabelledMetrics(len(images), labels, reference_split, classifier, k, data, device=device)
     metrics.update(torch.arange(len(images)), images)
     return metrics.compute(nfe_per_sample)
 
@@ -92,16 +94,18 @@ class LabelledMetrics:
     not. Arguments as evaluate_samples; `compute` gives its dict. erased: the classes an erasure model removes
     (train.evaluation.digits_text.erased_digits); with labels, `compute` adds the erasure columns: `erased_rate` (their
     samples still classified as them), `other_accuracy` and `other_fd` (the other classes' samples against the
-    held-out images of those classes: the preservation measure of train.evaluation.erasure.erasure_metrics)."""
+    held-out images of those classes: the preservation measure of train.evaluation.erasure.erasure_metrics).
+    device: where the feature network runs (classifier.feature_network_on: a copy there; None: where it is)."""
 
     def __init__(self, n: int, labels: Tensor | None = None, reference_split: str = "validation",
                  classifier: FeatureNetwork | None = None, k: int = 3, data: LabelledData | None = None,
-                 erased: Sequence[int] = ()):
+                 erased: Sequence[int] = (), device: torch.device | str | None = None):
         self.data = data if data is not None else labelled_data(None)
         if labels is not None and labels.shape != (n,):
             raise ValueError(f"labels must be [N] = [{n}] or None, got shape {tuple(labels.shape)}")
-        self.classifier = classifier if classifier is not None else load_feature_network(self.data)
-        check_trained_on(self.classifier, self.data)
+        classifier = classifier if classifier is not None else load_feature_network(self.data)
+        check_trained_on(classifier, self.data)
+        self.classifier = feature_network_on(classifier, device)
         self.n, self.labels, self.reference_split, self.k = n, labels, reference_split, k
         self.erased = [int(c) for c in erased]
         self.feats = self.logits = None

@@ -204,17 +204,21 @@ class ReferenceMetrics:
     first update, at the generated size, and kept by `reset`), and per image its CLIP score, NudeNet detections and
     zero-shot concept probabilities (a few numbers each). Arguments as reference_metrics; each network is loaded
     once, here, so that a given weight file that is missing or unreadable is an error before anything is sampled.
-    `compute` gives reference_metrics' dict; `reset` starts another set of n images against the same references."""
+    `compute` gives reference_metrics' dict; `reset` starts another set of n images against the same references.
+    device: where the torch networks (Inception, CLIP) run, from the first update on (None: the first batch's device;
+    NudeNet's ONNX session picks its own provider, train.evaluation.nudity)."""
 
     def __init__(self, n: int, prompts: Sequence[str] | None = None, fid_weights: str | None = None,
                  fid_reference: str | Tensor | None = None, clip_model: str | None = None, *,
                  reference_count: int | None = None, batch_size: int = 32, seed: int = 0, nudenet: str | None = None,
                  nudity_threshold: float | None = None, nudity_classes: Sequence[str] | None = None,
                  concepts: Sequence[str] | None = None, concept_labels: Tensor | None = None,
-                 concept_template: str | None = None, erased: Sequence[str] = ()):
+                 concept_template: str | None = None, erased: Sequence[str] = (),
+                 device: torch.device | str | None = None):
         from train.evaluation import nudity, zero_shot
 
         self.n, self.batch_size, self.seen, self.device = n, batch_size, 0, None
+        self.run_on = None if device is None else torch.device(device)
         self.prompts = None if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
         self.missing = [s for s, given in ((FID_WEIGHTS_MISSING, fid_weights), (FID_REFERENCE_MISSING, fid_reference))
                         if given is None]
@@ -256,11 +260,11 @@ class ReferenceMetrics:
             self.probs = torch.zeros(n, len(self.concepts))
 
     def _start(self, images: Tensor) -> None:
-        """At the first batch: the networks on its device, the reference images' FID features at its size, the
-        concepts' text embeddings."""
+        """At the first batch: the networks on the given device (default its device), the reference images' FID
+        features at its size, the concepts' text embeddings."""
         from train.evaluation.zero_shot import concept_embeddings
 
-        self.device = images.device
+        self.device = images.device if self.run_on is None else self.run_on
         if self.fid is not None:
             self.fid.to(self.device)
             real = [self.reference] if isinstance(self.reference, Tensor) else \

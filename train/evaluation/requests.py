@@ -295,7 +295,8 @@ def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,
     Any number of samples in memory bounded by a batch: they are generated `batch_size` at a time (image_batches) and
     each batch goes to every metric (LabelledMetrics, ReferenceMetrics keep a few numbers per image and FID's running
     sums) and, with save_images (a claimed train.evaluation.saved_images.ImageFolder), to a PNG per image in a
-    subfolder per scale, before the next batch is sampled."""
+    subfolder per scale, before the next batch is sampled. The metrics' torch networks (feature network, Inception,
+    CLIP) run on the module's device (train.runtime.devices.place_for_sampling puts it where --device says)."""
     from train.evaluation.digits_text import erased_digits
     from train.evaluation.evaluate import LabelledMetrics, sampling_columns
     from train.evaluation.reference import ReferenceMetrics
@@ -314,11 +315,11 @@ def evaluate_set(module, rs: RequestSet, scales: Sequence[float | None] = (None,
         any(v is not None for v in (fid_weights, fid_reference, clip_model, nudenet))
     reference = ReferenceMetrics(n, rs.prompts, fid_weights, fid_reference, clip_model, nudenet=nudenet,
                                  concepts=rs.concepts, concept_labels=rs.concept_labels, erased=erased,
-                                 **judges) if wants_reference else None
+                                 device=module.device, **judges) if wants_reference else None
     for w in scales:
         guidance = rs.guidance if w is None and per_prompt else None
         columns = sampling_columns(module, w, steps, sampler, guider, guider_params)
-        judged = [LabelledMetrics(n, rs.labels, data=data, erased=erased_digits(module))] \
+        judged = [LabelledMetrics(n, rs.labels, data=data, erased=erased_digits(module), device=module.device)] \
             if rs.labels is not None else []
         judged += [reference] if reference is not None else []
         if save_images is not None:
