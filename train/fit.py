@@ -128,6 +128,11 @@ def lightning_cli(argv: list[str] | None):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None,
                                 help="W&B mode of a WandbLogger (default: $WANDB_MODE, else offline)")
+            parser.add_argument("--self_contained_checkpoints", type=bool, default=False,
+                                help="checkpoints also hold the frozen networks the method reads from its config's "
+                                     "paths (teacher, model, student, weak_teacher), so they load where those files "
+                                     "are gone; without it they hold a fingerprint of each instead and loading reads "
+                                     "them from their paths (train.runtime.frozen)")
             parser.add_argument("--reuse_run_folder", type=bool, default=False,
                                 help="start a new run in a default_root_dir that already holds one (its files are "
                                      "kept; config.yaml and last.ckpt are replaced); without it such a folder is "
@@ -135,6 +140,8 @@ def lightning_cli(argv: list[str] | None):
 
         def before_fit(self) -> None:
             self.model.check_data(self.datamodule)  # images / classes the network cannot take, before any file
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            self.model.self_contained_checkpoints = bool(cfg.get("self_contained_checkpoints"))
 
         def instantiate_trainer(self, **kwargs):
             folder = getattr(self, "run_folder", None)

@@ -1,5 +1,5 @@
-"""ConceptErasure end to end on the tiny teacher: a CLI fit, reload through load_method (also once the teacher file is
-gone), generation, what each term regresses, LoRA + SalUn training, data batches, config validation."""
+"""ConceptErasure end to end on the tiny teacher: a CLI fit, reload through load_method (and its one-line error once the
+teacher file it left out is gone), generation, what each term regresses, LoRA + SalUn training, data batches, config validation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ import yaml
 from data.digits import digits_tensors
 from losses.erasure import ant_target, esd_target, preservation_target, toward_target
 from models.param_select import adapters_disabled
-from train.runtime.checkpoint import load_method
+from train.runtime.checkpoint import CheckpointError, load_method
 from train.cli import main
 from train.evaluation.requests import evaluate_checkpoint
 from data.steps import ErasureSteps
@@ -63,13 +63,17 @@ def test_fit_reload_and_generate_change_only_the_erased_class_row(erased_ckpt, t
     assert row["num_samples"] == 20 and 0 <= row["accuracy"] <= 1
 
 
-def test_erased_checkpoint_rebuilds_when_the_teacher_file_is_gone(erased_ckpt, tmp_path):
+def test_erased_checkpoint_needs_the_teacher_file_it_left_out(erased_ckpt, tmp_path):
+    """The checkpoint holds a fingerprint of the frozen teacher, not its weights: with the file gone, loading is one
+    line naming it (a self-contained checkpoint loads without it: tests/train/test_frozen_checkpoints.py)."""
     ckpt = torch.load(erased_ckpt, map_location="cpu", weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("frozen.")]
     ckpt["guidedistill"]["config"]["model"] = str(tmp_path / "moved.ckpt")
     moved = tmp_path / "erased.ckpt"
     torch.save(ckpt, moved)
-    a, b = load_method(erased_ckpt), load_method(moved)
-    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"^[^\n]*'frozen.net' was left out .*moved.ckpt', which does not exist; "
+                                              r"restore the original model"):
+        load_method(moved)
     with pytest.raises(ValueError, match="does not exist"):
         ConceptErasure(model=str(tmp_path / "moved.ckpt"), concepts=[3])
 

@@ -55,13 +55,14 @@ def write_config(path: Path, class_path: str, init_args: dict, root: Path, max_s
 @pytest.fixture(scope="module")
 def stage1_ckpt(tiny_teacher_ckpt, tmp_path_factory) -> Path:
     """Stage 1 fitted for 4 steps through `python -m train fit` from a COPY of the tiny teacher, which is then
-    deleted: the student checkpoint must not need the teacher file afterwards."""
+    deleted: the self-contained student checkpoint (--self_contained_checkpoints true, which keeps the frozen teacher
+    in it) must not need the teacher file afterwards."""
     root = tmp_path_factory.mktemp("stage1")
     teacher = root / "teacher_copy.ckpt"
     shutil.copy(tiny_teacher_ckpt, teacher)
     cfg = write_config(root / "gd.yaml", GD, {"teacher": str(teacher), "w_min": 1.0, "w_max": 5.0, "lr": 1e-3,
                                                "warmup_steps": 1, "ema_decay": 0.5, "val_steps": 2}, root, 4, 2)
-    main(["fit", "--config", str(cfg)])
+    main(["fit", "--config", str(cfg), "--self_contained_checkpoints", "true"])
     teacher.unlink()
     return root / "checkpoints" / "last.ckpt"
 

@@ -111,13 +111,15 @@ def test_teacher_is_untouched_frozen_and_in_eval_mode(cli_run, tiny_teacher_ckpt
         assert not torch.allclose(module.fake_score(x, t, c).x0, reference(x, t, c).x0)  # the fake score moved
 
 
-def test_checkpoint_reloads_without_the_teacher_file_and_generates_in_one_step(cli_run):
+def test_checkpoint_reloads_and_generates_in_one_step(cli_run):
     cli, root, teacher = cli_run
-    moved = teacher.rename(teacher.with_suffix(".moved"))  # the stored teacher config and weights rebuild it
+    moved = teacher.rename(teacher.with_suffix(".moved"))  # the teacher (the LoRA fake score's base) is left out
     try:
-        reloaded = load_method(root / "checkpoints" / "last.ckpt")
+        with pytest.raises(CheckpointError, match=r"'fake_score.net' was left out .*which does not exist; restore"):
+            load_method(root / "checkpoints" / "last.ckpt")
     finally:
         moved.rename(teacher)
+    reloaded = load_method(root / "checkpoints" / "last.ckpt")
     assert isinstance(reloaded, OneStepDistillation)
     labels = torch.arange(10).repeat(2)
     a, nfe = reloaded.generate(labels, seed=3)

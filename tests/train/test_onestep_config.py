@@ -69,6 +69,7 @@ def test_a_checkpoint_with_flat_arguments_loads_and_samples_the_same(tiny_teache
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DigitsDataModule(batch_size=8))
+    module.self_contained_checkpoints = True  # the frozen teacher in the checkpoint, as the flat layout's held it
     trainer.save_checkpoint(tmp_path / "grouped.ckpt")
     ckpt = torch.load(tmp_path / "grouped.ckpt", map_location="cpu", weights_only=True)
     # what the flat layout wrote: its class path of before the train/ split and every argument flat

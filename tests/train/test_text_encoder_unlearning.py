@@ -108,6 +108,9 @@ def test_fit_sample_evaluate_and_export_through_the_cli(t2i_workspace, tmp_path,
     path, ckpt = _config(t2i_workspace, tmp_path, "teu")
     main(["fit", "--config", str(path)])
     module = load_method(ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # the frozen model is left out (runtime.frozen)
+    assert [r["path"] for r in state["guidedistill"]["frozen"]] == ["frozen.net"]
+    assert set(module.state_dict()) - set(state["state_dict"]) == {k for k in module.state_dict() if k.startswith("frozen.")}
     x0, concept = module.few_samples()  # in file order: 0.png "a cat", 2.png "a red car", 3.png "a cat", 5.png "a red car"
     assert x0.shape == (4, 4, 8, 8) and concept.tolist() == [0, 1, 0, 1]
     trained = module.student.net.text_encoder.state_dict()

@@ -18,6 +18,7 @@ from models.vae import shared_vae
 from train.runtime.nonfinite import NonFiniteGuard, nonfinite_gradient, nonfinite_terms
 from train.methods.sampling import DEFAULT_STEPS, GuidedSampling, Recipe
 from train.runtime.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, is_rebuildable, plain_config
+from train.runtime.frozen import FROZEN_KEY, FrozenNetwork, fill_frozen, leave_out_frozen
 from train.methods.data_record import record_data
 from train.runtime.resume import StepSeed
 __all__ = ["DEFAULT_STEPS", "MethodModule"]
@@ -40,6 +41,12 @@ class MethodModule(L.LightningModule):
       (default: the returned loss, as "loss"); a skipped update leaves weights, optimizer moments and EMA
       unchanged, though the step counter and learning-rate schedule move on. Manual optimization calls the
       guard itself (train.methods.onestep). Work that follows an applied update (EMA) goes in `on_update`.
+
+    Checkpoints: a frozen network the method reads from a path of its config (`register_frozen`) is left out of the
+    checkpoints it writes, with a fingerprint; loading (train.runtime.checkpoint.load_method, a resumed fit) takes it
+    from the rebuilt module after checking the fingerprint (train.runtime.frozen). `self_contained_checkpoints` True
+    (`python -m train fit --self_contained_checkpoints true`) keeps them in, for checkpoints that load where those
+    paths are gone.
     """
 
     method_name = "method"
@@ -47,9 +54,11 @@ class MethodModule(L.LightningModule):
     val_steps: int = 20
     val_samples: int = 200
     data_reference: dict | None = None  # the data module it was fitted on (set at fit, saved in checkpoints)
+    self_contained_checkpoints: bool = False  # True: checkpoints also hold the frozen networks read from paths
 
     def __init__(self, nonfinite: str = "skip", max_skips: int = 10):
         super().__init__()
+        self.frozen_networks: list[FrozenNetwork] = []  # register_frozen
         self.nonfinite_guard = NonFiniteGuard(nonfinite, max_skips)
         self._step_terms: dict[str, Tensor] = {}
         self.update_skipped = False
@@ -276,6 +285,21 @@ class MethodModule(L.LightningModule):
         return torch.cat(out), evaluations / len(requests)
 
     # --- checkpoints ----------------------------------------------------------------------------
+    def register_frozen(self, net: nn.Module, source: str, unread: str | None = None) -> None:
+        """Declare `net`, a network of this module that training never changes, as read from the path `source` of
+        the config, which rebuilds it whenever the module is built from its config; unread: why it was not read
+        from there (rebuilt from a recorded config instead), None when it was. Call once `net` is final (adapters
+        injected, dtype set): its buffers and parameters without requires_grad are then left out of checkpoints
+        (train.runtime.frozen)."""
+        self.frozen_networks.append(FrozenNetwork.of(net, source, unread))
+
+    def frozen_replaced(self, net: nn.Module, why: str) -> None:
+        """Declare that the registered frozen network `net` no longer holds what its source gave (`why`, e.g. "is
+        round 1's teacher"): checkpoints save it whole from then on."""
+        for f in self.frozen_networks:
+            if f.net is net:
+                f.unread = why
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         hp = dict(self.hparams)
         rebuildable = is_rebuildable(hp)
@@ -288,3 +312,14 @@ class MethodModule(L.LightningModule):
             "data": self.data_reference,  # the labelled data it was trained on (train.methods.data_record)
             "cwd": os.getcwd(),  # where the config's relative paths were read from (load_method resolves them there)
         }
+        if rebuildable and not self.self_contained_checkpoints:  # only a module its config rebuilds reads its sources
+            frozen = leave_out_frozen(self, self.frozen_networks, checkpoint["state_dict"])
+            if frozen:
+                checkpoint[CHECKPOINT_KEY][FROZEN_KEY] = frozen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed fit: the frozen networks the checkpoint left out come from this module (rebuilt from the config,
+        so read from their sources), once their fingerprints match; those it holds are loaded from it, and saved
+        whole from then on (train.runtime.frozen.fill_frozen)."""
+        records = checkpoint.get(CHECKPOINT_KEY, {}).get(FROZEN_KEY) or []
+        fill_frozen(self, self.frozen_networks, records, checkpoint["state_dict"])

@@ -77,9 +77,10 @@ class ConsistencyDistillation(MethodModule):
         self.negative, self.huber_c, self.w_input = negative, huber_c, w_input
         self.w_min, self.w_max, self.w_distribution = w_min, w_max, w_distribution
 
-        teacher_module, cfg = load_frozen(teacher, "teacher", teacher_config)
-        self.hparams["teacher_config"] = cfg  # the student rebuilds without the teacher file
+        teacher_module, cfg, unread = load_frozen(teacher, "teacher", teacher_config)
+        self.hparams["teacher_config"] = cfg  # a self-contained checkpoint rebuilds without the teacher file
         self.teacher = freeze(teacher_module.sampling_denoiser())
+        self.register_frozen(self.teacher.net, teacher, unread)  # left out of checkpoints (train.runtime.frozen)
         solver_grid(self.teacher.schedule, solver_steps)  # a grid that repeats times: the one-line error
         self.solver_steps = solver_steps
         net = copy.deepcopy(self.teacher.net).requires_grad_(True)

@@ -90,8 +90,8 @@ class ConceptErasure(ErasureSamples, MethodModule):
     lr, weight_decay, warmup_steps: AdamW; ema_decay: EMA of the student used for sampling (0: off).
     val_scale, val_steps: CFG scale and steps of validation samples; val_samples: samples per erased class of
                       `val/erased_rate`, which train.evaluation.callbacks.SampleMetrics logs (0: off).
-    model_config:     the frozen model's config, filled in automatically, so the erased checkpoint rebuilds even
-                      when `model` has moved (its weights are in the checkpoint).
+    model_config:     the frozen model's config, filled in automatically, so a self-contained checkpoint (one that
+                      holds the frozen weights, train.runtime.frozen) rebuilds even when `model` has moved.
     nonfinite, max_skips: what a NaN/inf loss term or gradient does: "skip" the update or "stop" (train.runtime.nonfinite).
     """
 
@@ -137,15 +137,17 @@ class ConceptErasure(ErasureSamples, MethodModule):
 
     # --- construction ----------------------------------------------------------------------------
     def _load_frozen(self, model: str, model_config: dict | None) -> Denoiser:
-        """The frozen model's Denoiser (a teacher checkpoint's sampling network, or a pipeline folder's network); its
-        config is recorded as hparams["model_config"]."""
+        """The frozen model's Denoiser (a teacher checkpoint's sampling network, or a pipeline folder's network),
+        registered as read from `model` (MethodModule.register_frozen: left out of checkpoints); its config is
+        recorded as hparams["model_config"]."""
         try:
-            frozen, config = load_teacher(model, model_config)
+            frozen, config, unread = load_teacher(model, model_config)
         except FileNotFoundError:
             raise ValueError(f"model={model!r} does not exist; pass the model to erase as --model.init_args.model: a "
                              f"teacher checkpoint written by `python -m train fit` (e.g. "
                              f"runs/digits-teacher/checkpoints/last.ckpt) or a diffusers pipeline folder") from None
         self.hparams["model_config"] = config
+        self.register_frozen(frozen.net, model, unread)
         return frozen
 
     def _make_student(self, frozen: Denoiser, params: str, lora_rank: int, lora_alpha: float | None,

@@ -98,15 +98,17 @@ def _key_or_none(key, request: Any) -> str | None:
         return None
 
 
-def load_prompt_model(model: str, model_config: dict | None, families: str, edits: str) -> tuple[Any, dict]:
-    """(the frozen denoiser in eval mode without gradients, its config) of the text model a prompt-side edit (UCE,
-    text-encoder unlearning) changes; a path that does not exist, or a class-label model, is one line saying what to
-    pass. families: the pipeline families it takes, for the message; edits: what the method edits, for the message."""
+def load_prompt_model(model: str, model_config: dict | None, families: str,
+                      edits: str) -> tuple[Any, dict, str | None]:
+    """(the frozen denoiser in eval mode without gradients, its config, why it was not read from `model` or None:
+    runtime.checkpoint.load_teacher) of the text model a prompt-side edit (UCE, text-encoder unlearning) changes; a
+    path that does not exist, or a class-label model, is one line saying what to pass. families: the pipeline
+    families it takes, for the message; edits: what the method edits, for the message."""
     try:
-        frozen, config = load_teacher(model, model_config)
+        frozen, config, unread = load_teacher(model, model_config)
     except FileNotFoundError:
         raise ValueError(f"model={model!r} does not exist; pass the model to edit as --model.init_args.model: a "
                          f"diffusers pipeline folder ({families}) or a text teacher checkpoint") from None
     if frozen.net.conditioner.enumerate() is not None:
         raise ValueError(f"{edits}; this model takes class labels: use train.methods.erasure.ConceptErasure")
-    return frozen.requires_grad_(False).eval(), config
+    return frozen.requires_grad_(False).eval(), config, unread

@@ -25,27 +25,37 @@ from train.runtime.optim import LR_DECAYS, adamw_with_warmup
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")  # diffusers UNet attention + ResNet convs
 
 
-def load_frozen(path: str, expect: str, config: dict | None, arg: str = "teacher") -> tuple[MethodModule, dict]:
-    """The method module a distillation starts from, and its config (to record in our hyper-parameters).
+def load_frozen(path: str, expect: str, config: dict | None,
+                arg: str = "teacher") -> tuple[MethodModule, dict, str | None]:
+    """The method module a distillation starts from, its config (to record in our hyper-parameters), and why it was
+    not read from `path` (None when it was).
 
-    With `config` (recorded by an earlier run) the module is rebuilt from it WITHOUT reading `path`: its
-    weights then come from the distillation checkpoint being loaded, so a student checkpoint samples
-    even where the teacher file is gone. Otherwise the checkpoint at `path` is loaded (weights_only); a missing one
-    is a FileNotFoundError naming the init argument `arg` to pass it as."""
+    The checkpoint at `path` is loaded (weights_only) whenever it exists. When it does not, or cannot be loaded, and
+    `config` (recorded by an earlier run) is given, the module is rebuilt from the config without `path`: its weights
+    then come from the distillation checkpoint being loaded (a self-contained one, or one written before frozen
+    networks were left out of checkpoints: train.runtime.frozen). Without `config`, a missing checkpoint is a
+    FileNotFoundError naming the init argument `arg` to pass it as."""
     from pathlib import Path
 
-    from train.runtime.checkpoint import load_method, read_checkpoint
+    from train.runtime.checkpoint import CheckpointError, load_method, read_checkpoint
     from train.runtime.config import instantiate
 
-    if config is not None:
-        cfg = {k: v for k, v in config.items() if k != "_instantiator"}
-        return instantiate({"class_path": cfg.pop("_class_path"), "init_args": cfg}), config
-    if not Path(path).exists():
+    unread = "does not exist"
+    if Path(path).exists():
+        try:
+            ckpt = read_checkpoint(path)
+            module = load_method(path, expect=expect, ckpt=ckpt)
+            return module, config if config is not None else ckpt[CHECKPOINT_KEY]["config"], None
+        except CheckpointError as e:
+            if config is None:
+                raise
+            unread = f"cannot be loaded ({str(e).splitlines()[0][:200]})"
+    if config is None:
         train = {"teacher": "configs/digits/teacher.yaml", "student": "configs/digits/guidance_distill.yaml"}[arg]
         raise FileNotFoundError(f"{arg} checkpoint {path!r} does not exist; train one with `python -m train fit "
                                 f"--config {train}` and pass its last.ckpt as --model.init_args.{arg}")
-    meta = read_checkpoint(path)[CHECKPOINT_KEY]
-    return load_method(path, expect=expect), meta["config"]
+    cfg = {k: v for k, v in config.items() if k != "_instantiator"}
+    return instantiate({"class_path": cfg.pop("_class_path"), "init_args": cfg}), config, unread
 
 
 def distillable_guider(name: str, params: dict | None):
@@ -99,8 +109,8 @@ class GuidanceDistillation(MethodModule):
     lr_decay:         "constant" after the warm-up, or "cosine": down to 0 at trainer.max_steps (train.runtime.optim.lr_factor).
     val_scale, val_steps, val_samples: the scale and steps of validation samples (one evaluation per step).
     nonfinite, max_skips: what a NaN/inf loss or gradient does: "skip" the update or "stop" (train.runtime.nonfinite).
-    teacher_config: recorded from the teacher checkpoint on first use (leave unset); it lets a student
-                    checkpoint be rebuilt without the teacher file.
+    teacher_config: recorded from the teacher checkpoint on first use (leave unset); it lets a self-contained
+                    student checkpoint (train.runtime.frozen) be rebuilt without the teacher file.
     trajectory_steps: data-free only: the DDIM grid of the teacher's trajectories (x_t sits on one of its points).
     trajectory_scale: data-free only: the scale the trajectories are sampled at (None: each sample's w).
     """
@@ -135,9 +145,10 @@ class GuidanceDistillation(MethodModule):
         self.negative = negative
         self.w_min, self.w_max, self.w_distribution = w_min, w_max, w_distribution
 
-        teacher_module, cfg = load_frozen(teacher, "teacher", teacher_config)
-        self.hparams["teacher_config"] = cfg  # recorded in the checkpoint: the student rebuilds without the file
+        teacher_module, cfg, unread = load_frozen(teacher, "teacher", teacher_config)
+        self.hparams["teacher_config"] = cfg  # recorded: a self-contained checkpoint rebuilds without the file
         self.teacher = freeze(teacher_module.sampling_denoiser())
+        self.register_frozen(self.teacher.net, teacher, unread)  # left out of checkpoints (train.runtime.frozen)
         net = WConditionedNetwork(copy.deepcopy(self.teacher.net).requires_grad_(True), w_embed_dim, w_hidden_dim, w_scale)
         if lora_rank > 0:
             inject_lora(net.base, lora_rank, lora_alpha, lora_targets or list(LORA_TARGETS))

@@ -60,8 +60,8 @@ class OneStepDistillation(GeneratorChain, DiscriminatorTerms, ScoreForgetting, D
     `objective: {divergence: jensen_shannon}`, the command line as `--model.init_args.objective.divergence ...`):
     teacher:          teacher checkpoint (`python -m train fit` with train.methods.teacher.TeacherPretraining) or a
                       diffusers pipeline folder; its sampling (EMA) network is used.
-    teacher_config:   filled in automatically with the teacher's stored config, so a saved module can be
-                      rebuilt (load_method) even when `teacher` has moved; leave unset.
+    teacher_config:   filled in automatically with the teacher's stored config, so a self-contained checkpoint
+                      (train.runtime.frozen) can be rebuilt (load_method) even when `teacher` has moved; leave unset.
     weak_teacher:     checkpoint of the weak model for guider "autoguidance".
     guider, guider_params: the teacher's guidance rule by name (guidance.guiders.build_guider).
     guidance_scale:   the teacher's scale w (D_u + w (D_c - D_u)); the fake score is unguided.
@@ -122,9 +122,9 @@ class OneStepDistillation(GeneratorChain, DiscriminatorTerms, ScoreForgetting, D
         self.lrs = (gen_args.lr, fake_lr, self.disc_args.lr or fake_lr)
         self.val_samples = val_samples
 
-        teacher_den, stored = load_teacher(teacher, teacher_config)
+        teacher_den, stored, unread = load_teacher(teacher, teacher_config)
         if teacher_config is None and stored is not None:
-            self.hparams["teacher_config"] = stored  # lets load_method rebuild without the teacher file
+            self.hparams["teacher_config"] = stored  # lets a self-contained checkpoint rebuild without the teacher file
         # the generator is a copy (full, or frozen with LoRA) taken BEFORE the fake score's LoRA goes into the teacher
         self.generator = Denoiser(generator_network(teacher_den.net, gen_args.lora_rank, gen_args.lora_alpha,
                                                     gen_args.lora_targets),
@@ -136,6 +136,10 @@ class OneStepDistillation(GeneratorChain, DiscriminatorTerms, ScoreForgetting, D
         self.weak_teacher = load_teacher(weak_teacher, None)[0].requires_grad_(False).eval() if weak_teacher else None
         if self.weak_teacher is not None:
             run_frozen_in(self.weak_teacher.net, dtype)
+            self.register_frozen(self.weak_teacher.net, weak_teacher)
+        # left out of checkpoints (train.runtime.frozen): the teacher's network, in LoRA mode the fake score's shared
+        # base (its adapters require grad and are kept), in copy mode the fake score's teacher
+        self.register_frozen(teacher_den.net, teacher, unread)
         g = build_guider(guider, **(guider_params or {}))
         # wrappers kept out of the module tree so no weight is registered (and saved) twice
         self._guided = {"teacher": GuidedDenoiser(self.fake_score.teacher, g, self.weak_teacher)}

@@ -111,7 +111,7 @@ class ProgressiveDistillation(MethodModule):
         self.start_steps, self.end_steps, self.steps_per_round = start_steps, end_steps, steps_per_round
         self.num_rounds = round(math.log2(ratio))
 
-        stage1, cfg = load_frozen(student, "guidance_distillation", student_config, "student")
+        stage1, cfg, unread = load_frozen(student, "guidance_distillation", student_config, "student")
         self.hparams["student_config"] = cfg
         self.distilled_guider = stage1.distilled_guider
         self.w_min = stage1.w_min if w_min is None else w_min
@@ -121,6 +121,9 @@ class ProgressiveDistillation(MethodModule):
         self.student = Denoiser(copy.deepcopy(start.net).train().requires_grad_(True), start.schedule,
                                 start.parameterization, start.sigma_data)
         self.round_teacher = freeze(copy.deepcopy(self.student))
+        # round 0's teacher is the stage-1 student as `student` gives it: left out of checkpoints until round 1
+        # replaces it (_start_round)
+        self.register_frozen(self.round_teacher.net, student, unread)
         self.ema = EMA(self.student.net, ema_decay) if ema_decay > 0 else None
         self.register_buffer("round_index", torch.zeros((), dtype=torch.long))  # saved with the weights
         self._check_grids()
@@ -150,6 +153,7 @@ class ProgressiveDistillation(MethodModule):
         with gathered_weights(source):  # the student's own weights are partitioned under ZeRO-3
             src = {key: v.detach().clone() for key, v in source.state_dict().items()}
         self.round_teacher.net.load_state_dict(src)
+        self.frozen_replaced(self.round_teacher.net, f"is round {k}'s teacher")  # saved whole from now on
         if self.ema is not None:
             self.ema.module.load_state_dict(src)
             self.ema.num_updates.zero_()
@@ -197,6 +201,7 @@ class ProgressiveDistillation(MethodModule):
             if key in info and info[key] != getattr(self, key):
                 raise ValueError(f"the checkpoint was trained with {key}={info[key]} but the config says "
                                  f"{getattr(self, key)}; resume with the same {key}")
+        super().on_load_checkpoint(checkpoint)  # the round-0 teacher, when the checkpoint left it out
 
     # --- sampling -----------------------------------------------------------------------------
     def sampling_denoiser(self) -> Denoiser:

@@ -61,10 +61,11 @@ class TextEncoderUnlearning(MethodModule):
         super().__init__(nonfinite, max_skips)
         self.save_hyperparameters()
         _check(objective, shots, batch_size, lr, anchor_weight, images, image_size)
-        frozen, config = load_prompt_model(model, model_config, "SD 1.x/2.x",
-                                           "text-encoder unlearning edits how prompts are encoded")
+        frozen, config, unread = load_prompt_model(model, model_config, "SD 1.x/2.x",
+                                                   "text-encoder unlearning edits how prompts are encoded")
         self.hparams["model_config"] = config
         self.frozen = frozen
+        self.register_frozen(frozen.net, model, unread)  # left out of checkpoints (MethodModule.register_frozen)
         conditioner = frozen.net.conditioner
         self.spec: ErasureConcepts = resolve_concepts(concepts, targets, anchors, conditioner)
         if anchor_weight > 0 and not self.spec.anchors:

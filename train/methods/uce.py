@@ -110,7 +110,8 @@ class ClosedFormErasure(MethodModule):
                     tokens: the original release's rows, which also reach what a causal encoder's later tokens carry).
     erase_scale, preserve_scale, lamb: the weights of UCE's three terms (authors' defaults 1, 1, 0.5).
     val_scale, val_steps: CFG scale and steps of validation samples; val_samples: as ConceptErasure's.
-    model_config:   the model's config, filled in automatically (the checkpoint rebuilds when `model` has moved).
+    model_config:   the model's config, filled in automatically (a self-contained checkpoint rebuilds when `model`
+                    has moved).
     """
 
     method_name = "uce"
@@ -124,10 +125,11 @@ class ClosedFormErasure(MethodModule):
         if erase_scale < 0 or preserve_scale < 0 or lamb <= 0:
             raise ValueError(f"erase_scale and preserve_scale must be >= 0 and lamb > 0, got {erase_scale}, "
                              f"{preserve_scale}, {lamb}")
-        frozen, config = load_prompt_model(model, model_config, "SD 1.x/2.x, SDXL, SD3, Flux",
-                                           "UCE edits the projections prompts enter the network through")
+        frozen, config, unread = load_prompt_model(model, model_config, "SD 1.x/2.x, SDXL, SD3, Flux",
+                                                   "UCE edits the projections prompts enter the network through")
         self.hparams["model_config"] = config
         self.frozen = frozen
+        self.register_frozen(frozen.net, model, unread)  # left out of checkpoints (MethodModule.register_frozen)
         conditioner = frozen.net.conditioner
         self.spec: ErasureConcepts = resolve_concepts(concepts, targets, anchors, conditioner)
         self.student = Denoiser(copy.deepcopy(frozen.net), frozen.schedule, frozen.parameterization, frozen.sigma_data)

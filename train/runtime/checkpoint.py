@@ -11,6 +11,7 @@ import torch
 
 from guidance.denoiser import Denoiser
 from train.runtime.config import ConfigError, instantiate
+from train.runtime.frozen import FROZEN_KEY, FrozenSourceError, fill_frozen
 from train.runtime.strategy import convert_zero_checkpoint, is_zero_checkpoint
 
 
@@ -222,12 +223,17 @@ def resolve_relative_paths(cfg: Any, bases: list[Path]) -> Any:
     return cfg
 
 
-def load_method(path: str | os.PathLike, expect: str | None = None) -> Any:
+def load_method(path: str | os.PathLike, expect: str | None = None, ckpt: dict | None = None) -> Any:
     """Rebuild the method module stored in a checkpoint and load its weights (eval mode, CPU).
 
+    The frozen networks a checkpoint left out (train.runtime.frozen) are those the rebuilt module read from their
+    paths, once their fingerprints match the recorded ones; a checkpoint that holds them (written before, or with
+    self-contained checkpoints) loads its own copies.
+
     expect: a method name ('teacher', ...) the caller needs; another kind is refused with a message.
+    ckpt: `read_checkpoint(path)` when the caller has read it already (it is not read again).
     A diffusers pipeline folder reads as a teacher checkpoint (pipeline_teacher_config)."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     meta = ckpt[CHECKPOINT_KEY]
     if expect is not None and meta.get("method") != expect:
         raise CheckpointError(f"{str(path)!r} holds a {meta.get('method')!r} checkpoint; this command needs a {expect!r} one")
@@ -251,6 +257,10 @@ def load_method(path: str | os.PathLike, expect: str | None = None) -> Any:
     module.data_reference = meta.get("data")  # the labelled data it was trained on (train.methods.data_record)
     if ckpt["state_dict"] is None:  # a pipeline folder: the network loaded its own weights
         return module.eval()
+    try:  # frozen networks left out of the checkpoint: the rebuilt module read them (train.runtime.frozen)
+        fill_frozen(module, getattr(module, "frozen_networks", []), meta.get(FROZEN_KEY) or [], ckpt["state_dict"])
+    except FrozenSourceError as e:
+        raise CheckpointError(f"{str(path)!r}: {e}") from None
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{str(path)!r}: weights do not match the network its config builds "
@@ -292,21 +302,28 @@ def _differences(mine: dict, theirs: dict, prefix: str = ""):
             yield f"{prefix}{key}", value, other
 
 
-def load_teacher(path: str | None, config: dict | None) -> tuple[Denoiser, dict | None]:
-    """The frozen sampling Denoiser of a teacher checkpoint (eval, requires_grad off) and its stored config.
+def load_teacher(path: str | None, config: dict | None) -> tuple[Denoiser, dict | None, str | None]:
+    """The frozen sampling Denoiser of a teacher checkpoint or pipeline folder (eval, requires_grad off), its stored
+    config, and why it was not read from `path` (None when it was).
 
-    When `path` does not exist but `config` (a teacher config recorded by an earlier run) is given, the
-    teacher is rebuilt from the config with untrained weights: the caller then loads its own checkpoint's
-    copy of the teacher weights (this is how `load_method` reloads a onestep checkpoint)."""
+    `path` is read whenever it exists. When it does not, or cannot be loaded, and `config` (a teacher config recorded
+    by an earlier run) is given, the teacher is rebuilt from the config with untrained weights: the caller's own
+    checkpoint then supplies them (a self-contained one, or one written before frozen networks were left out of
+    checkpoints), and a checkpoint that left them out is refused (train.runtime.frozen)."""
+    unread = "does not exist"
     if path and (Path(path).is_file() or is_pipeline_folder(path)):
-        stored = read_checkpoint(path)[CHECKPOINT_KEY].get("config")
-        den = load_method(path, expect="teacher").sampling_denoiser()
-    elif config:
-        cfg = {k: v for k, v in config.items() if k not in ("_class_path", "_instantiator")}
-        den = instantiate({"class_path": config["_class_path"], "init_args": cfg}).sampling_denoiser()
-        stored = config
-    else:
+        try:
+            ckpt = read_checkpoint(path)
+            den = load_method(path, expect="teacher", ckpt=ckpt).sampling_denoiser()
+            return den.requires_grad_(False).eval(), ckpt[CHECKPOINT_KEY].get("config"), None
+        except CheckpointError as e:
+            if not config:
+                raise
+            unread = f"cannot be loaded ({_first_line(e)})"
+    if not config:
         raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist; train one with `python -m train fit "
                                 f"--config configs/digits/teacher.yaml` and pass its last.ckpt (or a diffusers pipeline "
                                 f"folder) as --model.init_args.teacher")
-    return den.requires_grad_(False).eval(), stored
+    cfg = {k: v for k, v in config.items() if k not in ("_class_path", "_instantiator")}
+    den = instantiate({"class_path": config["_class_path"], "init_args": cfg}).sampling_denoiser()
+    return den.requires_grad_(False).eval(), config, unread
