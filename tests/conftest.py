@@ -13,6 +13,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def cli_error(capsys, argv: list[str]) -> str:
+    """What `python -m train <argv>` says when it refuses: exit status 2 and one line `error: ...` on stderr, no
+    traceback."""
+    from train.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """A private cache for the whole session; $GUIDEDISTILL_CACHE points at it so defaults use it too."""

@@ -8,17 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import cli_error
 from train.cli import main
-
-
-def run_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert "Traceback" not in err
-    return err
 
 
 def test_guiders_lists_every_guider_with_parameters(capsys):
@@ -70,36 +61,36 @@ def test_evaluate_writes_metrics_json(tiny_teacher_ckpt, tmp_path, capsys):
     (["--guider", "interval", "--param", "sigma_lo=5", "--param", "sigma_hi=1"], "interval"),
 ])
 def test_bad_sampling_options_are_one_line_errors(tiny_teacher_ckpt, tmp_path, capsys, extra, needle):
-    err = run_error(capsys, ["sample", "--ckpt", str(tiny_teacher_ckpt), "--out", str(tmp_path / "x")] + extra)
+    err = cli_error(capsys, ["sample", "--ckpt", str(tiny_teacher_ckpt), "--out", str(tmp_path / "x")] + extra)
     assert needle in err
     assert not (tmp_path / "x").exists()
 
 
 def test_checkpoint_errors(tmp_path, capsys, tiny_teacher_ckpt):
-    missing = run_error(capsys, ["sample", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "o")])
+    missing = cli_error(capsys, ["sample", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "o")])
     assert "does not exist" in missing
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
-    assert "is not a guidedistill checkpoint" in run_error(capsys, ["sample", "--ckpt", str(foreign), "--out", str(tmp_path / "o")])
+    assert "is not a guidedistill checkpoint" in cli_error(capsys, ["sample", "--ckpt", str(foreign), "--out", str(tmp_path / "o")])
     text = tmp_path / "text.ckpt"
     text.write_text("hello")
-    assert "cannot be read" in run_error(capsys, ["sample", "--ckpt", str(text), "--out", str(tmp_path / "o")])
+    assert "cannot be read" in cli_error(capsys, ["sample", "--ckpt", str(text), "--out", str(tmp_path / "o")])
     truncated = tmp_path / "trunc.ckpt"
     truncated.write_bytes(tiny_teacher_ckpt.read_bytes()[:5000])
-    assert "cannot be read" in run_error(capsys, ["evaluate", "--ckpt", str(truncated), "--out", str(tmp_path / "m.json")])
+    assert "cannot be read" in cli_error(capsys, ["evaluate", "--ckpt", str(truncated), "--out", str(tmp_path / "m.json")])
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")
-    assert "is empty (0 bytes" in run_error(capsys, ["sample", "--ckpt", str(empty), "--out", str(tmp_path / "o")])
+    assert "is empty (0 bytes" in cli_error(capsys, ["sample", "--ckpt", str(empty), "--out", str(tmp_path / "o")])
     noise = tmp_path / "noise.ckpt"
     noise.write_bytes(bytes(range(256)) * 8)
-    err = run_error(capsys, ["sample", "--ckpt", str(noise), "--out", str(tmp_path / "o")])
+    err = cli_error(capsys, ["sample", "--ckpt", str(noise), "--out", str(tmp_path / "o")])
     assert "cannot be read" in err and "weights_only=False" not in err and "set to False" not in err
     pickled = tmp_path / "code.ckpt"
     torch.save({"guidedistill": {}, "obj": torch.nn.Linear(1, 1)}, pickled)  # unpickling it would run code
-    err = run_error(capsys, ["sample", "--ckpt", str(pickled), "--out", str(tmp_path / "o")])
+    err = cli_error(capsys, ["sample", "--ckpt", str(pickled), "--out", str(tmp_path / "o")])
     assert "cannot be read" in err and "False" not in err
     run = tiny_teacher_ckpt.parent.parent
-    err = run_error(capsys, ["sample", "--ckpt", str(run), "--out", str(tmp_path / "o")])
+    err = cli_error(capsys, ["sample", "--ckpt", str(run), "--out", str(tmp_path / "o")])
     assert "is a folder, not a checkpoint; pass " in err and str(run / "checkpoints" / "last.ckpt") in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.json").exists()
 
@@ -107,7 +98,7 @@ def test_checkpoint_errors(tmp_path, capsys, tiny_teacher_ckpt):
 def test_dataset_path_that_does_not_exist(tmp_path, capsys):
     from tests.conftest import TINY_TEACHER
 
-    err = run_error(capsys, ["fit", "--config", str(TINY_TEACHER), "--data", "data.images.LabelledImageDataModule",
+    err = cli_error(capsys, ["fit", "--config", str(TINY_TEACHER), "--data", "data.images.LabelledImageDataModule",
                              "--data.path", str(tmp_path / "nowhere"), "--data.image_size", "8",
                              "--trainer.default_root_dir", str(tmp_path / "run")])
     assert "does not exist" in err
@@ -116,7 +107,7 @@ def test_dataset_path_that_does_not_exist(tmp_path, capsys):
 def test_malformed_yaml_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    err = run_error(capsys, ["fit", "--config", str(bad)])
+    err = cli_error(capsys, ["fit", "--config", str(bad)])
     assert "bad.yaml" in err
 
 
@@ -126,7 +117,7 @@ def fit_error(capsys, tmp_path, *extra, config=None) -> str:
     from tests.conftest import TINY_TEACHER
 
     run = tmp_path / "run"
-    err = run_error(capsys, ["fit", "--config", str(config or TINY_TEACHER), "--trainer.default_root_dir", str(run),
+    err = cli_error(capsys, ["fit", "--config", str(config or TINY_TEACHER), "--trainer.default_root_dir", str(run),
                              "--trainer.max_steps", "2", *extra])
     assert not run.exists()  # no config.yaml, checkpoint folder or W&B files left behind
     return err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.conftest import cli_error
 from train.cli import main
 from train.methods.sampling import GeneratorSampling, GuidedSampling, WInputSampling
 
@@ -48,21 +49,12 @@ def test_a_generator_refuses_what_it_cannot_honour():
         GeneratorSampling(lambda z, c, gen: z, 1, None).resolve(scale=2.0)
 
 
-def run_error(capsys, args) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_the_cli_checks_requests_with_the_models_conditioner(tiny_teacher_ckpt, tmp_path, capsys):
     base = ["sample", "--ckpt", str(tiny_teacher_ckpt), "--out", str(tmp_path / "s"), "--steps", "2"]
-    assert "not a class of this class-conditional model" in run_error(capsys, base + ["--prompt", "a cat"])
-    assert "out of range" in run_error(capsys, base + ["--class", "12"])
-    assert "not a usable w" in run_error(capsys, base + ["--scale", "nan"])
-    assert "eta must be in" in run_error(capsys, base + ["--eta", "-1"])
+    assert "not a class of this class-conditional model" in cli_error(capsys, base + ["--prompt", "a cat"])
+    assert "out of range" in cli_error(capsys, base + ["--class", "12"])
+    assert "not a usable w" in cli_error(capsys, base + ["--scale", "nan"])
+    assert "eta must be in" in cli_error(capsys, base + ["--eta", "-1"])
     assert not (tmp_path / "s").exists()
     main(base + ["--class", "3", "--class", "7", "--num-per-class", "2"])
     data = np.load(tmp_path / "s" / "samples.npz")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import cli_error
 from train.cli import build_parser, main
 from train.runtime.devices import diffusion_networks, place_for_sampling, sampling_device, sampling_dtype
 
@@ -22,15 +23,6 @@ META = torch.device("meta")
 def no_gpu(monkeypatch):
     """This machine as one without CUDA, whatever it has."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-def one_line_error(capsys, args) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def test_the_flags_parse():
@@ -48,11 +40,11 @@ def test_a_device_this_machine_lacks_is_one_line_before_anything_loads(no_gpu, c
     base = ["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "out")]  # never read: the flags first
     for command in ("sample", "evaluate"):
         for device in ("cuda", "cuda:0"):
-            err = one_line_error(capsys, [command, *base, "--device", device])
+            err = cli_error(capsys, [command, *base, "--device", device])
             assert f"--device {device} is not available" in err and err.endswith("this machine has: cpu")
-        assert "must be cpu, cuda or cuda:N, got 'gpu'" in one_line_error(capsys, [command, *base, "--device", "gpu"])
-        assert "MPS has no kernels for" in one_line_error(capsys, [command, *base, "--device", "mps"])
-        assert "float16 is for GPUs" in one_line_error(capsys, [command, *base, "--dtype", "float16"])
+        assert "must be cpu, cuda or cuda:N, got 'gpu'" in cli_error(capsys, [command, *base, "--device", "gpu"])
+        assert "MPS has no kernels for" in cli_error(capsys, [command, *base, "--device", "mps"])
+        assert "float16 is for GPUs" in cli_error(capsys, [command, *base, "--dtype", "float16"])
     assert not (tmp_path / "out").exists()
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import cli_error
 from tests.data.test_prompts import I2P_HEADER, i2p_cells, write_csv
 from tests.train.text_fits import randomised
 from tests.train.tiny_judges import template_nudenet, tiny_clip_folder
@@ -186,16 +187,6 @@ def test_save_images_writes_each_rows_sample_with_its_seed(prompted, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["rows"][0]["requests"] == "12 prompts x 2"
 
 
-def run_error(capsys, argv) -> str:
-    from train.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    return err
-
-
 def test_save_images_of_classes_and_what_it_never_replaces(tiny_teacher_ckpt, tmp_path, capsys):
     from train.cli import main
     from train.evaluation.images import to_uint8
@@ -219,7 +210,7 @@ def test_save_images_of_classes_and_what_it_never_replaces(tiny_teacher_ckpt, tm
             assert np.array_equal(pixels[row["file"]], images[i, 0].numpy())  # grey digits: mode L
 
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
-    assert "--overwrite-images" in run_error(capsys, args + ["--scales", "1"])
+    assert "--overwrite-images" in cli_error(capsys, args + ["--scales", "1"])
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # nothing written, nothing sampled over it
     (folder / "notes.txt").write_text("mine")
     main(args + ["--scales", "1", "--overwrite-images"])  # the earlier save is replaced, the user's file stays
@@ -229,8 +220,8 @@ def test_save_images_of_classes_and_what_it_never_replaces(tiny_teacher_ckpt, tm
     other = tmp_path / "other"
     other.mkdir()
     (other / "photo.png").write_bytes(b"the user's")
-    err = run_error(capsys, args[:-4] + ["--save-images", str(other), "--overwrite-images", "--out",
+    err = cli_error(capsys, args[:-4] + ["--save-images", str(other), "--overwrite-images", "--out",
                                          str(tmp_path / "m2.json"), "--scales", "1"])
     assert "not an earlier --save-images" in err and sorted(os.listdir(other)) == ["photo.png"]
-    assert "add --save-images DIR" in run_error(capsys, args[:-4] + ["--overwrite-images", "--out", str(tmp_path / "x")])
-    assert "--batch-size must be positive" in run_error(capsys, args + ["--batch-size", "0"])
+    assert "add --save-images DIR" in cli_error(capsys, args[:-4] + ["--overwrite-images", "--out", str(tmp_path / "x")])
+    assert "--batch-size must be positive" in cli_error(capsys, args + ["--batch-size", "0"])
