@@ -127,6 +127,8 @@ def fill_frozen(root: nn.Module, networks: list[FrozenNetwork], records: list[di
             raise FrozenSourceError(f"the checkpoint left out the frozen network {path!r} (read from "
                                     f"{record.get('source')!r}) but the module its config builds has no frozen "
                                     f"network there; load it with the code version that wrote it")
+        if all(f"{path}.{n}" in state_dict for n in f.names):
+            continue  # the state dict holds this copy after all (e.g. a module's state_dict saved whole): it is used
         where = f"the frozen network {path!r} was left out of the checkpoint and is read from {f.source!r}"
         if f.unread is not None:
             raise FrozenSourceError(f"{where}, which {f.unread}; restore the original model at {f.source!r} (a copy "
